@@ -1,0 +1,1 @@
+"""Batch Group Normalization for PyTorch Lightning."""

@@ -1,0 +1,1 @@
+"""Default LightningCLI configs, one per task (shipped as package data)."""

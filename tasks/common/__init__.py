@@ -1,0 +1,1 @@
+"""What the task suites share: backbones from a norm name, data helpers, results writing."""

@@ -1,0 +1,1 @@
+"""The uda task suite."""
