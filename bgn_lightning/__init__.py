@@ -1,1 +1,32 @@
-"""Batch Group Normalization for PyTorch Lightning."""
+"""Batch Group Normalization (BGN) for PyTorch Lightning.
+
+Public API: the BGN op and layers, the normalization registry, model conversion and the
+:class:`NormSwap` Lightning callback.
+"""
+
+from .functional import auto_num_groups, batch_group_norm
+from .layers import (
+    BatchGroupNorm,
+    BatchGroupNorm1d,
+    BatchGroupNorm2d,
+    BatchGroupNorm3d,
+    PositionalNorm,
+)
+from .registry import available_norms, build_norm, is_norm_layer, norm_layer, register_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchGroupNorm",
+    "BatchGroupNorm1d",
+    "BatchGroupNorm2d",
+    "BatchGroupNorm3d",
+    "PositionalNorm",
+    "auto_num_groups",
+    "available_norms",
+    "batch_group_norm",
+    "build_norm",
+    "is_norm_layer",
+    "norm_layer",
+    "register_norm",
+]

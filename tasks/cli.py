@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-TASKS = ("classification", "fsl", "adversarial", "uda", "nas")
+TASKS = ("classification", "fsl")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,156 @@
+"""Batch Group Normalization as a pure function.
+
+Input ``x`` has shape ``(N, C, *S)``. With ``D = C * prod(S)`` and ``G`` groups (``G`` divides
+``D``), ``x`` is viewed as ``(N, G, D / G)``: group ``g`` is the g-th contiguous chunk of the
+flattened ``(C, *S)`` vector. Each group is normalized with the mean and biased variance of its
+``N * D / G`` values across the whole batch, then a per-channel affine transform is applied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["auto_num_groups", "batch_group_norm", "check_num_groups", "valid_num_groups"]
+
+
+def check_num_groups(num_groups: int, num_channels: int, feature_numel: int, where: str) -> None:
+    """Raise ``ValueError`` unless ``num_groups`` is a valid BGN group count.
+
+    Args:
+        num_groups: the group count ``G``.
+        num_channels: ``C``.
+        feature_numel: ``D = C * prod(S)`` of one sample.
+        where: name of the layer or function, for the error message.
+    """
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"{where}: num_groups must be a positive int, got {num_groups!r}")
+    if feature_numel % num_groups != 0:
+        raise ValueError(
+            f"{where}: num_groups={num_groups} must divide the per-sample feature size "
+            f"D = C*prod(S) = {feature_numel} (C={num_channels})"
+        )
+    if num_groups > num_channels and num_groups % num_channels != 0:
+        raise ValueError(
+            f"{where}: num_groups={num_groups} > C={num_channels} requires num_groups to be a "
+            f"multiple of C so that every group lies inside one channel"
+        )
+
+
+def batch_group_norm(
+    x: Tensor,
+    num_groups: int,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """Apply Batch Group Normalization to ``x`` of shape ``(N, C, *S)``.
+
+    Args:
+        x: input, at least 2-D.
+        num_groups: ``G``; must divide ``D = C * prod(S)``; if ``G > C`` it must be a multiple of C.
+        running_mean: ``(G,)`` buffer updated in place in training mode, used in eval mode.
+        running_var: ``(G,)`` buffer (unbiased variance), as ``running_mean``.
+        weight: per-channel scale ``(C,)`` or ``None``.
+        bias: per-channel shift ``(C,)`` or ``None``.
+        training: use batch statistics (and update the running ones) if True; otherwise use
+            the running statistics when given, the batch statistics when not.
+        momentum: running-average factor, as in :class:`torch.nn.BatchNorm2d`; ``None`` means a
+            cumulative moving average (needs ``num_batches_tracked``, already incremented).
+        eps: added to the variance for numerical stability.
+        num_batches_tracked: counter used when ``momentum`` is ``None``.
+
+    Returns:
+        A tensor shaped like ``x``.
+
+    Raises:
+        ValueError: for a wrong rank, an invalid ``num_groups``, or a single value per statistic
+            in training.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"batch_group_norm: expected input of shape (N, C, *S), got {tuple(x.shape)}")
+    n, c = x.shape[0], x.shape[1]
+    d = x[0].numel() if n > 0 else math.prod(x.shape[1:])
+    check_num_groups(num_groups, c, d, "batch_group_norm")
+    use_batch_stats = training or running_mean is None or running_var is None
+    group_size = d // num_groups
+    xg = x.reshape(n, num_groups, group_size)
+    if use_batch_stats:
+        count = n * group_size
+        if count <= 1:
+            raise ValueError(
+                f"batch_group_norm: expected more than 1 value per statistic in training, got "
+                f"input {tuple(x.shape)} with num_groups={num_groups} ({count} value per group)"
+            )
+        # Accumulate in float32 at least (bf16/fp16 inputs under autocast).
+        acc = xg if xg.dtype in (torch.float32, torch.float64) else xg.float()
+        var, mean = torch.var_mean(acc, dim=(0, 2), unbiased=False)
+        if training and running_mean is not None and running_var is not None:
+            with torch.no_grad():
+                if momentum is None:
+                    if num_batches_tracked is None:
+                        raise ValueError("batch_group_norm: momentum=None needs num_batches_tracked")
+                    factor = 1.0 / float(num_batches_tracked)
+                else:
+                    factor = momentum
+                unbiased = var * (count / (count - 1))
+                running_mean.mul_(1 - factor).add_(mean.detach().to(running_mean.dtype), alpha=factor)
+                running_var.mul_(1 - factor).add_(unbiased.detach().to(running_var.dtype), alpha=factor)
+    else:
+        mean, var = running_mean, running_var
+    rstd = torch.rsqrt(var + eps)
+    y = ((acc if use_batch_stats else xg) - mean[:, None]) * rstd[:, None]
+    y = y.to(x.dtype).reshape(x.shape)
+    if weight is None and bias is None:
+        return y
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+def valid_num_groups(num_channels: int, feature_numel: int) -> list[int]:
+    """All group counts the auto rule may pick: divisors of C, and multiples of C dividing D."""
+    divisors = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
+    spatial = feature_numel // num_channels
+    multiples = [num_channels * k for k in range(2, spatial + 1) if spatial % k == 0]
+    return divisors + multiples
+
+
+def auto_num_groups(
+    batch_size: int, num_channels: int, feature_numel: int, reference_batch_size: int = 32
+) -> int:
+    """Pick ``G`` so each statistic sees about as many values as BatchNorm at a reference batch.
+
+    The target is ``C * batch_size / reference_batch_size``: at ``batch_size ==
+    reference_batch_size`` that is ``G = C`` (BatchNorm's statistics); smaller batches pool
+    channels together, larger ones split channels by position. The valid ``G`` (see
+    :func:`valid_num_groups`) closest to the target on a log scale is returned, ties going to
+    the smaller ``G``; a ``G`` that would leave one value per statistic is never picked.
+
+    Args:
+        batch_size: ``N`` of the batch that fixes ``G``.
+        num_channels: ``C``.
+        feature_numel: ``D = C * prod(S)``.
+        reference_batch_size: the batch size whose BatchNorm statistics BGN imitates.
+    """
+    if reference_batch_size < 1:
+        raise ValueError(f"reference_batch_size must be >= 1, got {reference_batch_size}")
+    target = num_channels * batch_size / reference_batch_size
+    candidates = [g for g in valid_num_groups(num_channels, feature_numel)
+                  if batch_size * feature_numel // g > 1]
+    if not candidates:
+        raise ValueError(
+            f"auto num_groups: no group count gives more than 1 value per statistic for "
+            f"N={batch_size}, C={num_channels}, D={feature_numel}"
+        )
+    return min(candidates, key=lambda g: (abs(math.log(g / target)), g))

@@ -1,0 +1,214 @@
+"""Normalization registry: one name per norm layer, 1-D/2-D/3-D variants by ``dim``.
+
+====== =========================================== ==============================================
+name   2-D layer                                   notes
+====== =========================================== ==============================================
+bn     ``nn.BatchNorm2d``
+bgn    :class:`BatchGroupNorm2d`                   ``num_groups`` int or ``"auto"`` (default)
+gn     ``nn.GroupNorm``                            32 groups by default, reduced to a divisor of C
+ln     ``nn.GroupNorm(1, C)``                      LayerNorm over (C, *S), per-channel affine
+in     ``nn.InstanceNorm2d(affine=True)``
+pn     :class:`PositionalNorm`                     normalize over C at each position
+none   ``nn.Identity``
+====== =========================================== ==============================================
+
+Users add their own layers with :func:`register_norm`; every backbone in ``tasks/`` is built
+from a registry name through :func:`build_norm` or :func:`norm_layer`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .layers import (
+    BatchGroupNorm,
+    BatchGroupNorm1d,
+    BatchGroupNorm2d,
+    BatchGroupNorm3d,
+    PositionalNorm,
+)
+
+__all__ = ["available_norms", "build_norm", "is_norm_layer", "norm_layer", "register_norm"]
+
+NormFactory = Callable[..., nn.Module]
+"""``factory(num_features, dim, **kwargs) -> nn.Module``."""
+
+F = TypeVar("F", bound=NormFactory)
+
+_REGISTRY: dict[str, NormFactory] = {}
+_NORM_TYPES: set[type[nn.Module]] = {
+    _NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*, Lazy variants
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    BatchGroupNorm,
+    PositionalNorm,
+}
+
+
+def register_norm(name: str, *, overwrite: bool = False) -> Callable[[F], F]:
+    """Decorator registering ``factory(num_features, dim, **kwargs) -> nn.Module`` as ``name``.
+
+    A decorated ``nn.Module`` subclass is called as ``cls(num_features, **kwargs)`` (``dim`` is
+    dropped) and is recognised by :func:`is_norm_layer` from then on.
+
+    Example::
+
+        @register_norm("my_norm")
+        class MyNorm(nn.Module):
+            def __init__(self, num_features: int, eps: float = 1e-5): ...
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_norm: name must be a non-empty str, got {name!r}")
+
+    def decorator(factory: F) -> F:
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(
+                f"register_norm: {name!r} is already registered; pass overwrite=True to replace it"
+            )
+        if isinstance(factory, type) and issubclass(factory, nn.Module):
+            cls = factory
+            _NORM_TYPES.add(cls)
+            _REGISTRY[name] = lambda num_features, dim, **kw: cls(num_features, **kw)
+        else:
+            _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_norms() -> list[str]:
+    """Registered names, in registration order."""
+    return list(_REGISTRY)
+
+
+def _check_name(name: str) -> NormFactory:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown norm {name!r}; known norms: {', '.join(available_norms())}"
+        ) from None
+
+
+def build_norm(name: str, num_features: int, dim: int = 2, **kwargs: Any) -> nn.Module:
+    """Build the norm layer ``name`` for ``num_features`` channels.
+
+    Args:
+        name: a registry name (see :func:`available_norms`).
+        num_features: number of channels ``C``.
+        dim: 1, 2 or 3 spatial dimensions (1 also accepts ``(N, C)`` inputs for bn/bgn).
+        **kwargs: passed to the layer (e.g. ``num_groups``, ``eps``, ``momentum``).
+
+    Raises:
+        ValueError: for an unknown name, a bad ``dim`` or ``num_features``.
+    """
+    factory = _check_name(name)
+    if dim not in (1, 2, 3):
+        raise ValueError(f"build_norm: dim must be 1, 2 or 3, got {dim!r}")
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"build_norm: num_features must be a positive int, got {num_features!r}")
+    module = factory(num_features, dim, **kwargs)
+    if not isinstance(module, nn.Identity):
+        _NORM_TYPES.add(type(module))
+    return module
+
+
+def norm_layer(name: str, dim: int = 2, **kwargs: Any) -> Callable[[int], nn.Module]:
+    """A ``num_features -> nn.Module`` callable, as torchvision's ``norm_layer=`` expects.
+
+    Example: ``torchvision.models.resnet18(norm_layer=norm_layer("bgn", num_groups="auto"))``.
+    The result is a :func:`functools.partial` (picklable); the name is checked now.
+    """
+    _check_name(name)
+    return functools.partial(build_norm, name, dim=dim, **kwargs)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for every normalization layer the project knows (registry layers and torch's).
+
+    Use this instead of ``isinstance(m, _BatchNorm)`` or class-name matching when a piece of
+    code must treat all norm layers alike (freezing, attack modes, AdaBN).
+    """
+    return isinstance(module, tuple(_NORM_TYPES))
+
+
+# -- built-in norms ----------------------------------------------------------------------------
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_BGN = {1: BatchGroupNorm1d, 2: BatchGroupNorm2d, 3: BatchGroupNorm3d}
+_IN = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+def _drop_auto_groups(name: str, kwargs: dict[str, Any]) -> None:
+    """Norms without groups accept ``num_groups="auto"`` (a sweep default) and nothing else."""
+    groups = kwargs.pop("num_groups", "auto")
+    if groups not in ("auto", None):
+        raise ValueError(f"{name}: has no num_groups to set (got num_groups={groups!r}); use bgn or gn")
+
+
+def _drop_running_stats(kwargs: dict[str, Any]) -> None:
+    """Norms that never keep running statistics accept any ``track_running_stats``.
+
+    Their train and eval behaviour are the same, which is what ``track_running_stats=False``
+    asks for (e.g. MAML's transductive mode), so the flag is meaningless rather than wrong.
+    """
+    kwargs.pop("track_running_stats", None)
+
+
+def _largest_divisor_at_most(c: int, g: int) -> int:
+    return max(d for d in range(1, min(c, g) + 1) if c % d == 0)
+
+
+@register_norm("bn")
+def _bn(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
+    _drop_auto_groups("bn", kwargs)
+    return _BN[dim](num_features, **kwargs)
+
+
+@register_norm("bgn")
+def _bgn(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
+    return _BGN[dim](num_features, **kwargs)
+
+
+@register_norm("gn")
+def _gn(num_features: int, dim: int, num_groups: int | str = 32, **kwargs: Any) -> nn.Module:
+    """GroupNorm with ``num_groups`` (default 32) reduced to the largest divisor of C."""
+    _drop_running_stats(kwargs)
+    if num_groups == "auto":
+        num_groups = 32
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"gn: num_groups must be a positive int or 'auto', got {num_groups!r}")
+    return nn.GroupNorm(_largest_divisor_at_most(num_features, num_groups), num_features, **kwargs)
+
+
+@register_norm("ln")
+def _ln(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
+    """LayerNorm over (C, *S) with a per-channel affine, as in the GN/BGN papers."""
+    _drop_auto_groups("ln", kwargs)
+    _drop_running_stats(kwargs)
+    return nn.GroupNorm(1, num_features, **kwargs)
+
+
+@register_norm("in")
+def _in(num_features: int, dim: int, affine: bool = True, **kwargs: Any) -> nn.Module:
+    _drop_auto_groups("in", kwargs)
+    return _IN[dim](num_features, affine=affine, **kwargs)
+
+
+@register_norm("pn")
+def _pn(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
+    _drop_auto_groups("pn", kwargs)
+    _drop_running_stats(kwargs)
+    return PositionalNorm(num_features, **kwargs)
+
+
+@register_norm("none")
+def _none(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
+    _drop_auto_groups("none", kwargs)
+    _drop_running_stats(kwargs)
+    return nn.Identity()

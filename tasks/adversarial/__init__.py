@@ -1,1 +1,0 @@
-"""The adversarial task suite."""

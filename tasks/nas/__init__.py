@@ -1,1 +1,0 @@
-"""The nas task suite."""

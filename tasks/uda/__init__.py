@@ -1,1 +1,0 @@
-"""The uda task suite."""
