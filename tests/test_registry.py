@@ -1,0 +1,126 @@
+"""The normalization registry: names, dims, kwargs, user layers, is_norm_layer."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from bgn_lightning import (
+    BatchGroupNorm1d,
+    BatchGroupNorm2d,
+    BatchGroupNorm3d,
+    PositionalNorm,
+    available_norms,
+    build_norm,
+    is_norm_layer,
+    norm_layer,
+    register_norm,
+)
+from bgn_lightning import registry as registry_module
+
+
+def test_builtin_names() -> None:
+    assert available_norms()[:7] == ["bn", "bgn", "gn", "ln", "in", "pn", "none"]
+
+
+@pytest.mark.parametrize(
+    ("name", "dim", "expected"),
+    [
+        ("bn", 1, nn.BatchNorm1d), ("bn", 2, nn.BatchNorm2d), ("bn", 3, nn.BatchNorm3d),
+        ("bgn", 1, BatchGroupNorm1d), ("bgn", 2, BatchGroupNorm2d), ("bgn", 3, BatchGroupNorm3d),
+        ("gn", 2, nn.GroupNorm), ("ln", 2, nn.GroupNorm),
+        ("in", 1, nn.InstanceNorm1d), ("in", 2, nn.InstanceNorm2d), ("in", 3, nn.InstanceNorm3d),
+        ("pn", 2, PositionalNorm), ("none", 2, nn.Identity),
+    ],
+)
+def test_build_norm_types_and_forward(name: str, dim: int, expected: type[nn.Module]) -> None:
+    layer = build_norm(name, 48, dim=dim)
+    assert type(layer) is expected
+    x = torch.randn(4, 48, *([3] * dim))
+    assert layer(x).shape == x.shape
+    if name != "none":
+        assert is_norm_layer(layer)
+
+
+def test_group_norm_defaults_and_layer_norm_semantics() -> None:
+    assert build_norm("gn", 64).num_groups == 32
+    assert build_norm("gn", 48).num_groups == 24  # 32 reduced to a divisor of 48
+    assert build_norm("gn", 20, num_groups=8).num_groups == 5
+    assert build_norm("gn", 64, num_groups="auto").num_groups == 32
+    ln = build_norm("ln", 6)
+    assert ln.num_groups == 1 and ln.weight.shape == (6,)
+    instance = build_norm("in", 6)
+    assert instance.affine
+
+
+def test_kwargs_pass_through_and_group_rules() -> None:
+    bgn = build_norm("bgn", 16, num_groups=4, eps=1e-3, momentum=None)
+    assert (bgn.num_groups, bgn.eps, bgn.momentum) == (4, 1e-3, None)
+    assert build_norm("bgn", 16).auto_groups
+    for name in ("bn", "ln", "in", "pn", "none"):
+        build_norm(name, 16, num_groups="auto")  # a sweep default: accepted and ignored
+        with pytest.raises(ValueError, match="has no num_groups"):
+            build_norm(name, 16, num_groups=4)
+    # Norms without running stats accept MAML's transductive flag.
+    for name in ("gn", "ln", "pn", "none"):
+        build_norm(name, 16, track_running_stats=False)
+    assert build_norm("bn", 16, track_running_stats=False).running_mean is None
+
+
+def test_errors_list_known_names() -> None:
+    with pytest.raises(ValueError, match=r"unknown norm 'batchnorm'; known norms: bn, bgn, gn"):
+        build_norm("batchnorm", 8)
+    with pytest.raises(ValueError, match="unknown norm"):
+        norm_layer("nope")
+    with pytest.raises(ValueError, match="dim must be 1, 2 or 3"):
+        build_norm("bn", 8, dim=4)
+    with pytest.raises(ValueError, match="num_features"):
+        build_norm("bn", 0)
+
+
+def test_norm_layer_fits_torchvision_and_pickles() -> None:
+    factory = norm_layer("bgn", num_groups="auto")
+    model = torchvision.models.resnet18(num_classes=10, norm_layer=factory)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, BatchGroupNorm2d) for m in model.modules()) == 20
+    model(torch.randn(2, 3, 32, 32))
+    assert pickle.loads(pickle.dumps(factory))(8).num_features == 8
+
+
+def test_register_user_norm_class_and_function() -> None:
+    @register_norm("test_scale_norm")
+    class ScaleNorm(nn.Module):
+        def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(num_features))
+            self.eps = eps
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x / (x.norm(dim=1, keepdim=True) + self.eps) * self.scale.view(1, -1, 1, 1)
+
+    try:
+        layer = build_norm("test_scale_norm", 4, eps=0.1)
+        assert isinstance(layer, ScaleNorm) and layer.eps == 0.1
+        assert is_norm_layer(layer)
+        assert "test_scale_norm" in available_norms()
+        with pytest.raises(ValueError, match="already registered"):
+            register_norm("test_scale_norm")(ScaleNorm)
+
+        @register_norm("test_scale_norm", overwrite=True)
+        def make(num_features: int, dim: int, **kwargs: object) -> nn.Module:
+            return nn.GroupNorm(2, num_features)
+
+        assert isinstance(build_norm("test_scale_norm", 4), nn.GroupNorm)
+    finally:
+        registry_module._REGISTRY.pop("test_scale_norm", None)
+
+
+def test_is_norm_layer_rejects_other_modules() -> None:
+    assert not is_norm_layer(nn.Conv2d(3, 3, 1))
+    assert not is_norm_layer(nn.Identity())
+    assert is_norm_layer(nn.SyncBatchNorm(4))
+    assert is_norm_layer(nn.LayerNorm(4))
