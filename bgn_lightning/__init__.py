@@ -4,6 +4,8 @@ Public API: the BGN op and layers, the normalization registry, model conversion 
 :class:`NormSwap` Lightning callback.
 """
 
+from .callback import NormSwap
+from .convert import convert_norm_layer, convert_norms
 from .functional import auto_num_groups, batch_group_norm
 from .layers import (
     BatchGroupNorm,
@@ -21,11 +23,14 @@ __all__ = [
     "BatchGroupNorm1d",
     "BatchGroupNorm2d",
     "BatchGroupNorm3d",
+    "NormSwap",
     "PositionalNorm",
     "auto_num_groups",
     "available_norms",
     "batch_group_norm",
     "build_norm",
+    "convert_norm_layer",
+    "convert_norms",
     "is_norm_layer",
     "norm_layer",
     "register_norm",

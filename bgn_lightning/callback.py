@@ -1,0 +1,267 @@
+"""``NormSwap``: a Lightning callback that swaps a model's norm layers inside the Trainer.
+
+Where the swap happens in Lightning's ``Trainer._run`` (checked against Lightning 2.x)::
+
+    callbacks' setup           <- NormSwap converts the layers that exist now
+    LightningModule.setup
+    configure_model            <- NormSwap converts the layers built here, right after it returns
+    restore model from ckpt_path   (loads into the swapped layers)
+    strategy.setup             (LayerSync plugins, move to device, DDP wrap, configure_optimizers)
+
+so the optimizer and DDP only ever see the new layers, and ``trainer.fit(..., ckpt_path=...)``
+resumes into them. The settings are saved in the checkpoint (``state_dict``), which is how
+:meth:`NormSwap.load_model` rebuilds a swapped model for inference.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from .convert import DEFAULT_SOURCE_TYPES, _convert_tree
+from .registry import available_norms
+
+__all__ = ["NormSwap"]
+
+M = TypeVar("M", bound=pl.LightningModule)
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve_type(spec: type[nn.Module] | str) -> type[nn.Module]:
+    """A class, or a dotted path resolved among already imported modules only.
+
+    Like Lightning's checkpoint loading, settings read from a checkpoint never import new code.
+    """
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return spec
+    if isinstance(spec, str):
+        parts = spec.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            target: Any = sys.modules.get(".".join(parts[:i]))
+            if target is None:
+                continue
+            for attr in parts[i:]:
+                target = getattr(target, attr, None)
+            if isinstance(target, type) and issubclass(target, nn.Module):
+                return target
+            break
+    raise ValueError(
+        f"NormSwap: types entries must be nn.Module subclasses or dotted paths to already imported "
+        f"ones, got {spec!r}"
+    )
+
+
+class NormSwap(pl.Callback):
+    """Replace a model's BatchNorm (or other) layers with a registry norm when the Trainer starts.
+
+    The conversion is :func:`bgn_lightning.convert_norms` (parameters reused, running statistics
+    carried over), applied in ``setup`` and after ``configure_model``: before the checkpoint given
+    to ``ckpt_path=`` is loaded, before ``configure_optimizers`` and before DDP wraps the model.
+    Every ``fit``/``validate``/``test``/``predict`` call runs it; on an already swapped model it
+    is a no-op. Rank zero logs how many layers of each type were replaced.
+
+    Example::
+
+        trainer = Trainer(callbacks=[NormSwap("bgn", num_groups="auto")])
+        trainer.fit(model)                      # model's BatchNorm layers are now BatchGroupNorm
+        model = NormSwap.load_model(MyModel, trainer.checkpoint_callback.best_model_path)
+
+    Args:
+        norm: a registry name (see :func:`bgn_lightning.available_norms`).
+        sync: after converting, also call
+            :func:`bgn_lightning.sync.convert_sync_batchgroupnorm` so that the statistics are
+            computed over all processes (DDP).
+        types: the layer classes to replace, as classes or dotted paths (e.g.
+            ``"torch.nn.GroupNorm"``); default BatchNorm1d/2d/3d and SyncBatchNorm.
+        dim: spatial dimensionality for source layers whose class does not tell it.
+        **kwargs: passed to the new layers, e.g. ``num_groups=8``; plain values only (str,
+            int, float, bool, None), since they are saved in checkpoints.
+
+    Raises:
+        ValueError: for an unknown ``norm``, a ``types`` entry that is not an ``nn.Module``
+            subclass, a bad ``dim`` or a keyword value that cannot be saved in a checkpoint.
+    """
+
+    def __init__(
+        self,
+        norm: str = "bgn",
+        sync: bool = False,
+        types: Sequence[type[nn.Module] | str] | None = None,
+        dim: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if norm not in available_norms():
+            raise ValueError(f"NormSwap: unknown norm {norm!r}; known norms: {', '.join(available_norms())}")
+        if dim not in (None, 1, 2, 3):
+            raise ValueError(f"NormSwap: dim must be 1, 2, 3 or None, got {dim!r}")
+        for key, value in kwargs.items():
+            if not isinstance(value, _PLAIN):
+                raise ValueError(
+                    f"NormSwap: {key}={value!r} must be a plain value (str, int, float, bool or None) "
+                    f"so that it can be saved in checkpoints"
+                )
+        if isinstance(types, (str, type)):
+            types = [types]
+        self.norm = norm
+        self.sync = bool(sync)
+        self.types: tuple[type[nn.Module], ...] = (
+            DEFAULT_SOURCE_TYPES if types is None else tuple(_resolve_type(t) for t in types)
+        )
+        if not self.types:
+            raise ValueError("NormSwap: types must name at least one layer class")
+        self.dim = dim
+        self.kwargs = dict(kwargs)
+        self.swapped: Counter[str] = Counter()
+        self._wrapper: Any = None
+
+    # -- conversion --------------------------------------------------------------------------
+    def convert(self, module: nn.Module) -> int:
+        """Apply this callback's conversion to ``module`` in place (no sync layers).
+
+        This is what :meth:`load_model` does to a freshly built model; it is also the way to
+        rebuild a swapped plain ``nn.Module`` before ``load_state_dict``.
+
+        Returns:
+            The number of layers replaced.
+        """
+        return sum(_convert_tree(module, self.norm, self.types, self.dim, self.kwargs).values())
+
+    def _swap(self, pl_module: pl.LightningModule, when: str) -> None:
+        counts = _convert_tree(pl_module, self.norm, self.types, self.dim, self.kwargs)
+        if counts:
+            for (source, target), n in counts.items():
+                self.swapped[f"{source} -> {target}"] += n
+            details = ", ".join(f"{n} {source} -> {target}" for (source, target), n in sorted(counts.items()))
+            settings = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+            rank_zero_info(
+                f"NormSwap: replaced {sum(counts.values())} norm layers with {self.norm!r}"
+                f"{f' ({settings})' if settings else ''} {when}: {details}"
+            )
+        if self.sync:
+            from .sync import convert_sync_batchgroupnorm
+
+            convert_sync_batchgroupnorm(pl_module)
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Swap the existing layers; arrange a second swap right after ``configure_model``."""
+        self._swap(pl_module, "in setup")
+        if is_overridden("configure_model", pl_module) and "configure_model" not in vars(pl_module):
+            original = pl_module.configure_model
+
+            @functools.wraps(original)
+            def configure_model_then_swap() -> None:
+                try:
+                    original()
+                finally:
+                    vars(pl_module).pop("configure_model", None)
+                self._swap(pl_module, "after configure_model")
+
+            # An instance attribute shadows the method for this one call; Lightning looks the
+            # hook up on the instance and sees it as overridden through ``__wrapped__``.
+            pl_module.configure_model = configure_model_then_swap
+            self._wrapper = configure_model_then_swap
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Drop the ``configure_model`` wrapper if the run stopped before calling it."""
+        if self._wrapper is not None and vars(pl_module).get("configure_model") is self._wrapper:
+            del vars(pl_module)["configure_model"]
+        self._wrapper = None
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The swap settings (plain values, loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "norm": self.norm,
+            "kwargs": dict(self.kwargs),
+            "types": [_type_name(t) for t in self.types],
+            "dim": self.dim,
+            "sync": self.sync,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check the checkpoint's settings against this callback's (warn when they differ).
+
+        On resume the model has already been converted with this callback's settings when
+        Lightning restores callbacks; the weights loaded fine if the layers matched.
+        """
+        current = self.state_dict()
+        differ = {k: (state_dict.get(k), v) for k, v in current.items() if state_dict.get(k, v) != v}
+        if differ:
+            changes = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differ.items())
+            rank_zero_warn(f"NormSwap: resuming with settings that differ from the checkpoint's ({changes})")
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Path | dict[str, Any], weights_only: bool | None = None
+    ) -> NormSwap:
+        """The ``NormSwap`` saved in a Lightning checkpoint (a path or the loaded dict).
+
+        Args:
+            checkpoint: a ``.ckpt`` path or the dictionary ``torch.load`` returned for it.
+            weights_only: passed to ``torch.load`` for a path (its default when ``None``).
+
+        Raises:
+            ValueError: if the checkpoint holds no ``NormSwap`` state.
+        """
+        if not isinstance(checkpoint, dict):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
+        callbacks = checkpoint.get("callbacks") or {}
+        state = callbacks.get(cls.__qualname__)
+        if state is None:
+            raise ValueError(
+                f"NormSwap.from_checkpoint: the checkpoint has no {cls.__qualname__!r} callback state "
+                f"(callbacks saved: {sorted(map(str, callbacks))}); was it written by a Trainer with "
+                f"NormSwap?"
+            )
+        return cls(state["norm"], sync=state.get("sync", False), types=state.get("types"),
+                   dim=state.get("dim"), **state.get("kwargs", {}))
+
+    @classmethod
+    def load_model(cls, model_class: type[M], checkpoint_path: str | Path, **kwargs: Any) -> M:
+        """Rebuild a swapped LightningModule from a checkpoint written with ``NormSwap``.
+
+        Works like ``model_class.load_from_checkpoint``: the model is built from its saved
+        hyper-parameters (and ``configure_model``), then the saved swap is applied, then the
+        weights are loaded into the swapped layers. Checkpoints that Lightning cannot rebuild
+        from hyper-parameters (e.g. LightningCLI subclass mode): build the model yourself, call
+        ``NormSwap.from_checkpoint(ckpt).convert(model)``, then ``model.load_state_dict``.
+
+        Args:
+            model_class: the LightningModule class that was trained.
+            checkpoint_path: the ``.ckpt`` file.
+            **kwargs: passed to ``load_from_checkpoint`` (``map_location``, ``strict``,
+                ``weights_only``, hyper-parameter overrides).
+
+        Returns:
+            A ``model_class`` instance with swapped layers and the checkpoint's weights.
+        """
+
+        def on_load_checkpoint(self: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+            # Lightning calls this after __init__/configure_model and before load_state_dict.
+            cls.from_checkpoint(checkpoint).convert(self)
+            super(swapping, self).on_load_checkpoint(checkpoint)
+
+        swapping = type(model_class.__name__, (model_class,), {
+            "on_load_checkpoint": on_load_checkpoint,
+            "__module__": model_class.__module__,
+            "__qualname__": model_class.__qualname__,
+        })
+        model = swapping.load_from_checkpoint(checkpoint_path, **kwargs)
+        model.__class__ = model_class  # same layout: the helper subclass only added a hook
+        return model

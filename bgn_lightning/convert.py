@@ -1,0 +1,359 @@
+"""Replace the normalization layers of a model with registry norms, keeping what carries over.
+
+:func:`convert_norms` walks a model and replaces every layer of the given types (BatchNorm by
+default) with a registry norm (``"bgn"`` by default); :func:`convert_norm_layer` converts one
+layer and returns it. A converted layer
+
+* reuses the source's ``weight`` and ``bias`` :class:`~torch.nn.Parameter` objects when the
+  shapes match (so ``requires_grad``, gradients and any external references stay valid),
+* inherits ``eps``, ``momentum`` and ``affine`` when the target layer has those attributes,
+  and ``track_running_stats=False`` from a source that keeps no running statistics
+  (keyword arguments given to the converter win),
+* keeps the source's device, dtype, ``training`` flag and ``qconfig``,
+* carries the running statistics over (see below).
+
+Running statistics, BatchNorm (``C`` per-channel entries) to BatchGroupNorm (``G`` entries):
+
+* ``G = C``: copied exactly.
+* groups spanning channels (``G`` divides ``C``): pooled per group, the mean of the channel
+  means and the mean of the channel variances plus the (biased) variance of the channel means,
+  i.e. the law of total variance with each channel weighted by its share of the group. BatchNorm
+  stores *unbiased* variances, so the pooled value is the pooled unbiased within-channel variance
+  plus the biased between-channel variance; the exact unbiased pooled variance differs from it by
+  a relative amount of order ``1 / (values per channel)``, negligible for image batches.
+* ``G > C`` (groups inside channels): replicated, each group gets its channel's statistics.
+* ``num_groups="auto"``, or a ``G`` whose groups straddle channel borders (then the split depends
+  on the spatial size): ``G`` or the layout is only known at the first training batch, so the
+  per-channel statistics are kept on a one-shot forward pre-hook that pools them (same rules,
+  weighted by overlap) just before that batch updates them. Eval-mode forwards before that first
+  training batch see the layer's initial statistics (mean 0, variance 1). Loading a state dict
+  with trained statistics into the layer cancels the pending statistics.
+
+Same-shape running statistics (e.g. BatchNorm to BatchNorm, or BatchGroupNorm with ``G = C`` back
+to BatchNorm) are copied; anything else starts fresh.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .functional import auto_num_groups
+from .layers import BatchGroupNorm, BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d
+from .registry import available_norms, build_norm
+
+__all__ = ["DEFAULT_SOURCE_TYPES", "convert_norm_layer", "convert_norms"]
+
+DEFAULT_SOURCE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+)
+"""What :func:`convert_norms` replaces unless told otherwise."""
+
+_DIM_OF_TYPE: tuple[tuple[tuple[type[nn.Module], ...], int], ...] = (
+    ((nn.BatchNorm1d, nn.LazyBatchNorm1d, nn.InstanceNorm1d, nn.LazyInstanceNorm1d, BatchGroupNorm1d), 1),
+    ((nn.BatchNorm2d, nn.LazyBatchNorm2d, nn.InstanceNorm2d, nn.LazyInstanceNorm2d, BatchGroupNorm2d), 2),
+    ((nn.BatchNorm3d, nn.LazyBatchNorm3d, nn.InstanceNorm3d, nn.LazyInstanceNorm3d, BatchGroupNorm3d), 3),
+)
+
+_INHERITED = ("eps", "momentum", "affine")
+
+
+def convert_norms(
+    module: nn.Module,
+    to: str = "bgn",
+    types: Sequence[type[nn.Module]] | type[nn.Module] = DEFAULT_SOURCE_TYPES,
+    *,
+    dim: int | None = None,
+    **kwargs: Any,
+) -> int:
+    """Replace, in place, every submodule of ``module`` that is an instance of ``types``.
+
+    Each match is replaced by ``build_norm(to, num_features, dim, **kwargs)`` as described in the
+    module docstring (parameters reused, hyper-parameters and running statistics carried over).
+    Converting an already converted model is a no-op: a layer whose replacement would have its
+    own type is left alone. A layer shared by several parents is converted once and stays shared.
+
+    Args:
+        module: the model; its children are replaced in place.
+        to: a registry name (see :func:`bgn_lightning.available_norms`).
+        types: the layer classes to replace (``isinstance`` match).
+        dim: spatial dimensionality of the new layers, for source layers whose class does not
+            tell it (``SyncBatchNorm``). Left ``None``, such layers become the any-rank
+            :class:`~bgn_lightning.BatchGroupNorm` for ``to="bgn"`` and raise for other names.
+        **kwargs: passed to the new layers, e.g. ``num_groups=8`` or ``num_groups="auto"``.
+
+    Returns:
+        The number of layers replaced.
+
+    Raises:
+        ValueError: if ``module`` itself is one of ``types`` (it cannot be replaced in place; use
+            :func:`convert_norm_layer`), for an unknown ``to``, bad ``types`` or ``dim``, or a
+            lazy layer that has not seen an input yet.
+    """
+    return sum(_convert_tree(module, to, types, dim, kwargs).values())
+
+
+def convert_norm_layer(
+    layer: nn.Module, to: str = "bgn", *, dim: int | None = None, **kwargs: Any
+) -> nn.Module:
+    """Return a ``to`` norm layer built from the norm layer ``layer`` (which is left unchanged).
+
+    The counterpart of :func:`convert_norms` for a single layer, e.g. a model that is itself a
+    norm layer. Returns ``layer`` itself when the new layer would have its type.
+
+    Args:
+        layer: a norm layer with a ``num_features`` attribute (BatchNorm, BatchGroupNorm, …).
+        to: a registry name.
+        dim: spatial dimensionality, for layers whose class does not tell it.
+        **kwargs: passed to the new layer.
+
+    Raises:
+        ValueError: for an unknown ``to``, a layer without ``num_features`` or an unknown ``dim``.
+    """
+    _check_target(to, dim)
+    return _convert_layer(layer, to, dim, kwargs)
+
+
+def _check_target(to: str, dim: int | None) -> None:
+    if to not in available_norms():
+        raise ValueError(f"convert_norms: unknown norm {to!r}; known norms: {', '.join(available_norms())}")
+    if dim is not None and dim not in (1, 2, 3):
+        raise ValueError(f"convert_norms: dim must be 1, 2, 3 or None, got {dim!r}")
+
+
+def _check_types(types: Sequence[type[nn.Module]] | type[nn.Module]) -> tuple[type[nn.Module], ...]:
+    if isinstance(types, type):
+        types = (types,)
+    types = tuple(types)
+    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, nn.Module))]
+    if not types or bad:
+        raise ValueError(
+            f"convert_norms: types must be a non-empty sequence of nn.Module subclasses, got {types!r}"
+        )
+    return types
+
+
+def _convert_tree(
+    module: nn.Module,
+    to: str,
+    types: Sequence[type[nn.Module]] | type[nn.Module],
+    dim: int | None,
+    kwargs: dict[str, Any],
+) -> Counter[tuple[str, str]]:
+    """Convert in place; count replacements per ``(source class, new class)`` name pair."""
+    _check_target(to, dim)
+    types = _check_types(types)
+    if isinstance(module, types):
+        raise ValueError(
+            f"convert_norms: the root module is itself a {type(module).__name__}, which cannot be "
+            f"replaced in place; use convert_norm_layer(module, {to!r}, ...) and keep its result"
+        )
+    counts: Counter[tuple[str, str]] = Counter()
+    converted: dict[int, nn.Module] = {}  # id(old layer) -> new layer, keeps shared layers shared
+    visited: set[int] = set()
+
+    def visit(parent: nn.Module) -> None:
+        if id(parent) in visited:
+            return
+        visited.add(id(parent))
+        for name, child in list(parent.named_children()):
+            if isinstance(child, types):
+                if id(child) not in converted:
+                    new = _convert_layer(child, to, dim, kwargs)
+                    converted[id(child)] = new
+                    if new is not child:
+                        counts[(type(child).__name__, type(new).__name__)] += 1
+                setattr(parent, name, converted[id(child)])
+            else:
+                visit(child)
+
+    visit(module)
+    return counts
+
+
+def _source_dim(layer: nn.Module, dim: int | None, to: str) -> int | None:
+    for classes, d in _DIM_OF_TYPE:
+        if isinstance(layer, classes):
+            return d
+    if dim is None and to != "bgn":
+        raise ValueError(
+            f"convert_norms: cannot tell the spatial dimensionality of {type(layer).__name__}; "
+            f"pass dim=1, 2 or 3 to convert it to {to!r}"
+        )
+    return dim
+
+
+def _first_tensor(layer: nn.Module) -> Tensor | None:
+    for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def _convert_layer(layer: nn.Module, to: str, dim: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
+        raise ValueError(
+            f"convert_norms: {type(layer).__name__} has uninitialized parameters; run one forward "
+            f"pass before converting it"
+        )
+    num_features = getattr(layer, "num_features", None)
+    if not isinstance(num_features, int):
+        raise ValueError(
+            f"convert_norms: {type(layer).__name__} has no int num_features, so it cannot be converted"
+        )
+    target_dim = _source_dim(layer, dim, to)
+    new = _build(to, num_features, target_dim, kwargs)
+    inherited = {k: getattr(layer, k) for k in _INHERITED
+                 if k not in kwargs and hasattr(layer, k) and hasattr(new, k)
+                 and getattr(new, k) != getattr(layer, k)}
+    if (getattr(layer, "track_running_stats", True) is False and "track_running_stats" not in kwargs
+            and getattr(new, "track_running_stats", False) is True):
+        inherited["track_running_stats"] = False
+    if inherited:
+        new = _build(to, num_features, target_dim, {**kwargs, **inherited})
+    if type(new) is type(layer):
+        return layer
+    reference = _first_tensor(layer)
+    if reference is not None:
+        new.to(device=reference.device, dtype=reference.dtype)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            old_p, new_p = getattr(layer, name, None), getattr(new, name, None)
+            if (isinstance(old_p, nn.Parameter) and isinstance(new_p, nn.Parameter)
+                    and old_p.shape == new_p.shape):
+                setattr(new, name, old_p)
+        _carry_running_stats(layer, new)
+    new.train(layer.training)
+    if hasattr(layer, "qconfig"):
+        new.qconfig = layer.qconfig
+    return new
+
+
+def _build(to: str, num_features: int, dim: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    if dim is None:  # only for to == "bgn": the any-rank layer
+        return BatchGroupNorm(num_features, **kwargs)
+    return build_norm(to, num_features, dim, **kwargs)
+
+
+def _running_stats(layer: nn.Module) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    mean, var = getattr(layer, "running_mean", None), getattr(layer, "running_var", None)
+    if not (isinstance(mean, Tensor) and isinstance(var, Tensor)) or mean.numel() == 0:
+        return None
+    count = getattr(layer, "num_batches_tracked", None)
+    return mean, var, count if isinstance(count, Tensor) else None
+
+
+def _carry_running_stats(old: nn.Module, new: nn.Module) -> None:
+    source, target = _running_stats(old), _running_stats(new)
+    if source is None:
+        return
+    mean, var, count = source
+    if target is not None and target[0].shape == mean.shape:
+        target[0].copy_(mean)
+        target[1].copy_(var)
+        if count is not None and target[2] is not None:
+            target[2].copy_(count)
+        return
+    if not isinstance(new, BatchGroupNorm) or not new.track_running_stats or mean.dim() != 1 \
+            or mean.numel() != new.num_features:
+        return
+    g, c = new.num_groups, new.num_features
+    if g is not None and (c % g == 0 or g % c == 0):
+        pooled_mean, pooled_var = pool_channel_stats(mean, var, g, max(g // c, 1))
+        new.running_mean.copy_(pooled_mean)
+        new.running_var.copy_(pooled_var)
+        if count is not None:
+            new.num_batches_tracked.copy_(count)
+        return
+    seed = _PendingChannelStats(mean.detach().clone(), var.detach().clone(),
+                                None if count is None else count.detach().clone())
+    seed.hook_id = new.register_forward_pre_hook(seed).id
+
+
+def pool_channel_stats(
+    mean: Tensor, var: Tensor, num_groups: int, spatial_numel: int
+) -> tuple[Tensor, Tensor]:
+    """Per-group statistics from per-channel ones, for BGN's group layout.
+
+    Group ``g`` is the g-th of ``num_groups`` contiguous chunks of a flattened ``(C, *S)`` sample
+    with ``prod(S) = spatial_numel``; channel ``c``'s values are assumed to follow its statistics
+    at every position. The group mean is the overlap-weighted mean of the channel means, the group
+    variance the weighted mean of the channel variances plus the weighted variance of the channel
+    means (law of total variance).
+
+    Args:
+        mean: ``(C,)`` channel means.
+        var: ``(C,)`` channel variances.
+        num_groups: ``G``, dividing ``C * spatial_numel``.
+        spatial_numel: ``prod(S)``; only matters when groups straddle channel borders.
+
+    Returns:
+        ``(G,)`` means and variances, in the dtype of ``mean``.
+    """
+    c = mean.numel()
+    d = c * spatial_numel
+    if num_groups < 1 or d % num_groups != 0:
+        raise ValueError(
+            f"pool_channel_stats: num_groups={num_groups} must divide C*prod(S)={c}*{spatial_numel}={d}"
+        )
+    size = d // num_groups
+    # weights[g, c] = share of group g's values that lie in channel c (overlap of index intervals)
+    opts = {"device": mean.device, "dtype": torch.float64}
+    group_start = torch.arange(num_groups, **opts)[:, None] * size
+    channel_start = torch.arange(c, **opts)[None, :] * spatial_numel
+    overlap = torch.minimum(group_start + size, channel_start + spatial_numel) \
+        - torch.maximum(group_start, channel_start)
+    weights = overlap.clamp_(min=0) / size
+    m, v = mean.to(torch.float64), var.to(torch.float64)
+    group_mean = weights @ m
+    group_var = weights @ v + (weights * (m[None, :] - group_mean[:, None]) ** 2).sum(1)
+    return group_mean.to(mean.dtype), group_var.to(var.dtype)
+
+
+class _PendingChannelStats:
+    """One-shot forward pre-hook seeding a BatchGroupNorm's running stats from channel stats.
+
+    Runs at the layer's first training forward, before the layer updates its statistics: fixes
+    ``G`` if it is still ``"auto"`` (the same rule the layer applies), pools the channel
+    statistics for the input's layout and removes itself. A layer whose statistics already moved
+    (``num_batches_tracked > 0`` with ``G`` fixed, e.g. loaded from a checkpoint) is left alone.
+    A module-level class (not a closure) so that models holding it can be pickled.
+    """
+
+    def __init__(self, mean: Tensor, var: Tensor, count: Tensor | None) -> None:
+        self.mean, self.var, self.count = mean, var, count
+        self.hook_id: int | None = None
+
+    def __call__(self, layer: BatchGroupNorm, args: tuple[Any, ...]) -> None:
+        if not layer.training:
+            return
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0 or x.shape[1] != layer.num_features:
+            return  # the layer's own forward reports bad input
+        c, d = layer.num_features, x[0].numel()
+        if layer.num_groups is None:
+            layer._set_num_groups(auto_num_groups(x.shape[0], c, d, layer.reference_batch_size))
+        elif int(layer.num_batches_tracked) > 0:
+            self._remove(layer)
+            return
+        g = layer.num_groups
+        if d % g == 0:  # otherwise the layer's forward raises its own error
+            with torch.no_grad():
+                mean, var = pool_channel_stats(
+                    self.mean.to(layer.running_mean), self.var.to(layer.running_var), g, d // c
+                )
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+                if self.count is not None:
+                    layer.num_batches_tracked.copy_(self.count)
+        self._remove(layer)
+
+    def _remove(self, layer: nn.Module) -> None:
+        layer._forward_pre_hooks.pop(self.hook_id, None)
