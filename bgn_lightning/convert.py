@@ -163,7 +163,10 @@ def _convert_tree(
         if id(parent) in visited:
             return
         visited.add(id(parent))
-        for name, child in list(parent.named_children()):
+        # _modules, not named_children(): the latter skips a second reference to the same child
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             if isinstance(child, types):
                 if id(child) not in converted:
                     new = _convert_layer(child, to, dim, kwargs)
