@@ -1,0 +1,230 @@
+"""NormSwap inside a real (CPU) Trainer: swap timing, optimizer, resume, inference reload."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bgn_lightning import BatchGroupNorm, BatchGroupNorm1d, BatchGroupNorm2d, NormSwap
+
+
+def loader(n: int = 32, batch_size: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 6, 6, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def backbone(width: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 6), nn.BatchNorm1d(6), nn.Linear(6, 3),
+    )
+
+
+class TinyNet(pl.LightningModule):
+    def __init__(self, width: int = 8, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = backbone(width)
+        self.optimized: list[nn.Parameter] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def configure_optimizers(self):
+        self.optimized = list(self.parameters())
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class LateNet(TinyNet):
+    """Builds its layers in configure_model (idempotently, as Lightning asks)."""
+
+    def __init__(self, width: int = 8, lr: float = 0.1) -> None:
+        super().__init__(width, lr)
+        self.net = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = backbone(self.hparams.width)
+
+
+def trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
+    options = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                   num_sanity_val_steps=0, deterministic=True)
+    options.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **options)
+
+
+def assert_swapped(model: pl.LightningModule, cls: type[nn.Module] = BatchGroupNorm) -> None:
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert sum(isinstance(m, cls) for m in model.modules()) == 2
+
+
+@pytest.mark.parametrize("model_cls", [TinyNet, LateNet])
+def test_fit_swaps_before_the_optimizer_exists(tmp_path, caplog, model_cls):
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    pl.seed_everything(0)
+    model = model_cls()
+    trainer(tmp_path, [NormSwap("bgn", num_groups=2)]).fit(model, loader())
+    assert_swapped(model)
+    assert isinstance(model.net[1], BatchGroupNorm2d) and isinstance(model.net[6], BatchGroupNorm1d)
+    assert model.net[1].num_groups == 2
+    # the optimizer holds exactly the model's parameters, BGN weights included (identity)
+    assert [id(p) for p in model.optimized] == [id(p) for p in model.parameters()]
+    bgn_params = {id(p) for m in (model.net[1], model.net[6]) for p in (m.weight, m.bias)}
+    assert bgn_params <= {id(p) for p in model.optimized}
+    trained = model.net[1].weight.detach().clone()
+    assert not torch.equal(trained, torch.ones_like(trained))  # it did train
+    assert int(model.net[1].num_batches_tracked) == 4
+    when = "after configure_model" if model_cls is LateNet else "in setup"
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NormSwap")]
+    assert messages == [
+        f"NormSwap: replaced 2 norm layers with 'bgn' (num_groups=2) {when}: "
+        "1 BatchNorm1d -> BatchGroupNorm1d, 1 BatchNorm2d -> BatchGroupNorm2d"
+    ]
+    assert "configure_model" not in vars(model)  # the one-shot wrapper is gone
+
+
+def test_validate_test_predict_after_fit(tmp_path):
+    model = TinyNet()
+    t = trainer(tmp_path, [NormSwap("bgn", num_groups="auto")])
+    t.fit(model, loader(), loader(16))
+    groups = model.net[1].num_groups
+    assert groups == 2  # auto: C * N / 32 = 8 * 8 / 32
+    assert t.validate(model, loader(16))[0]["val_loss"] > 0
+    assert t.test(model, loader(16))[0]["test_loss"] > 0
+    predictions = t.predict(model, loader(16))
+    assert torch.cat(predictions).shape == (16, 3)
+    assert model.net[1].num_groups == groups
+    assert_swapped(model)
+
+
+def fit_with_checkpoints(tmp_path, max_epochs, ckpt_path=None, norm_swap=None) -> tuple[TinyNet, pl.Trainer]:
+    pl.seed_everything(0)
+    model = TinyNet()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    t = trainer(tmp_path, [norm_swap or NormSwap("bgn", num_groups="auto"), checkpoint],
+                max_epochs=max_epochs, enable_checkpointing=True)
+    t.fit(model, loader(), ckpt_path=ckpt_path)
+    return model, t
+
+
+def test_resume_from_checkpoint_reaches_the_same_weights(tmp_path):
+    straight, _ = fit_with_checkpoints(tmp_path / "straight", 2)
+    _, first = fit_with_checkpoints(tmp_path / "resumed", 1)
+    ckpt = tmp_path / "resumed" / "epoch=0.ckpt"
+    assert first.checkpoint_callback.best_model_path == str(ckpt)
+    saved = torch.load(ckpt, weights_only=True)  # the callback state is plain data
+    assert saved["callbacks"]["NormSwap"]["kwargs"] == {"num_groups": "auto"}
+    resumed, t = fit_with_checkpoints(tmp_path / "resumed", 2, ckpt_path=ckpt)
+    assert t.current_epoch == 2 and t.global_step == 8
+    assert_swapped(resumed)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_rebuild_for_inference_from_checkpoint(tmp_path):
+    model, t = fit_with_checkpoints(tmp_path, 1, norm_swap=NormSwap("bgn", num_groups=2, eps=1e-4))
+    ckpt = t.checkpoint_callback.best_model_path
+    swap = NormSwap.from_checkpoint(ckpt)
+    assert (swap.norm, swap.kwargs, swap.types) == ("bgn", {"num_groups": 2, "eps": 1e-4}, NormSwap().types)
+
+    loaded = NormSwap.load_model(TinyNet, ckpt, map_location="cpu")
+    assert type(loaded) is TinyNet and loaded.hparams.width == 8
+    assert_swapped(loaded)
+    assert loaded.net[1].num_groups == 2 and loaded.net[1].eps == 1e-4
+    x = next(iter(loader()))[0]
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x), model(x))
+
+    # the same settings in a new Trainer: predict a fresh model from the checkpoint
+    fresh = TinyNet()
+    out = trainer(tmp_path, [swap]).predict(fresh, loader(16), ckpt_path=ckpt)
+    torch.testing.assert_close(torch.cat(out), model(torch.cat([b[0] for b in loader(16)])))
+
+    # a plain nn.Module rebuilt by hand
+    plain = backbone(8)
+    assert swap.convert(plain) == 2
+    plain.load_state_dict({k.removeprefix("net."): v for k, v in torch.load(ckpt)["state_dict"].items()})
+    torch.testing.assert_close(plain.eval()(x), model(x))
+
+
+def test_model_built_in_configure_model_resumes_and_reloads(tmp_path):
+    pl.seed_everything(0)
+    model = LateNet()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last")
+    t = trainer(tmp_path, [NormSwap("bgn", num_groups="auto"), checkpoint], enable_checkpointing=True)
+    t.fit(model, loader())
+    ckpt = checkpoint.best_model_path
+    loaded = NormSwap.load_model(LateNet, ckpt)
+    assert_swapped(loaded)
+    x = next(iter(loader()))[0]
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+    resumed = LateNet()
+    t = trainer(tmp_path, [NormSwap("bgn", num_groups="auto")], max_epochs=2)
+    t.fit(resumed, loader(), ckpt_path=ckpt)
+    assert_swapped(resumed)
+    assert resumed.net[1].num_groups == 2
+
+
+def test_resuming_with_other_settings_warns(tmp_path):
+    callback = NormSwap("bgn", num_groups=4)
+    state = callback.state_dict()
+    callback.load_state_dict(state)  # same settings: silent
+    with pytest.warns(UserWarning, match=r"differ from the checkpoint's \(kwargs: .*'eps': 0\.001"):
+        NormSwap("bgn", num_groups=4, eps=1e-3).load_state_dict(state)
+
+
+def test_other_targets_and_types(tmp_path):
+    model = TinyNet()
+    trainer(tmp_path, [NormSwap("gn", types=["torch.nn.BatchNorm2d"], num_groups=4)]).fit(model, loader())
+    assert isinstance(model.net[1], nn.GroupNorm) and model.net[1].num_groups == 4
+    assert isinstance(model.net[6], nn.BatchNorm1d)  # not in types
+    assert any(p is model.net[1].weight for p in model.optimized)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="unknown norm 'batchgroup'"):
+        NormSwap("batchgroup")
+    with pytest.raises(ValueError, match=r"must be a plain value .* saved in checkpoints"):
+        NormSwap("bgn", device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"dotted paths to already imported ones, got 'no\.such\.Norm'"):
+        NormSwap("bgn", types=["no.such.Norm"])
+    with pytest.raises(ValueError, match="dim must be 1, 2, 3 or None, got 5"):
+        NormSwap("bgn", dim=5)
+    with pytest.raises(ValueError, match="has no 'NormSwap' callback state"):
+        NormSwap.from_checkpoint({"callbacks": {}})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bgn_lightning.sync") is None,
+                    reason="bgn_lightning.sync (SyncBatchGroupNorm) is not in the tree yet")
+def test_sync_converts_to_sync_batchgroupnorm(tmp_path):
+    from bgn_lightning.sync import convert_sync_batchgroupnorm
+
+    expected = convert_sync_batchgroupnorm(nn.Sequential(BatchGroupNorm2d(8, num_groups=2)))[0]
+    model = TinyNet()
+    trainer(tmp_path, [NormSwap("bgn", sync=True, num_groups=2)]).fit(model, loader())
+    assert type(model.net[1]) is type(expected) and type(expected) is not BatchGroupNorm2d
+    assert any(p is model.net[1].weight for p in model.optimized)
