@@ -89,8 +89,14 @@ class NormSwap(pl.Callback):
         types: the layer classes to replace, as classes or dotted paths (e.g.
             ``"torch.nn.GroupNorm"``); default BatchNorm1d/2d/3d and SyncBatchNorm.
         dim: spatial dimensionality for source layers whose class does not tell it.
-        **kwargs: passed to the new layers, e.g. ``num_groups=8``; plain values only (str,
-            int, float, bool, None), since they are saved in checkpoints.
+        num_groups: ``G`` for the new layers (int or ``"auto"``); ``None`` keeps the norm's
+            default. Every registry norm accepts ``"auto"``. A named argument (not only part of
+            ``**kwargs``) so that LightningCLI can set it: ``--trainer.callbacks.num_groups=8``.
+        **kwargs: further arguments of the new layers, e.g. ``eps``, ``momentum``; plain values
+            only (str, int, float, bool, None), since they are saved in checkpoints.
+
+    Attributes:
+        swapped: how many layers were replaced so far, per ``"Source -> Target"`` class pair.
 
     Raises:
         ValueError: for an unknown ``norm``, a ``types`` entry that is not an ``nn.Module``
@@ -103,12 +109,15 @@ class NormSwap(pl.Callback):
         sync: bool = False,
         types: Sequence[type[nn.Module] | str] | None = None,
         dim: int | None = None,
+        num_groups: int | str | None = None,
         **kwargs: Any,
     ) -> None:
         if norm not in available_norms():
             raise ValueError(f"NormSwap: unknown norm {norm!r}; known norms: {', '.join(available_norms())}")
         if dim not in (None, 1, 2, 3):
             raise ValueError(f"NormSwap: dim must be 1, 2, 3 or None, got {dim!r}")
+        if num_groups is not None:
+            kwargs = {"num_groups": num_groups, **kwargs}
         for key, value in kwargs.items():
             if not isinstance(value, _PLAIN):
                 raise ValueError(
@@ -129,6 +138,16 @@ class NormSwap(pl.Callback):
         self.swapped: Counter[str] = Counter()
         self._wrapper: Any = None
 
+    def __repr__(self) -> str:
+        settings = [f"{self.norm!r}", *(f"{k}={v!r}" for k, v in self.kwargs.items())]
+        if self.sync:
+            settings.append("sync=True")
+        if self.types != DEFAULT_SOURCE_TYPES:
+            settings.append(f"types={[t.__name__ for t in self.types]}")
+        if self.dim is not None:
+            settings.append(f"dim={self.dim}")
+        return f"{type(self).__name__}({', '.join(settings)})"
+
     # -- conversion --------------------------------------------------------------------------
     def convert(self, module: nn.Module) -> int:
         """Apply this callback's conversion to ``module`` in place (no sync layers).
@@ -148,8 +167,9 @@ class NormSwap(pl.Callback):
                 self.swapped[f"{source} -> {target}"] += n
             details = ", ".join(f"{n} {source} -> {target}" for (source, target), n in sorted(counts.items()))
             settings = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+            total = sum(counts.values())
             rank_zero_info(
-                f"NormSwap: replaced {sum(counts.values())} norm layers with {self.norm!r}"
+                f"NormSwap: replaced {total} norm layer{'s' if total != 1 else ''} with {self.norm!r}"
                 f"{f' ({settings})' if settings else ''} {when}: {details}"
             )
         if self.sync:

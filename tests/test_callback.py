@@ -205,6 +205,17 @@ def test_other_targets_and_types(tmp_path):
     assert any(p is model.net[1].weight for p in model.optimized)
 
 
+def test_configurable_from_lightning_cli():
+    from lightning.pytorch.cli import LightningCLI
+
+    args = ["--trainer.callbacks=bgn_lightning.NormSwap", "--trainer.callbacks.norm=bgn",
+            "--trainer.callbacks.num_groups=4", "--trainer.logger=false", "--trainer.accelerator=cpu"]
+    cli = LightningCLI(TinyNet, run=False, args=args, save_config_callback=None)
+    swaps = [c for c in cli.trainer.callbacks if isinstance(c, NormSwap)]
+    assert len(swaps) == 1 and swaps[0].kwargs == {"num_groups": 4}
+    assert repr(swaps[0]) == "NormSwap('bgn', num_groups=4)"
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="unknown norm 'batchgroup'"):
         NormSwap("batchgroup")
