@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from bgn_lightning import BatchGroupNorm, NormSwap
+    from bgn_lightning import NormSwap, is_norm_layer
 
     out = Path(sys.argv[1])
     sync = sys.argv[2] == "sync"
@@ -76,7 +76,7 @@ SCRIPT = textwrap.dedent(
             "world_size": trainer.world_size,
             "wrapped": model.wrapped,
             "norm_type": type(norm).__name__,
-            "is_bgn": isinstance(norm, BatchGroupNorm),
+            "is_norm": is_norm_layer(norm),
             "batchnorm_left": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()),
             "num_groups": norm.num_groups,
             "optimizer_is_model": model.optimized == [id(p) for p in model.parameters()],
@@ -104,7 +104,7 @@ def check_ddp_run(tmp_path, reports: list[dict], norm_type: str) -> None:
     for report in reports:
         assert report["world_size"] == 2
         assert report["wrapped"] == "DistributedDataParallel"
-        assert report["norm_type"] == norm_type and report["is_bgn"]
+        assert report["norm_type"] == norm_type and report["is_norm"]
         assert not report["batchnorm_left"]
         assert report["optimizer_is_model"]
         assert report["num_groups"] == 2  # auto: C * N / 32 = 8 * 8 / 32, fixed after the DDP wrap
