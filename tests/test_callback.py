@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
+import types
 
 import lightning.pytorch as pl
 import pytest
@@ -227,6 +229,24 @@ def test_settings_are_validated():
         NormSwap("bgn", dim=5)
     with pytest.raises(ValueError, match="has no 'NormSwap' callback state"):
         NormSwap.from_checkpoint({"callbacks": {}})
+
+
+def test_sync_hook_runs_after_the_swap_and_before_the_optimizer(tmp_path, monkeypatch):
+    calls = []
+
+    def convert_sync_batchgroupnorm(module, process_group=None):
+        calls.append((module, [type(m).__name__ for m in module.modules()], list(module.optimized)))
+        return module
+
+    fake = types.ModuleType("bgn_lightning.sync")
+    fake.convert_sync_batchgroupnorm = convert_sync_batchgroupnorm
+    monkeypatch.setitem(sys.modules, "bgn_lightning.sync", fake)
+    model = TinyNet()
+    trainer(tmp_path, [NormSwap("bgn", sync=True, num_groups=2)]).fit(model, loader())
+    assert len(calls) == 1
+    module, layer_names, optimized = calls[0]
+    assert module is model and optimized == []  # configure_optimizers had not run yet
+    assert "BatchGroupNorm2d" in layer_names and "BatchNorm2d" not in layer_names
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bgn_lightning.sync") is None,
