@@ -1,17 +1,337 @@
-"""`bgn-task` entry point (stub until the CLI issue lands)."""
+"""``bgn-task``: run a task suite, or sweep norms x batch sizes (``bgn-task bench``).
+
+``bgn-task <task> [shortcuts] [LightningCLI args]`` parses ``configs/<task>.yaml`` (packaged as
+``tasks.configs``) as the default config with LightningCLI (``run=False``), fits, tests the best
+(or last) checkpoint and writes ``<output>/results.json``
+(:mod:`tasks.common.results`). Shortcut flags are rewritten to LightningCLI arguments before
+parsing, so ``--config``, ``--print_config`` and ``--trainer.* / --model.* / --data.*`` work as
+in any LightningCLI; a later argument overrides an earlier one.
+
+Task packages follow the task contract: ``tasks/<task>/__init__.py`` exports ``MODEL_CLASS`` and
+``DATAMODULE_CLASS`` and optionally ``ARGUMENT_LINKS`` (``(source, target)`` pairs such as
+``("data.num_classes", "model.num_classes")``, applied when the classes are instantiated).
+Tasks are imported lazily, so importing this module stays cheap.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.resources
+import logging
+import pkgutil
 import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-TASKS = ("classification", "fsl")
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+__all__ = ["SHORTCUTS", "UsageError", "available_tasks", "main", "translate_shortcuts"]
+
+PROG = "bgn-task"
+# Known suites first, in the paper's order; any other package under tasks/ is listed after them.
+_TASK_ORDER = ("classification", "fsl", "adversarial", "uda", "nas")
+_NOT_TASKS = frozenset({"common", "configs"})
+
+SHORTCUTS: dict[str, str] = {
+    "--norm": "--model.norm",
+    "--groups": "--model.groups",
+    "--batch-size": "--data.batch_size",
+    "--data": "--data.dataset",
+    "--data-dir": "--data.data_dir",
+    "--max-epochs": "--trainer.max_epochs",
+    "--seed": "--seed_everything",
+    "--output": "--trainer.default_root_dir",
+    "--accelerator": "--trainer.accelerator",
+    "--devices": "--trainer.devices",
+}
+"""Shortcut flag -> LightningCLI argument (each takes one value)."""
+
+FLAG_SHORTCUTS: dict[str, tuple[str, str]] = {"--download": ("--data.download", "true")}
+"""Value-less shortcut flags -> (LightningCLI argument, value)."""
+
+log = logging.getLogger("tasks")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """List the task suites."""
-    argv = sys.argv[1:] if argv is None else argv
-    print("usage: bgn-task <task> [options]\n\ntasks: " + ", ".join(TASKS))
+class UsageError(Exception):
+    """A bad task, norm, dataset or config value: reported as one line on stderr, exit code 2."""
+
+
+def available_tasks() -> list[str]:
+    """Task suites installed under ``tasks/`` (packages other than ``common`` and ``configs``)."""
+    import tasks
+
+    found = {m.name for m in pkgutil.iter_modules(tasks.__path__) if m.ispkg and m.name not in _NOT_TASKS}
+    return [t for t in _TASK_ORDER if t in found] + sorted(found - set(_TASK_ORDER))
+
+
+def load_task(task: str) -> ModuleType:
+    """Import ``tasks.<task>`` and check that it exports the contract's classes.
+
+    Raises:
+        UsageError: for an unknown task, or a package that does not export ``MODEL_CLASS`` and
+            ``DATAMODULE_CLASS`` yet.
+    """
+    tasks = available_tasks()
+    if task not in tasks:
+        raise UsageError(f"unknown task {task!r}; choose from: {', '.join([*tasks, 'bench'])}")
+    module = importlib.import_module(f"tasks.{task}")
+    if not all(hasattr(module, name) for name in ("MODEL_CLASS", "DATAMODULE_CLASS")):
+        raise UsageError(
+            f"task {task!r} is not installed: tasks.{task} does not export MODEL_CLASS and DATAMODULE_CLASS"
+        )
+    return module
+
+
+def default_config(task: str) -> Path | None:
+    """The packaged ``configs/<task>.yaml``, or ``None`` when the task ships none."""
+    path = Path(str(importlib.resources.files("tasks.configs") / f"{task}.yaml"))
+    return path if path.is_file() else None
+
+
+def translate_shortcuts(argv: Sequence[str]) -> list[str]:
+    """Rewrite the shortcut flags (:data:`SHORTCUTS`, ``--download``) into LightningCLI arguments.
+
+    Both ``--flag value`` and ``--flag=value`` are accepted; everything else is passed through.
+
+    Raises:
+        UsageError: when a shortcut that needs a value is last.
+    """
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in SHORTCUTS:
+            if not eq:
+                if i + 1 >= len(args):
+                    raise UsageError(f"{flag} needs a value")
+                i += 1
+                value = args[i]
+            out += [SHORTCUTS[flag], value]
+        elif flag in FLAG_SHORTCUTS:
+            target, default = FLAG_SHORTCUTS[flag]
+            out += [target, value if eq else default]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _norms() -> list[str]:
+    from bgn_lightning import available_norms
+
+    return available_norms()
+
+
+def _shortcut_help() -> str:
+    return (
+        "shortcuts: --norm NAME, --groups G|auto, --batch-size N, --data NAME, --data-dir PATH, "
+        "--download, --max-epochs E, --seed S, --output DIR, --accelerator A, --devices D"
+    )
+
+
+def usage() -> str:
+    """The top-level help: tasks, norms, shortcuts and the bench command."""
+    tasks = available_tasks()
+    return "\n".join(
+        [
+            f"usage: {PROG} <task> [--norm NAME] [--groups G|auto] [--batch-size N] [--data NAME]",
+            "                [--data-dir PATH] [--download] [--max-epochs E] [--seed S] [--output DIR]",
+            "                [--accelerator A] [--devices D] [--config FILE] [--print_config]",
+            "                [--trainer.* / --model.* / --data.* ...]",
+            f"       {PROG} bench --task TASK --norms a,b --batch-sizes 2,4 --seeds 0,1 [--max-epochs E]",
+            "                [--output DIR] [--config GRID.yaml] [--jobs J] [-- extra run args]",
+            "",
+            "Fit, test the best checkpoint and write <output>/results.json; bench sweeps a grid and writes",
+            "results.csv, results.md and accuracy_vs_batch_size.png.",
+            "",
+            f"tasks: {', '.join(tasks)}",
+            f"norms: {', '.join(_norms())}",
+            "",
+            f"'{PROG} <task> --help' lists every option of a task; '{PROG} bench --help' the sweep's.",
+        ]
+    )
+
+
+def _check_choices(config: Any, datasets: Sequence[str] | None) -> None:
+    """Check ``model.norm`` against the registry and ``data.dataset`` against the task's names.
+
+    Raises:
+        UsageError: listing the valid choices.
+    """
+    norm, norms = config.model.get("norm"), _norms()
+    if norm is not None and norm not in norms:
+        raise UsageError(f"unknown norm {norm!r}; choose from: {', '.join(norms)}")
+    dataset = config.data.get("dataset")
+    if datasets is not None and dataset is not None and dataset not in datasets:
+        raise UsageError(f"unknown dataset {dataset!r}; choose from: {', '.join(datasets)}")
+
+
+def _make_cli_class(task: str, links: Sequence[tuple[str, str]], datasets: Sequence[str] | None) -> type:
+    """A LightningCLI subclass for ``task`` (built lazily: importing Lightning is slow).
+
+    Args:
+        task: task name (for the default output directory).
+        links: ``(source, target)`` argument links applied at instantiation.
+        datasets: the task's dataset names (the DataModule's ``DATASETS``), if it declares them.
+    """
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    class TaskCLI(LightningCLI):
+        """LightningCLI with the task's argument links, norm check, default output dir and loggers."""
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            for source, target in links:
+                parser.link_arguments(source, target, apply_on="instantiate")
+
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            # LightningCLI warns when args are given while sys.argv is set; here both are ours.
+            self.config = parser.parse_args(args)
+            _check_choices(self.config, datasets)
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config
+            norm = cfg.model.get("norm")
+            if cfg.trainer.get("default_root_dir") is None:
+                stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+                name = f"{stamp}-{norm}-bs{cfg.data.get('batch_size')}-seed{cfg.get('seed_everything')}"
+                cfg.trainer.default_root_dir = str(Path("outputs") / task / name)
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except (ValueError, FileNotFoundError) as err:  # bad dataset name, bad init value
+                raise UsageError(str(err).splitlines()[0]) from err
+
+        def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+            root = Path(self.config.trainer.default_root_dir)
+            if self.config_init.trainer.get("logger") in (None, True):
+                kwargs["logger"] = [
+                    CSVLogger(root, name="", version="csv"),
+                    TensorBoardLogger(root, name="", version="tensorboard"),
+                ]
+            trainer = super().instantiate_trainer(**kwargs)
+            checkpoint = trainer.checkpoint_callback
+            if checkpoint is not None and checkpoint.dirpath is None:
+                checkpoint.dirpath = str(root / "checkpoints")
+            return trainer
+
+    return TaskCLI
+
+
+def _checkpoint_to_test(trainer: Trainer) -> str | None:
+    """The best checkpoint when one is monitored, else the last saved; ``None``: in-memory weights."""
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    if callback.monitor and callback.best_model_path:
+        return callback.best_model_path
+    return callback.last_model_path or callback.best_model_path or None
+
+
+def run_task(task: str, argv: Sequence[str]) -> int:
+    """Parse, fit, test and write ``results.json`` for ``task``; the exit code.
+
+    Raises:
+        UsageError: for an unknown task, norm, dataset or init value.
+    """
+    from tasks.common.data import DatasetNotFoundError
+    from tasks.common.results import results_record, write_results
+
+    module = load_task(task)
+    start = time.perf_counter()
+    config = default_config(task)
+    description = f"{PROG} {task}: fit, test, write results.json.\nnorms: {', '.join(_norms())}\n"
+    cli_class = _make_cli_class(
+        task, getattr(module, "ARGUMENT_LINKS", ()), getattr(module.DATAMODULE_CLASS, "DATASETS", None)
+    )
+    cli = cli_class(
+        model_class=module.MODEL_CLASS,
+        datamodule_class=module.DATAMODULE_CLASS,
+        args=translate_shortcuts(argv),
+        run=False,
+        parser_kwargs={
+            "prog": f"{PROG} {task}",
+            "description": description + _shortcut_help(),
+            "default_config_files": [str(config)] if config else [],
+        },
+        save_config_kwargs={"overwrite": True},
+    )
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    try:
+        fit_start = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule)
+        fit_time = time.perf_counter() - fit_start
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        callback = trainer.checkpoint_callback
+        if callback is not None and callback.monitor and callback.best_model_score is not None:
+            metrics[f"{callback.monitor}_best"] = callback.best_model_score
+        checkpoint = _checkpoint_to_test(trainer)
+        test_start = time.perf_counter()
+        trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint)
+        test_time = time.perf_counter() - test_start
+    except DatasetNotFoundError as err:
+        raise UsageError(str(err)) from err
+    metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    if trainer.is_global_zero:
+        record = results_record(
+            task=task,
+            config=_plain_config(cli),
+            metrics=metrics,
+            model=model,
+            epochs=trainer.current_epoch,
+            global_step=trainer.global_step,
+            checkpoint=checkpoint,
+            times={
+                "wall_time_s": time.perf_counter() - start,
+                "fit_time_s": fit_time,
+                "test_time_s": test_time,
+            },
+            command=[PROG, task, *argv],
+            hparams=dict(model.hparams),
+        )
+        path = write_results(cli.config.trainer.default_root_dir, record)
+        tested = sorted((k, float(v)) for k, v in metrics.items() if k.startswith("test/"))
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in tested)
+        log.info("%s %s: %s (%.1f s) -> %s", PROG, task, summary, record["wall_time_s"], path)
     return 0
+
+
+def _plain_config(cli: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (what ``--print_config`` would show)."""
+    import yaml
+
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_validation=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``bgn-task`` entry point; returns the exit code (2 for usage errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "bench":
+            from tasks.common.bench import bench_main
+
+            return bench_main(rest)
+        return run_task(command, rest)
+    except UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""The classification LightningModule: a registry-norm backbone, SGD with the linear-scaling rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tasks.common.backbones import build_backbone
+from tasks.common.metrics import classification_metrics
+from tasks.common.optim import Schedule, param_groups, scaled_lr, warmup_scheduler
+
+__all__ = ["ClassificationModule"]
+
+
+class ClassificationModule(pl.LightningModule):
+    """Image classifier whose every norm layer is the registry norm ``norm``.
+
+    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_top5``,
+    ``test/loss``, ``test/acc``, ``test/acc_top5`` per epoch (accuracies as fractions, via
+    torchmetrics).
+
+    **Learning-rate rule** (Goyal et al. 2017, as in the GN and BGN papers): SGD with momentum;
+    the rate is ``lr * B / base_batch_size`` where ``B`` is the global batch size (per-device
+    batch x devices x gradient accumulation), ramped up linearly over the first
+    ``warmup_epochs`` epochs (per optimizer step), then decayed by ``lr_schedule`` (``cosine``
+    to 0, or ``multistep``: x ``gamma`` at each fraction of training in ``milestones``). Weight
+    decay applies to conv and linear weights, not to norm affines and biases.
+
+    Args:
+        norm: registry norm name for every norm layer.
+        groups: ``num_groups`` for every norm layer (int or ``"auto"``).
+        backbone: a :func:`tasks.common.backbones.available_backbones` name.
+        num_classes: classifier outputs (the CLI links it from the DataModule).
+        in_channels: input channels (the CLI links it from the DataModule).
+        lr: learning rate at ``base_batch_size``.
+        base_batch_size: the batch size ``lr`` is tuned for.
+        global_batch_size: ``B`` of the rule; ``None`` reads the DataModule's ``batch_size`` and
+            multiplies it by the number of devices and the gradient accumulation.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 penalty on conv and linear weights.
+        warmup_epochs: epochs of linear warm-up (fractions allowed; 0 for none).
+        lr_schedule: ``cosine``, ``multistep`` or ``constant`` after warm-up.
+        milestones: fractions of training at which ``multistep`` decays.
+        gamma: ``multistep`` decay factor.
+        label_smoothing: cross-entropy label smoothing.
+        norm_kwargs: extra keyword arguments for every norm layer (e.g. ``momentum``).
+    """
+
+    def __init__(
+        self,
+        norm: str = "bgn",
+        groups: int | str = "auto",
+        backbone: str = "small_cnn",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        lr: float = 0.1,
+        base_batch_size: int = 32,
+        global_batch_size: int | None = None,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        warmup_epochs: float = 1.0,
+        lr_schedule: Schedule = "cosine",
+        milestones: list[float] | None = None,
+        gamma: float = 0.1,
+        label_smoothing: float = 0.0,
+        norm_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if groups != "auto" and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+            raise ValueError(f"groups must be a positive int or 'auto', got {groups!r}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
+        self.save_hyperparameters()
+        self.net = build_backbone(backbone, num_classes, in_channels, norm, groups, norm_kwargs)
+        self.train_metrics = classification_metrics(num_classes, "train/")
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(N, num_classes)`` for images ``(N, in_channels, H, W)``."""
+        return self.net(x)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=len(y))
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Cross-entropy on one batch (batch statistics in the norm layers)."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Loss and accuracies on one validation batch."""
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Loss and accuracies on one test batch."""
+        self._step(batch, "test")
+
+    def effective_batch_size(self) -> int:
+        """The ``B`` of the linear-scaling rule (see the class docstring).
+
+        Raises:
+            ValueError: when ``global_batch_size`` is ``None`` and there is no DataModule to read
+                the batch size from.
+        """
+        if self.hparams.global_batch_size is not None:
+            return int(self.hparams.global_batch_size)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(datamodule, "batch_size", None)
+        if per_device is None:
+            raise ValueError(
+                "ClassificationModule: global_batch_size=None needs a DataModule with a batch_size "
+                "attribute; pass global_batch_size= explicitly"
+            )
+        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """SGD on the linearly scaled rate with a per-step warm-up + decay schedule."""
+        hp = self.hparams
+        lr = scaled_lr(hp.lr, self.effective_batch_size(), hp.base_batch_size)
+        optimizer = torch.optim.SGD(
+            param_groups(self, hp.weight_decay), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        # estimated_stepping_batches has set up the train dataloader, so its length is known
+        per_epoch = max(1, -(-int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches))
+        scheduler = warmup_scheduler(
+            optimizer,
+            warmup_steps=round(hp.warmup_epochs * per_epoch),
+            total_steps=total_steps,
+            schedule=hp.lr_schedule,
+            milestones=hp.milestones or (0.5, 0.75),
+            gamma=hp.gamma,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

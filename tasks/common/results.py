@@ -1,0 +1,184 @@
+"""The ``results.json`` record every ``bgn-task`` run writes, and its reader.
+
+Schema (``schema`` = 1), one JSON object:
+
+=============== =========================================================================
+key             value
+=============== =========================================================================
+schema          format version (int)
+task            task suite name, e.g. ``classification``
+dataset         ``data.dataset`` of the run
+norm            registry norm name (``model.norm``)
+groups          ``model.groups`` as configured (int or ``"auto"``)
+num_groups      G actually used after fit: ``{"per_layer": {name: G}, "histogram": {G: count}}``
+                over every BatchGroupNorm and GroupNorm layer (auto-G resolved)
+batch_size      ``data.batch_size`` (per device)
+seed            ``seed_everything``
+metrics         ``{name: float}``: ``test/*`` after testing, ``val/*`` from the end of fit
+epochs          training epochs completed
+global_step     optimizer steps taken
+checkpoint      checkpoint tested (path) or ``null`` for the in-memory weights
+wall_time_s     seconds from start of set-up to results (float); also ``fit_time_s``, ``test_time_s``
+versions        python, platform and package versions
+command         the argument list of the run
+config          the full resolved LightningCLI config (dict)
+hparams         the model's hyper-parameters, including values linked from the datamodule
+created         ISO-8601 UTC time
+=============== =========================================================================
+
+The file is written atomically (temporary file + rename), so a killed run never leaves a
+half-written ``results.json``: its presence means the run finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections import Counter
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bgn_lightning import BatchGroupNorm
+
+__all__ = [
+    "RESULTS_FILE",
+    "SCHEMA_VERSION",
+    "package_versions",
+    "read_results",
+    "resolved_groups",
+    "results_record",
+    "write_results",
+]
+
+RESULTS_FILE = "results.json"
+SCHEMA_VERSION = 1
+REQUIRED_KEYS = ("schema", "task", "norm", "batch_size", "seed", "metrics", "config")
+_PACKAGES = ("bgn-lightning", "torch", "torchvision", "lightning", "torchmetrics", "jsonargparse", "numpy")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of Python, the platform and the packages a run depends on (``None`` if absent)."""
+    versions: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def resolved_groups(model: nn.Module) -> dict[str, Any]:
+    """G of every BatchGroupNorm and GroupNorm layer: ``{"per_layer": {...}, "histogram": {...}}``.
+
+    Call it after training: an auto-G BatchGroupNorm fixes G at its first training forward
+    (``None`` before that). Histogram keys are strings (JSON object keys).
+    """
+    per_layer: dict[str, int | None] = {
+        name: module.num_groups
+        for name, module in model.named_modules()
+        if isinstance(module, (BatchGroupNorm, nn.GroupNorm))
+    }
+    histogram = Counter(str(g) for g in per_layer.values())
+    return {"per_layer": per_layer, "histogram": dict(sorted(histogram.items(), key=lambda kv: kv[0]))}
+
+
+def _to_float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def results_record(
+    *,
+    task: str,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    model: nn.Module,
+    epochs: int,
+    global_step: int,
+    checkpoint: str | None,
+    times: dict[str, float],
+    command: list[str],
+    hparams: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble the ``results.json`` record (see the module docstring for the schema).
+
+    Args:
+        task: task suite name.
+        config: full resolved LightningCLI config as a plain dict (``model``, ``data``,
+            ``trainer``, ``seed_everything`` keys).
+        metrics: metric name to tensor or number; converted to floats.
+        model: the trained model, for the G actually used.
+        epochs: epochs completed.
+        global_step: optimizer steps taken.
+        checkpoint: path of the checkpoint tested, or ``None``.
+        times: ``wall_time_s``, ``fit_time_s``, ``test_time_s`` (seconds).
+        command: the run's argument list.
+        hparams: the model's hyper-parameters.
+    """
+    model_cfg, data_cfg = config.get("model") or {}, config.get("data") or {}
+    return {
+        "schema": SCHEMA_VERSION,
+        "task": task,
+        "dataset": data_cfg.get("dataset"),
+        "norm": model_cfg.get("norm"),
+        "groups": model_cfg.get("groups"),
+        "num_groups": resolved_groups(model),
+        "batch_size": data_cfg.get("batch_size"),
+        "seed": config.get("seed_everything"),
+        "metrics": {name: _to_float(v) for name, v in sorted(metrics.items())},
+        "epochs": epochs,
+        "global_step": global_step,
+        "checkpoint": checkpoint,
+        **{key: round(float(v), 3) for key, v in times.items()},
+        "versions": package_versions(),
+        "command": list(command),
+        "config": config,
+        "hparams": json.loads(json.dumps(hparams or {}, default=str)),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(directory: str | os.PathLike[str], record: dict[str, Any]) -> Path:
+    """Write ``record`` to ``<directory>/results.json`` atomically and return the path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / RESULTS_FILE
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results.", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a ``results.json`` (or the one inside a directory) and check its required keys.
+
+    Raises:
+        FileNotFoundError: when there is no such file.
+        ValueError: when the file is not a results record (missing keys or wrong schema).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    with path.open() as f:
+        record = json.load(f)
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: not a results record (a JSON object), got {type(record).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"{path}: not a results record, missing keys: {', '.join(missing)}")
+    if record["schema"] != SCHEMA_VERSION:
+        raise ValueError(f"{path}: results schema {record['schema']!r}, this version reads {SCHEMA_VERSION}")
+    return record
