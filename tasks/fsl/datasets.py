@@ -45,6 +45,7 @@ __all__ = [
     "TensorImages",
     "find_omniglot",
     "load_fewshot_data",
+    "prepare_fewshot_data",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -154,8 +155,7 @@ def _partition(num_classes: int, seed: int, train: float, val: float) -> dict[st
 
 
 # -- glyphs ------------------------------------------------------------------------------------
-def _load_glyphs(root: Path, seed: int, size: int | None, download: bool) -> FewShotData:
-    """Embedded: ``download`` has nothing to fetch."""
+def _load_glyphs(root: Path, seed: int, size: int | None) -> FewShotData:
     glyphs = load_glyphs(root / "glyphs", seed=seed)
     images = torch.from_numpy(glyphs.images)[:, None]
     splits = {}
@@ -193,11 +193,8 @@ def _read_omniglot_image(path: Path, size: int) -> np.ndarray:
     return 255 - np.asarray(resized, dtype=np.uint8)  # white ink on black, like learn2learn's 1 - x
 
 
-def _load_omniglot(root: Path, seed: int, size: int | None, download: bool) -> FewShotData:
+def _load_omniglot(root: Path, seed: int, size: int | None) -> FewShotData:
     folder = find_omniglot(root)
-    if folder is None and download:
-        _download_omniglot(root)
-        folder = find_omniglot(root)
     if folder is None:
         raise FileNotFoundError(
             f"omniglot: no images_background/ and images_evaluation/ under {root} (or {root}/omniglot-py); "
@@ -224,15 +221,24 @@ def _load_omniglot(root: Path, seed: int, size: int | None, download: bool) -> F
 _MINI_MODES = {"train": "train", "val": "validation", "test": "test"}
 
 
-def _load_mini_imagenet(root: Path, seed: int, size: int | None, download: bool) -> FewShotData:
+def _mini_imagenet_file(root: Path, split: str) -> Path:
+    return root / f"mini-imagenet-cache-{_MINI_MODES[split]}.pkl"
+
+
+def _download_mini_imagenet(root: Path) -> None:
+    from .episodes import learn2learn
+
+    l2l = learn2learn()
+    for split, mode in _MINI_MODES.items():
+        if not _mini_imagenet_file(root, split).is_file():
+            l2l.vision.datasets.MiniImagenet(str(root), mode=mode, download=True)
+
+
+def _load_mini_imagenet(root: Path, seed: int, size: int | None) -> FewShotData:
     """The split is fixed by the files: ``seed`` plays no part."""
     splits: dict[str, LabeledDataset] = {}
-    for split, mode in _MINI_MODES.items():
-        path = root / f"mini-imagenet-cache-{mode}.pkl"
-        if not path.is_file() and download:
-            from learn2learn.vision.datasets import MiniImagenet
-
-            MiniImagenet(str(root), mode=mode, download=True)
+    for split in SPLITS:
+        path = _mini_imagenet_file(root, split)
         if not path.is_file():
             raise FileNotFoundError(
                 f"mini-imagenet: {path} not found; pass --data.download true to fetch learn2learn's "
@@ -249,8 +255,7 @@ def _load_mini_imagenet(root: Path, seed: int, size: int | None, download: bool)
 
 
 # -- image folders -----------------------------------------------------------------------------
-def _load_imagefolder(root: Path, seed: int, size: int | None, download: bool) -> FewShotData:
-    """A local tree: ``download`` has nothing to fetch."""
+def _load_imagefolder(root: Path, seed: int, size: int | None) -> FewShotData:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
@@ -280,13 +285,35 @@ def _load_imagefolder(root: Path, seed: int, size: int | None, download: bool) -
     return FewShotData(splits, 3, side)
 
 
-DATASETS: dict[str, Callable[[Path, int, int | None, bool], FewShotData]] = {
+DATASETS: dict[str, Callable[[Path, int, int | None], FewShotData]] = {
     "glyphs": _load_glyphs,
     "omniglot": _load_omniglot,
     "mini-imagenet": _load_mini_imagenet,
     "imagefolder": _load_imagefolder,
 }
-"""Name -> loader ``(root, seed, image_size, download) -> FewShotData``."""
+"""Name -> loader ``(root, seed, image_size) -> FewShotData``."""
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"fsl: unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+
+
+def prepare_fewshot_data(name: str, root: str | Path, seed: int = 0, download: bool = False) -> None:
+    """Make sure the files :func:`load_fewshot_data` reads exist: render the glyph cache, or
+    (``download=True``) fetch ``omniglot`` with torchvision / ``mini-imagenet`` with learn2learn.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    _check_name(name)
+    root = Path(root).expanduser()
+    if name == "glyphs":
+        load_glyphs(root / "glyphs", seed=seed)
+    elif download and name == "omniglot" and find_omniglot(root) is None:
+        _download_omniglot(root)
+    elif download and name == "mini-imagenet":
+        _download_mini_imagenet(root)
 
 
 def load_fewshot_data(
@@ -312,12 +339,13 @@ def load_fewshot_data(
         ValueError: for an unknown name or a bad ``image_size``.
         FileNotFoundError: when the data is missing (the message says how to get it).
     """
-    if name not in DATASETS:
-        raise ValueError(f"fsl: unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    _check_name(name)
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                    or image_size < 8):
         raise ValueError(f"fsl: image_size must be an int >= 8 or None, got {image_size!r}")
-    data = DATASETS[name](Path(root).expanduser(), seed, image_size, download)
+    if download:
+        prepare_fewshot_data(name, root, seed, download=True)
+    data = DATASETS[name](Path(root).expanduser(), seed, image_size)
     if (name == "omniglot") if rotations is None else rotations:
         data.splits = {split: RotatedClasses(ds) for split, ds in data.splits.items()}
     return data

@@ -32,6 +32,7 @@ import math
 import os
 import tempfile
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,14 +143,14 @@ def _fit(bitmap: np.ndarray, box: int, canvas: int) -> torch.Tensor:
     return out
 
 
-def _candidates() -> list[tuple[Script, str, list[ft2font.FT2Font]]]:
+def _candidates(scripts: Sequence[Script]) -> list[tuple[Script, str, list[ft2font.FT2Font]]]:
     """Every (script, character, fonts covering it) eligible as a class, in table order."""
     font_dir = _font_dir()
     fonts = [(ft2font.FT2Font(str(font_dir / f)), False) for f in _FONT_FILES]
     fonts += [(ft2font.FT2Font(str(font_dir / f)), True) for f in _ASCII_FONT_FILES]
     charmaps = [(font, set(font.get_charmap()), ascii_only) for font, ascii_only in fonts]
     result = []
-    for script in GLYPH_SCRIPTS:
+    for script in scripts:
         for lo, hi in script.ranges:
             for cp in range(lo, hi + 1):
                 if unicodedata.category(chr(cp)) not in _LETTER_CATEGORIES:
@@ -161,11 +162,11 @@ def _candidates() -> list[tuple[Script, str, list[ft2font.FT2Font]]]:
     return result
 
 
-def _select_classes() -> list[tuple[Script, str, list[np.ndarray]]]:
+def _select_classes(scripts: Sequence[Script]) -> list[tuple[Script, str, list[np.ndarray]]]:
     """Distinct classes with the cropped bitmap of each covering font (homoglyphs removed)."""
     kept: list[tuple[Script, str, list[np.ndarray]]] = []
     kept_vectors: list[torch.Tensor] = []
-    for script, char, fonts in _candidates():
+    for script, char, fonts in _candidates(scripts):
         bitmaps = [b for b in (_render(f, char) for f in fonts) if b is not None]
         if not bitmaps:
             continue
@@ -220,12 +221,15 @@ def _augment(clean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp_(0.0, 1.0)
 
 
-def generate_glyphs(seed: int = 0, images_per_class: int = 20) -> GlyphSet:
-    """Render the glyph dataset (deterministic in ``seed``; about 10 s on two CPU cores).
+def generate_glyphs(
+    seed: int = 0, images_per_class: int = 20, scripts: Sequence[Script] = GLYPH_SCRIPTS
+) -> GlyphSet:
+    """Render the glyph dataset (deterministic in ``seed``; 10-20 s on two CPU cores).
 
     Args:
         seed: seeds the choice of font per image and every random augmentation.
         images_per_class: images of every class (cycling through the fonts covering it).
+        scripts: the scripts, their splits and code points, in homoglyph-priority order.
 
     Raises:
         ValueError: for ``images_per_class < 1``.
@@ -235,7 +239,7 @@ def generate_glyphs(seed: int = 0, images_per_class: int = 20) -> GlyphSet:
             f"generate_glyphs: images_per_class must be a positive int, got {images_per_class!r}"
         )
     gen = torch.Generator().manual_seed(seed)
-    classes = _select_classes()
+    classes = _select_classes(scripts)
     clean: list[torch.Tensor] = []
     for _, _, bitmaps in classes:
         fitted = [_fit(b, _BOX, _CANVAS) for b in bitmaps]
@@ -251,21 +255,27 @@ def generate_glyphs(seed: int = 0, images_per_class: int = 20) -> GlyphSet:
     )
 
 
-def _cache_key(seed: int, images_per_class: int) -> str:
+def _cache_key(seed: int, images_per_class: int, scripts: Sequence[Script]) -> str:
     fonts = "|".join(f"{f}:{(_font_dir() / f).stat().st_size}" for f in _FONT_FILES + _ASCII_FONT_FILES)
-    text = f"v{GENERATOR_VERSION}|seed={seed}|k={images_per_class}|mpl={matplotlib.__version__}|{fonts}"
+    text = (f"v{GENERATOR_VERSION}|seed={seed}|k={images_per_class}|{scripts!r}|torch={torch.__version__}|"
+            f"mpl={matplotlib.__version__}|{fonts}")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_glyphs(root: str | os.PathLike[str], seed: int = 0, images_per_class: int = 20) -> GlyphSet:
+def load_glyphs(
+    root: str | os.PathLike[str],
+    seed: int = 0,
+    images_per_class: int = 20,
+    scripts: Sequence[Script] = GLYPH_SCRIPTS,
+) -> GlyphSet:
     """The glyph dataset from the cache under ``root``, generating and caching it when missing.
 
     The cache file ``glyphs-v<version>-<key>.npz`` is keyed by the generator version, the
-    parameters, matplotlib's version and the font files; it is written atomically, so concurrent
-    runs never read a partial file.
+    parameters, the torch and matplotlib versions and the font files; it is written atomically,
+    so concurrent runs never read a partial file.
     """
     root = Path(root).expanduser()
-    path = root / f"glyphs-v{GENERATOR_VERSION}-{_cache_key(seed, images_per_class)}.npz"
+    path = root / f"glyphs-v{GENERATOR_VERSION}-{_cache_key(seed, images_per_class, scripts)}.npz"
     if path.is_file():
         with np.load(path) as data:
             return GlyphSet(
@@ -275,7 +285,7 @@ def load_glyphs(root: str | os.PathLike[str], seed: int = 0, images_per_class: i
                 class_splits=data["class_splits"].tolist(),
             )
     log.info("generating glyphs (seed=%d, %d images per class) into %s", seed, images_per_class, path)
-    glyphs = generate_glyphs(seed, images_per_class)
+    glyphs = generate_glyphs(seed, images_per_class, scripts)
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=root, suffix=".npz.tmp")
     try:

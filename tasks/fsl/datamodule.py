@@ -1,0 +1,156 @@
+"""LightningDataModule serving few-shot episodes (see :mod:`tasks.fsl.episodes`)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from .datasets import DATASETS, FewShotData, load_fewshot_data, prepare_fewshot_data
+from .episodes import Episodes, EpisodeSpec, meta_dataset
+
+__all__ = ["DEFAULT_DATA_DIR", "FewShotDataModule"]
+
+DEFAULT_DATA_DIR = "~/.cache/bgn-lightning"
+
+
+def _positive_int(owner: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def _seed(data_seed: int, split: str, spec: EpisodeSpec) -> int:
+    """The episode seed of a split and spec: the same episodes whatever else is configured."""
+    text = f"{data_seed}|{split}|{spec.ways}|{spec.shots}|{spec.queries}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+class FewShotDataModule(LightningDataModule):
+    """N-way K-shot episodes of a few-shot dataset, with fixed evaluation episodes.
+
+    A *training epoch* is ``episodes_per_epoch`` random episodes; ``batch_size`` is the
+    **meta-batch**: the number of episodes (tasks) per optimizer step. Validation uses
+    ``val_episodes`` and testing ``test_episodes`` episodes, drawn once from ``data_seed``, so runs
+    with different norms or seeds are scored on the same episodes. Testing evaluates the
+    configured ``shots`` first (the primary ``test/acc``), then every other value of
+    ``test_shots``.
+
+    Args:
+        dataset: ``glyphs`` (embedded default), ``omniglot``, ``mini-imagenet`` or ``imagefolder``.
+        data_dir: where the data lives (glyphs: where its cache goes); default
+            ``~/.cache/bgn-lightning``.
+        batch_size: episodes per optimizer step (meta-batch); also episodes per evaluation step.
+        num_workers: DataLoader worker processes.
+        download: fetch ``omniglot`` (torchvision) or ``mini-imagenet`` (learn2learn) if missing.
+        ways: classes per evaluation episode (N).
+        shots: support images per class (K), for training and the primary evaluation.
+        queries: query images per class (Q) in evaluation episodes (15 is the standard protocol).
+        train_ways: classes per training episode (default ``ways``; Snell et al. train wider).
+        train_queries: query images per class in training episodes (default ``queries``).
+        test_shots: further shot counts evaluated at test time (default 1 and 5).
+        episodes_per_epoch: training episodes per epoch.
+        val_episodes: validation episodes.
+        test_episodes: meta-test episodes per shot count (>= 600 for the standard protocol).
+        image_size: image side length (default: the dataset's standard, 28 or 84).
+        rotations: add 90/180/270-degree rotations of every class as new classes (default: on for
+            omniglot, off elsewhere).
+        data_seed: seeds glyph rendering, class splits and the evaluation episodes.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "glyphs",
+        data_dir: str | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        download: bool = False,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        train_ways: int | None = None,
+        train_queries: int | None = None,
+        test_shots: Sequence[int] = (1, 5),
+        episodes_per_epoch: int = 100,
+        val_episodes: int = 100,
+        test_episodes: int = 600,
+        image_size: int | None = None,
+        rotations: bool | None = None,
+        data_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if dataset not in DATASETS:
+            raise ValueError(f"{name}: unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+        for arg, value in (("batch_size", batch_size), ("episodes_per_epoch", episodes_per_epoch),
+                           ("val_episodes", val_episodes), ("test_episodes", test_episodes)):
+            _positive_int(name, arg, value)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"{name}: num_workers must be an int >= 0, got {num_workers!r}")
+        self.save_hyperparameters()
+        self.train_spec = EpisodeSpec(train_ways or ways, shots, train_queries or queries)
+        self.eval_specs = [EpisodeSpec(ways, s, queries)
+                           for s in dict.fromkeys([shots, *(_positive_int(name, "test_shots", k)
+                                                            for k in test_shots)])]
+        self.root = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
+        self.data: FewShotData | None = None
+        self._meta: dict[str, Any] = {}
+
+    @property
+    def in_channels(self) -> int:
+        """Image channels (available after :meth:`setup`)."""
+        return self._loaded().in_channels
+
+    @property
+    def image_size(self) -> int:
+        """Image side length (available after :meth:`setup`)."""
+        return self._loaded().image_size
+
+    def _loaded(self) -> FewShotData:
+        if self.data is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before reading the data's shape")
+        return self.data
+
+    def prepare_data(self) -> None:
+        """Download (``download=True``) or render the glyph cache, once per node."""
+        prepare_fewshot_data(self.hparams.dataset, self.root, self.hparams.data_seed, self.hparams.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the class splits and index them for episode sampling (once)."""
+        if self.data is not None:
+            return
+        hp = self.hparams
+        self.data = load_fewshot_data(hp.dataset, self.root, seed=hp.data_seed, image_size=hp.image_size,
+                                      download=False, rotations=hp.rotations)
+        self._meta = {split: meta_dataset(ds) for split, ds in self.data.splits.items()}
+
+    def _loader(self, episodes: Episodes, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            episodes,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """``episodes_per_epoch`` fresh random training episodes."""
+        return self._loader(Episodes(self._meta["train"], self.train_spec, self.hparams.episodes_per_epoch))
+
+    def val_dataloader(self) -> DataLoader:
+        """``val_episodes`` fixed episodes of the primary spec."""
+        hp = self.hparams
+        spec = self.eval_specs[0]
+        seed = _seed(hp.data_seed, "val", spec)
+        return self._loader(Episodes(self._meta["val"], spec, hp.val_episodes, seed=seed))
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader of ``test_episodes`` fixed episodes per shot count, the configured shots first."""
+        hp = self.hparams
+        return [self._loader(Episodes(self._meta["test"], spec, hp.test_episodes,
+                                      seed=_seed(hp.data_seed, "test", spec)))
+                for spec in self.eval_specs]

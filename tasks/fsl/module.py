@@ -1,0 +1,251 @@
+"""LightningModule for few-shot learning: Prototypical Networks or MAML on a Conv-4 registry backbone."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics.aggregation import CatMetric
+
+from tasks.common.backbones import conv4
+
+from .episodes import Episode, learn2learn
+from .maml import maml_episode
+from .protonet import EmbeddingCache, protonet_logits
+
+__all__ = ["FewShotModule", "mean_ci95"]
+
+Algorithm = Literal["protonet", "maml"]
+
+
+def mean_ci95(values: Tensor) -> tuple[float, float]:
+    """Mean and half-width of its 95 % confidence interval, ``1.96 * std / sqrt(n)`` (sample std)."""
+    values = values.double().flatten()
+    if values.numel() < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), 1.96 * float(values.std()) / math.sqrt(values.numel())
+
+
+class FewShotModule(LightningModule):
+    """Few-shot classifier: Prototypical Networks or MAML (learn2learn) on a Conv-4 backbone.
+
+    The backbone is :func:`tasks.common.backbones.conv4` with its norm from the registry. For
+    ``protonet`` the norm is used as configured (running statistics at evaluation, if it keeps
+    them). For ``maml`` the norm runs in MAML's usual transductive mode: ``track_running_stats=False``
+    is passed to the registry (norms without running statistics ignore it), so the support set and
+    the query set are each normalized with their own batch statistics, in training and at
+    meta-test alike; ``norm_kwargs`` can override it.
+
+    Every batch is a meta-batch of episodes; each episode is forwarded on its own, so
+    batch-statistics norms never mix episodes. ProtoNet evaluation embeds each image once per
+    pass when the encoder is per-sample in eval mode (:class:`~tasks.fsl.protonet.EmbeddingCache`
+    checks it), which makes the 600-episode protocol cheap. Test accuracy is the mean over the meta-test
+    episodes, with the half-width of its 95 % confidence interval: ``test/acc`` and
+    ``test/acc_ci95`` for the configured shots, and ``test/acc_{K}shot``, ``test/acc_{K}shot_ci95``
+    for every shot count the datamodule evaluates.
+
+    Args:
+        norm: registry norm name (``bn``, ``bgn``, ``gn``, ``ln``, ``in``, ``pn``, ``none``).
+        groups: ``num_groups`` of every norm layer (int or ``"auto"``).
+        algorithm: ``protonet`` or ``maml``.
+        hidden: Conv-4 channels.
+        depth: Conv-4 blocks.
+        norm_kwargs: extra keyword arguments of every norm layer (``eps``, ``momentum``, ...).
+        lr: meta-learning rate (Adam).
+        weight_decay: Adam weight decay.
+        lr_schedule: ``cosine`` (anneal to 0 over the run's optimizer steps) or ``constant``.
+        adapt_lr: MAML inner-loop learning rate.
+        adapt_steps: MAML inner-loop steps in meta-training.
+        eval_adapt_steps: MAML inner-loop steps at validation and meta-test.
+        first_order: first-order MAML (no second derivatives through the inner loop).
+        in_channels: image channels; ``None`` takes it from the datamodule.
+        image_size: image side length; ``None`` takes it from the datamodule (sizes MAML's head).
+        ways: MAML's output classes; ``None`` takes the datamodule's training ways.
+    """
+
+    def __init__(
+        self,
+        norm: str = "bgn",
+        groups: int | str = "auto",
+        algorithm: Algorithm = "protonet",
+        hidden: int = 64,
+        depth: int = 4,
+        norm_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        adapt_lr: float = 0.4,
+        adapt_steps: int = 1,
+        eval_adapt_steps: int = 3,
+        first_order: bool = False,
+        in_channels: int | None = None,
+        image_size: int | None = None,
+        ways: int | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if algorithm not in ("protonet", "maml"):
+            raise ValueError(f"{name}: algorithm must be 'protonet' or 'maml', got {algorithm!r}")
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"{name}: lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        for arg, value in (("adapt_steps", adapt_steps), ("eval_adapt_steps", eval_adapt_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: {arg} must be an int >= 0, got {value!r}")
+        self.save_hyperparameters()
+        self.encoder: nn.Module | None = None  # protonet: the backbone
+        self.learner: nn.Module | None = None  # maml: learn2learn MAML around backbone + linear head
+        self.test_acc = nn.ModuleDict()  # per shot count: per-episode accuracies
+        self.test_loss = nn.ModuleDict()
+        self._test_keys: list[str] = []  # shot counts in test dataloader order
+        self._eval_cache = EmbeddingCache()
+        self._lazy_state_ready = False
+        if in_channels and image_size and (algorithm == "protonet" or ways):
+            self._build(in_channels, image_size, ways)
+
+    # -- model -------------------------------------------------------------------------------
+    def _build(self, in_channels: int, image_size: int, ways: int | None) -> None:
+        hp = self.hparams
+        norm_kwargs = dict(hp.norm_kwargs or {})
+        if hp.algorithm == "maml":
+            norm_kwargs.setdefault("track_running_stats", False)
+        backbone = conv4(hp.norm, hp.groups, in_channels=in_channels, hidden=hp.hidden, depth=hp.depth,
+                         norm_kwargs=norm_kwargs)
+        if hp.algorithm == "protonet":
+            self.encoder = backbone
+        else:
+            head = nn.Linear(_feature_dim(backbone, in_channels, image_size), ways)
+            self.learner = learn2learn().algorithms.MAML(
+                nn.Sequential(backbone, head), lr=hp.adapt_lr, first_order=hp.first_order
+            )
+
+    def configure_model(self) -> None:
+        """Build the network from the datamodule's image shape and ways when not given."""
+        if self.encoder is not None or self.learner is not None:
+            return
+        hp = self.hparams
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ValueError(
+                f"{type(self).__name__}: without a datamodule, pass in_channels, image_size (and ways for "
+                f"maml) to the model"
+            )
+        resolved = {
+            "in_channels": hp.in_channels or datamodule.in_channels,
+            "image_size": hp.image_size or datamodule.image_size,
+            "ways": hp.ways or (datamodule.train_spec.ways if hp.algorithm == "maml" else None),
+        }
+        self.hparams.update(resolved)  # saved in checkpoints: load_from_checkpoint rebuilds eagerly
+        self._build(resolved["in_channels"], resolved["image_size"], resolved["ways"])
+
+    def configure_optimizers(self) -> Any:
+        """Adam, optionally cosine-annealed per optimizer step over the whole run."""
+        hp = self.hparams
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "constant":
+            return optimizer
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- episodes ----------------------------------------------------------------------------
+    def _episode_logits(self, episode: Episode, training: bool) -> Tensor:
+        hp = self.hparams
+        support, support_labels, query = episode.support, episode.support_labels, episode.query
+        if hp.algorithm == "protonet":
+            images = torch.cat([support, query])
+            if training:
+                return protonet_logits(self.encoder(images), support_labels)
+            ids = torch.cat([episode.support_ids, episode.query_ids])
+            return protonet_logits(self._eval_cache.embed(self.encoder, images, ids), support_labels)
+        if not self._lazy_state_ready:
+            # Lazy layer state (BGN's auto-G) must be fixed on the meta-parameters, not on a clone
+            # that is thrown away after the episode: one no-grad forward on a support set does it.
+            with torch.no_grad():
+                self.learner(support)
+            self._lazy_state_ready = True
+        if training:
+            return maml_episode(self.learner, support, support_labels, query, hp.adapt_steps)
+        # Evaluation adapts too: leave Lightning's inference mode and adapt first-order.
+        with torch.inference_mode(False), torch.enable_grad():
+            support, query = support.clone(), query.clone()
+            logits = maml_episode(self.learner, support, support_labels.clone(), query, hp.eval_adapt_steps,
+                                  first_order=True)
+        return logits.detach()
+
+    def _episodes(self, batch: Episode, training: bool) -> tuple[Tensor, Tensor]:
+        """Per-episode query losses and accuracies of a meta-batch."""
+        losses, accs = [], []
+        for episode in zip(*batch, strict=True):
+            episode = Episode(*episode)
+            logits = self._episode_logits(episode, training)
+            losses.append(F.cross_entropy(logits, episode.query_labels))
+            accs.append((logits.argmax(-1) == episode.query_labels).float().mean())
+        return torch.stack(losses), torch.stack(accs)
+
+    # -- Lightning steps ---------------------------------------------------------------------
+    def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
+        """Mean query loss over the meta-batch of episodes."""
+        losses, accs = self._episodes(batch, training=True)
+        loss = losses.mean()
+        n = len(losses)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/acc", accs.mean(), prog_bar=True, batch_size=n)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        """A fresh embedding cache: the encoder changed since the last pass."""
+        self._eval_cache = EmbeddingCache()
+
+    def validation_step(self, batch: Episode, batch_idx: int) -> None:
+        """Query loss and accuracy, averaged over the validation episodes."""
+        losses, accs = self._episodes(batch, training=False)
+        n = len(losses)
+        self.log("val/loss", losses.mean(), batch_size=n, sync_dist=True)
+        self.log("val/acc", accs.mean(), prog_bar=True, batch_size=n, sync_dist=True)
+
+    def on_test_epoch_start(self) -> None:
+        """Forget the previous test run's episodes and embeddings."""
+        self._eval_cache = EmbeddingCache()
+        self.test_acc.clear()
+        self.test_loss.clear()
+        self._test_keys = []
+
+    def test_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Record every episode's accuracy and loss (one dataloader per shot count)."""
+        losses, accs = self._episodes(batch, training=False)
+        support_labels = batch.support_labels
+        shots = support_labels.shape[1] // (int(support_labels[0].max()) + 1)
+        key = f"{shots}shot"
+        if key not in self.test_acc:
+            self.test_acc[key] = CatMetric().to(self.device)
+            self.test_loss[key] = CatMetric().to(self.device)
+            self._test_keys.append(key)
+        self.test_acc[key].update(accs)
+        self.test_loss[key].update(losses)
+
+    def on_test_epoch_end(self) -> None:
+        """Log mean accuracy and 95 % CI per shot count; the first loader's are ``test/acc(_ci95)``."""
+        for i, key in enumerate(self._test_keys):
+            acc, ci95 = mean_ci95(self.test_acc[key].compute())
+            loss = float(self.test_loss[key].compute().mean())
+            metrics = {f"test/acc_{key}": acc, f"test/acc_{key}_ci95": ci95, f"test/loss_{key}": loss}
+            if i == 0:
+                metrics.update({"test/acc": acc, "test/acc_ci95": ci95, "test/loss": loss})
+            self.log_dict(metrics)
+
+
+def _feature_dim(backbone: nn.Module, in_channels: int, image_size: int) -> int:
+    """Output features of ``backbone`` for one image, from an eval-mode no-grad forward.
+
+    Eval mode leaves every norm's state alone (BGN's auto-G is fixed only by a training forward).
+    """
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        features = backbone(torch.zeros(1, in_channels, image_size, image_size))
+    backbone.train(was_training)
+    return features.shape[-1]
