@@ -11,7 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from ._autograd import batch_group_norm_eval, batch_group_norm_train
 
 __all__ = ["auto_num_groups", "batch_group_norm", "check_num_groups", "valid_num_groups"]
 
@@ -77,44 +80,36 @@ def batch_group_norm(
     if x.dim() < 2:
         raise ValueError(f"batch_group_norm: expected input of shape (N, C, *S), got {tuple(x.shape)}")
     n, c = x.shape[0], x.shape[1]
-    d = x[0].numel() if n > 0 else math.prod(x.shape[1:])
+    d = math.prod(x.shape[1:])
     check_num_groups(num_groups, c, d, "batch_group_norm")
-    use_batch_stats = training or running_mean is None or running_var is None
-    group_size = d // num_groups
-    xg = x.reshape(n, num_groups, group_size)
-    if use_batch_stats:
-        count = n * group_size
-        if count <= 1:
-            raise ValueError(
-                f"batch_group_norm: expected more than 1 value per statistic in training, got "
-                f"input {tuple(x.shape)} with num_groups={num_groups} ({count} value per group)"
-            )
-        # Accumulate in float32 at least (bf16/fp16 inputs under autocast).
-        acc = xg if xg.dtype in (torch.float32, torch.float64) else xg.float()
-        var, mean = torch.var_mean(acc, dim=(0, 2), unbiased=False)
-        if training and running_mean is not None and running_var is not None:
-            with torch.no_grad():
-                if momentum is None:
-                    if num_batches_tracked is None:
-                        raise ValueError("batch_group_norm: momentum=None needs num_batches_tracked")
-                    factor = 1.0 / float(num_batches_tracked)
-                else:
-                    factor = momentum
-                unbiased = var * (count / (count - 1))
-                running_mean.mul_(1 - factor).add_(mean.detach().to(running_mean.dtype), alpha=factor)
-                running_var.mul_(1 - factor).add_(unbiased.detach().to(running_var.dtype), alpha=factor)
-    else:
-        mean, var = running_mean, running_var
-    rstd = torch.rsqrt(var + eps)
-    y = ((acc if use_batch_stats else xg) - mean[:, None]) * rstd[:, None]
-    y = y.to(x.dtype).reshape(x.shape)
-    if weight is None and bias is None:
-        return y
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
+    if not (training or running_mean is None or running_var is None):
+        if num_groups == c and x.dtype == running_mean.dtype:
+            return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+        return batch_group_norm_eval(x, num_groups, running_mean, running_var, weight, bias, eps)
+    count = n * (d // num_groups)
+    if count <= 1:
+        raise ValueError(
+            f"batch_group_norm: expected more than 1 value per statistic in training, got "
+            f"input {tuple(x.shape)} with num_groups={num_groups} ({count} value per group)"
+        )
+    update = training and running_mean is not None and running_var is not None
+    factor = 0.0
+    if update:
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError("batch_group_norm: momentum=None needs num_batches_tracked")
+            factor = 1.0 / float(num_batches_tracked)
+        else:
+            factor = momentum
+    if num_groups == c and x.dtype in (torch.float32, torch.float64):
+        # G = C is BatchNorm: the native kernel, running statistics included.
+        return F.batch_norm(x, running_mean if update else None, running_var if update else None,
+                            weight, bias, True, factor, eps)
+    y, mean, var = batch_group_norm_train(x, num_groups, weight, bias, eps)
+    if update:
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), factor)
+            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
     return y
 
 
