@@ -15,10 +15,12 @@ Tasks are imported lazily, so importing this module stays cheap.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.resources
 import logging
 import pkgutil
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +32,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-__all__ = ["SHORTCUTS", "UsageError", "available_tasks", "main", "translate_shortcuts"]
+__all__ = [
+    "SHORTCUTS",
+    "UsageError",
+    "available_tasks",
+    "bench_main",
+    "main",
+    "run_task",
+    "translate_shortcuts",
+]
 
 PROG = "bgn-task"
 # Known suites first, in the paper's order; any other package under tasks/ is listed after them.
@@ -311,6 +321,106 @@ def _plain_config(cli: Any) -> dict[str, Any]:
     return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_validation=True))
 
 
+_GRID_FLAGS = ("task", "norms", "batch_sizes", "seeds", "max_epochs", "output", "jobs", "threads")
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} bench",
+        description=(
+            "Run a grid of runs (norms x batch sizes x seeds) of one task, skipping runs whose "
+            "results.json exists (re-running resumes a killed sweep), then write results.csv, "
+            "results.md (mean ± std per norm x batch size, best per column in bold) and "
+            "accuracy_vs_batch_size.png into --output. Arguments after '--' go to every run."
+        ),
+        epilog=(
+            "GRID.yaml keys: task, norms, batch_sizes, seeds, max_epochs, output, jobs, threads, args "
+            "(list of run arguments); command-line flags override them."
+        ),
+    )
+    parser.add_argument("--config", type=Path, help="YAML grid file")
+    parser.add_argument("--task", help="task suite")
+    parser.add_argument("--norms", help="comma-separated registry norms, e.g. bn,bgn,gn,ln,in,pn")
+    parser.add_argument("--batch-sizes", help="comma-separated batch sizes, e.g. 2,4,16,64")
+    parser.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    parser.add_argument("--max-epochs", type=int, help="epochs per run (default: the task's config)")
+    parser.add_argument("--output", type=Path, help="sweep directory (default outputs/bench/<task>)")
+    parser.add_argument("--jobs", type=int, help="runs at once (default 1)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default CPU count / jobs)")
+    return parser
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    """``bgn-task bench``: run the grid, then write the three reports; the exit code.
+
+    Raises:
+        UsageError: for a bad grid (unknown task or norm, empty lists, bad numbers or YAML).
+    """
+    import yaml
+
+    from tasks.common.report import write_report
+    from tasks.common.sweep import Grid, parse_list, run_grid
+
+    argv = list(argv)
+    run_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    args = _bench_parser().parse_args(own)
+    spec: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            spec = yaml.safe_load(args.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            reason = str(err).splitlines()[0]
+            raise UsageError(f"cannot read grid file {str(args.config)!r}: {reason}") from err
+        if not isinstance(spec, dict):
+            raise UsageError(f"grid file {str(args.config)!r}: expected a mapping of grid keys")
+        unknown = set(spec) - {*_GRID_FLAGS, "args"}
+        if unknown:
+            raise UsageError(f"grid file {str(args.config)!r}: unknown keys {sorted(unknown)}")
+    spec.update({k: getattr(args, k) for k in _GRID_FLAGS if getattr(args, k) is not None})
+    task = spec.get("task")
+    if task not in available_tasks():
+        raise UsageError(f"bench: unknown task {task!r}; choose from: {', '.join(available_tasks())}")
+    try:
+        norms = parse_list(spec.get("norms", ""), str)
+        unknown_norms = [n for n in norms if n not in _norms()]
+        if unknown_norms:
+            raise ValueError(f"unknown norm {unknown_norms[0]!r}; choose from: {', '.join(_norms())}")
+        grid = Grid(
+            task=task,
+            norms=norms,
+            batch_sizes=parse_list(spec.get("batch_sizes", ""), int),
+            seeds=parse_list(spec.get("seeds", "0"), int),
+            output=Path(spec.get("output") or Path("outputs") / "bench" / task),
+            max_epochs=spec.get("max_epochs"),
+            run_args=[str(a) for a in spec.get("args") or []] + run_args,
+            jobs=int(spec.get("jobs") or 1),
+            threads=spec.get("threads"),
+        )
+    except ValueError as err:
+        raise UsageError(f"bench: {err}") from err
+    cells = grid.cells()
+    log.info("%s bench: %d runs of %s -> %s", PROG, len(cells), task, grid.output)
+    outcomes = run_grid(grid)
+    records = [o.record for o in outcomes if o.record is not None]
+    failed = [o for o in outcomes if o.status == "failed"]
+    if records:
+        dataset = records[0].get("dataset") or "default data"
+        paths = write_report(
+            records,
+            grid.output,
+            grid.norms,
+            grid.batch_sizes,
+            title=f"{task} on {dataset}: test accuracy vs batch size",
+            command=shlex.join([PROG, "bench", *argv]),
+        )
+        log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    if failed:
+        log.info("%d of %d runs failed; re-run the same command to retry them", len(failed), len(cells))
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``bgn-task`` entry point; returns the exit code (2 for usage errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -325,8 +435,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command == "bench":
-            from tasks.common.bench import bench_main
-
             return bench_main(rest)
         return run_task(command, rest)
     except UsageError as err:

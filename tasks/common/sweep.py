@@ -1,0 +1,232 @@
+"""Run a grid of ``bgn-task`` runs (norms x batch sizes x seeds), resumably.
+
+Each cell runs ``bgn-task <task> --norm N --batch-size B --seed S --output <cell dir>`` in its own
+process, writing ``<output>/<task>/<norm>/bs<B>/seed<S>/results.json`` and its log ``run.log``.
+A cell whose ``results.json`` exists is skipped, so re-running a killed sweep resumes it; the
+leftovers of an interrupted cell (no ``results.json``) are removed and the cell runs again.
+
+Cells run in processes forked from a ``forkserver`` that has imported torch, Lightning and the
+task once: a crash (or an out-of-memory kill) takes down only its cell, and the ~10 s import
+cost is not paid per run. ``jobs > 1`` runs cells concurrently, each with
+``threads`` intra-op threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .results import RESULTS_FILE, read_results
+
+__all__ = ["Cell", "CellOutcome", "Grid", "format_outcome", "parse_list", "run_grid"]
+
+log = logging.getLogger(__name__)
+
+RUN_LOG = "run.log"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    norm: str
+    batch_size: int
+    seed: int
+
+    def directory(self, root: Path, task: str) -> Path:
+        """``<root>/<task>/<norm>/bs<B>/seed<S>``."""
+        return root / task / self.norm / f"bs{self.batch_size}" / f"seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    """What happened to a cell: ``status`` is ``done``, ``skipped`` or ``failed``."""
+
+    cell: Cell
+    status: str
+    directory: Path
+    seconds: float = 0.0
+    returncode: int = 0
+    record: dict[str, Any] | None = None
+
+
+@dataclass
+class Grid:
+    """A sweep: every ``(norm, batch size, seed)`` of one task.
+
+    Attributes:
+        task: task suite name.
+        norms: registry norm names.
+        batch_sizes: per-device batch sizes.
+        seeds: ``seed_everything`` values.
+        output: sweep root; cells live under ``<output>/<task>/``.
+        max_epochs: ``--max-epochs`` for every run (``None``: the task's default).
+        run_args: extra ``bgn-task <task>`` arguments for every run (e.g. ``--data mnist``);
+            the grid's own flags come after them and win.
+        jobs: cells run at once.
+        threads: torch intra-op threads per run (``None``: CPU count // jobs).
+    """
+
+    task: str
+    norms: list[str]
+    batch_sizes: list[int]
+    seeds: list[int]
+    output: Path
+    max_epochs: int | None = None
+    run_args: list[str] = field(default_factory=list)
+    jobs: int = 1
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        for name in ("norms", "batch_sizes", "seeds"):
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"Grid: {name} must not be empty")
+            if len(set(values)) != len(values):
+                raise ValueError(f"Grid: {name} has duplicates: {values}")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"Grid: batch sizes must be positive ints, got {self.batch_sizes}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(f"Grid: max_epochs must be >= 1, got {self.max_epochs}")
+        if self.jobs < 1 or (self.threads is not None and self.threads < 1):
+            raise ValueError(f"Grid: jobs and threads must be >= 1, got {self.jobs} and {self.threads}")
+
+    def cells(self) -> list[Cell]:
+        """All cells, norm-major (then batch size, then seed)."""
+        return [Cell(n, b, s) for n in self.norms for b in self.batch_sizes for s in self.seeds]
+
+    def run_argv(self, cell: Cell) -> list[str]:
+        """The ``bgn-task`` argument list of ``cell`` (without the program name)."""
+        argv = [self.task, *self.run_args]
+        argv += ["--norm", cell.norm, "--batch-size", str(cell.batch_size), "--seed", str(cell.seed)]
+        if self.max_epochs is not None:
+            argv += ["--max-epochs", str(self.max_epochs)]
+        argv += ["--output", str(cell.directory(self.output, self.task))]
+        argv += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+        return argv
+
+
+def _run_in_child(argv: list[str], log_path: str, threads: int) -> None:
+    """Process target: run ``bgn-task argv`` with stdout and stderr sent to ``log_path``."""
+    import torch
+
+    from tasks.cli import main
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    torch.set_num_threads(threads)
+    try:
+        code = main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code)
+
+
+def _context(task: str) -> mp.context.BaseContext:
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "lightning.pytorch", "tasks.cli", f"tasks.{task}"])
+    return ctx
+
+
+def run_grid(grid: Grid, on_outcome: Any = None) -> list[CellOutcome]:
+    """Run every cell of ``grid`` that has no ``results.json`` yet; return one outcome per cell.
+
+    Args:
+        grid: the sweep.
+        on_outcome: called as ``on_outcome(index, total, outcome)`` when a cell finishes or is
+            skipped (the CLI prints one line per run with it); ``None`` logs at INFO.
+    """
+    cells = grid.cells()
+    total = len(cells)
+    threads = grid.threads or max(1, (os.cpu_count() or 1) // grid.jobs)
+    ctx = _context(grid.task)
+    report = on_outcome or _log_outcome
+    outcomes: dict[Cell, CellOutcome] = {}
+    lock = threading.Lock()
+
+    def run(cell: Cell) -> CellOutcome:
+        directory = cell.directory(grid.output, grid.task)
+        if (directory / RESULTS_FILE).is_file():
+            outcome = CellOutcome(cell, "skipped", directory, record=read_results(directory))
+        else:
+            if directory.exists():  # an interrupted run: start it again from scratch
+                shutil.rmtree(directory)
+            directory.mkdir(parents=True)
+            start = time.perf_counter()
+            process = ctx.Process(
+                target=_run_in_child, args=(grid.run_argv(cell), str(directory / RUN_LOG), threads)
+            )
+            process.start()
+            process.join()
+            seconds = time.perf_counter() - start
+            code = process.exitcode if process.exitcode is not None else -1
+            if code == 0 and (directory / RESULTS_FILE).is_file():
+                outcome = CellOutcome(cell, "done", directory, seconds, 0, read_results(directory))
+            else:
+                outcome = CellOutcome(cell, "failed", directory, seconds, code or 1)
+        with lock:
+            outcomes[cell] = outcome
+            report(len(outcomes), total, outcome)
+        return outcome
+
+    if grid.jobs == 1:
+        for cell in cells:
+            run(cell)
+    else:
+        with ThreadPoolExecutor(grid.jobs) as pool:
+            list(pool.map(run, cells))
+    return [outcomes[c] for c in cells]
+
+
+def format_outcome(index: int, total: int, outcome: CellOutcome) -> str:
+    """One line per run: ``[ 3/72] bgn bs=2 seed=0: test/acc=0.9722 (41.2 s)``."""
+    cell = outcome.cell
+    head = f"[{index:>{len(str(total))}}/{total}] {cell.norm} bs={cell.batch_size} seed={cell.seed}:"
+    if outcome.status == "failed":
+        return f"{head} FAILED (exit {outcome.returncode}), see {outcome.directory / RUN_LOG}"
+    metrics = (outcome.record or {}).get("metrics", {})
+    shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("test/acc", "test/acc_ci95") if k in metrics)
+    if outcome.status == "skipped":
+        return f"{head} {shown} (done before, skipped)"
+    return f"{head} {shown} ({outcome.seconds:.1f} s)"
+
+
+def _log_outcome(index: int, total: int, outcome: CellOutcome) -> None:
+    log.info(format_outcome(index, total, outcome))
+
+
+def parse_list(value: str | Sequence[Any], kind: type = str) -> list[Any]:
+    """``"a,b"`` or ``["a", "b"]`` (YAML) -> ``[kind(a), kind(b)]``.
+
+    Raises:
+        ValueError: when an item cannot be converted.
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            out.append(kind(text))
+        except ValueError:
+            raise ValueError(f"expected a comma-separated list of {kind.__name__}, got {value!r}") from None
+    return out
