@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import auto_num_groups
 from .layers import BatchGroupNorm, BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d
 from .registry import available_norms, build_norm
 
@@ -342,7 +341,7 @@ class _PendingChannelStats:
             return  # the layer's own forward reports bad input
         c, d = layer.num_features, x[0].numel()
         if layer.num_groups is None:
-            layer._set_num_groups(auto_num_groups(x.shape[0], c, d, layer.reference_batch_size))
+            layer.fix_num_groups(x.shape[0], d)
         elif int(layer.num_batches_tracked) > 0:
             self._remove(layer)
             return

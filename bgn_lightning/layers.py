@@ -133,6 +133,22 @@ class BatchGroupNorm(nn.Module):
             self.running_mean.resize_(num_groups).zero_()
             self.running_var.resize_(num_groups).fill_(1)
 
+    def fix_num_groups(self, batch_size: int, feature_numel: int) -> int:
+        """Return ``G``, fixing it first (auto mode) for a batch of this size and feature size.
+
+        Called by :meth:`forward` on the first batch that needs statistics; a fixed ``G`` is
+        returned unchanged.
+
+        Args:
+            batch_size: ``N`` of the batch.
+            feature_numel: ``D = C * prod(S)`` of one sample.
+        """
+        if self.num_groups is None:
+            self._set_num_groups(
+                auto_num_groups(batch_size, self.num_features, feature_numel, self.reference_batch_size)
+            )
+        return self.num_groups
+
     def get_extra_state(self) -> dict[str, Any]:
         """The chosen ``G`` and the feature size the running statistics are tied to."""
         return {"num_groups": self.num_groups, "feature_numel": self.feature_numel}
@@ -198,16 +214,13 @@ class BatchGroupNorm(nn.Module):
         n = x.shape[0]
         d = math.prod(x.shape[1:])
         use_batch_stats = self.training or not self.track_running_stats
-        if self.num_groups is None:
-            if not use_batch_stats:
-                # Eval before any training step: no statistics exist yet; behave like a
-                # freshly initialised BatchNorm in eval mode (running mean 0, variance 1).
-                zeros = x.new_zeros(self.num_features)
-                return F.batch_norm(x, zeros, torch.ones_like(zeros), self.weight, self.bias,
-                                    False, 0.0, self.eps)
-            self._set_num_groups(auto_num_groups(n, self.num_features, d,
-                                                 self.reference_batch_size))
-        g = self.num_groups
+        if self.num_groups is None and not use_batch_stats:
+            # Eval before any training step: no statistics exist yet; behave like a
+            # freshly initialised BatchNorm in eval mode (running mean 0, variance 1).
+            zeros = x.new_zeros(self.num_features)
+            return F.batch_norm(x, zeros, torch.ones_like(zeros), self.weight, self.bias,
+                                False, 0.0, self.eps)
+        g = self.fix_num_groups(n, d)
         check_num_groups(g, self.num_features, d, f"{name} (input {tuple(x.shape)})")
         if self.track_running_stats and self.num_features % g != 0:
             if self.feature_numel is None and self.training:
