@@ -182,7 +182,11 @@ class _BatchGroupNormFunction(torch.autograd.Function):
         cell_weight = _cell_affine(weight, lay, dtype)
         ctx.num_groups, ctx.eps, ctx.layout = num_groups, eps, lay
         ctx.save_for_backward(x, weight, bias, stats, cell_weight)
-        return _normalize(x, stats, cell_weight, _cell_affine(bias, lay, dtype), eps, lay)
+        y = _normalize(x, stats, cell_weight, _cell_affine(bias, lay, dtype), eps, lay)
+        # When groups do not align with channels, y is a view of an intermediate; autograd forbids
+        # in-place ops (ReLU(inplace=True)) on views made inside a Function. detach() aliases y
+        # without a copy and without the view bookkeeping.
+        return y.detach()
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
