@@ -343,7 +343,9 @@ def _bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--norms", help="comma-separated registry norms, e.g. bn,bgn,gn,ln,in,pn")
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes, e.g. 2,4,16,64")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0)")
-    parser.add_argument("--max-epochs", type=int, help="epochs per run (default: the task's config)")
+    parser.add_argument(
+        "--max-epochs", help="epochs per run, or per batch size as 2:3,64:15 (default: the task's config)"
+    )
     parser.add_argument("--output", type=Path, help="sweep directory (default outputs/bench/<task>)")
     parser.add_argument("--jobs", type=int, help="runs at once (default 1)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default CPU count / jobs)")
@@ -359,7 +361,7 @@ def bench_main(argv: Sequence[str]) -> int:
     import yaml
 
     from tasks.common.report import write_report
-    from tasks.common.sweep import Grid, parse_list, run_grid
+    from tasks.common.sweep import Grid, parse_epochs, parse_list, run_grid
 
     argv = list(argv)
     run_args = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -392,7 +394,7 @@ def bench_main(argv: Sequence[str]) -> int:
             batch_sizes=parse_list(spec.get("batch_sizes", ""), int),
             seeds=parse_list(spec.get("seeds", "0"), int),
             output=Path(spec.get("output") or Path("outputs") / "bench" / task),
-            max_epochs=spec.get("max_epochs"),
+            max_epochs=parse_epochs(spec.get("max_epochs")),
             run_args=[str(a) for a in spec.get("args") or []] + run_args,
             jobs=int(spec.get("jobs") or 1),
             threads=spec.get("threads"),

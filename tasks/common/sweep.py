@@ -28,7 +28,7 @@ from typing import Any
 
 from .results import RESULTS_FILE, read_results
 
-__all__ = ["Cell", "CellOutcome", "Grid", "format_outcome", "parse_list", "run_grid"]
+__all__ = ["Cell", "CellOutcome", "Grid", "format_outcome", "parse_epochs", "parse_list", "run_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class Grid:
         batch_sizes: per-device batch sizes.
         seeds: ``seed_everything`` values.
         output: sweep root; cells live under ``<output>/<task>/``.
-        max_epochs: ``--max-epochs`` for every run (``None``: the task's default).
+        max_epochs: ``--max-epochs`` of every run, or a ``{batch size: epochs}`` mapping (e.g. to
+            give large batches enough optimizer steps); ``None``: the task's default.
         run_args: extra ``bgn-task <task>`` arguments for every run (e.g. ``--data mnist``);
             the grid's own flags come after them and win.
         jobs: cells run at once.
@@ -82,7 +83,7 @@ class Grid:
     batch_sizes: list[int]
     seeds: list[int]
     output: Path
-    max_epochs: int | None = None
+    max_epochs: int | dict[int, int] | None = None
     run_args: list[str] = field(default_factory=list)
     jobs: int = 1
     threads: int | None = None
@@ -97,8 +98,13 @@ class Grid:
                 raise ValueError(f"Grid: {name} has duplicates: {values}")
         if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
             raise ValueError(f"Grid: batch sizes must be positive ints, got {self.batch_sizes}")
-        if self.max_epochs is not None and self.max_epochs < 1:
-            raise ValueError(f"Grid: max_epochs must be >= 1, got {self.max_epochs}")
+        if isinstance(self.max_epochs, dict):
+            missing = [b for b in self.batch_sizes if b not in self.max_epochs]
+            if missing:
+                raise ValueError(f"Grid: max_epochs has no entry for batch sizes {missing}")
+        epochs = self.max_epochs.values() if isinstance(self.max_epochs, dict) else [self.max_epochs]
+        if any(e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1) for e in epochs):
+            raise ValueError(f"Grid: max_epochs must be positive ints, got {self.max_epochs}")
         if self.jobs < 1 or (self.threads is not None and self.threads < 1):
             raise ValueError(f"Grid: jobs and threads must be >= 1, got {self.jobs} and {self.threads}")
 
@@ -110,8 +116,11 @@ class Grid:
         """The ``bgn-task`` argument list of ``cell`` (without the program name)."""
         argv = [self.task, *self.run_args]
         argv += ["--norm", cell.norm, "--batch-size", str(cell.batch_size), "--seed", str(cell.seed)]
-        if self.max_epochs is not None:
-            argv += ["--max-epochs", str(self.max_epochs)]
+        epochs = self.max_epochs
+        if isinstance(epochs, dict):
+            epochs = epochs[cell.batch_size]
+        if epochs is not None:
+            argv += ["--max-epochs", str(epochs)]
         argv += ["--output", str(cell.directory(self.output, self.task))]
         argv += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
         return argv
@@ -211,6 +220,27 @@ def format_outcome(index: int, total: int, outcome: CellOutcome) -> str:
 
 def _log_outcome(index: int, total: int, outcome: CellOutcome) -> None:
     log.info(format_outcome(index, total, outcome))
+
+
+def parse_epochs(value: int | str | dict[Any, Any] | None) -> int | dict[int, int] | None:
+    """``3``, ``"3"``, ``"2:3,64:15"`` or a YAML mapping ``{2: 3, 64: 15}`` -> epochs per run.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif ":" in str(value):
+        pairs = [item.split(":", 1) for item in str(value).split(",") if item.strip()]
+    else:
+        pairs = [(None, value)]
+    try:
+        parsed = {(None if b is None else int(b)): int(e) for b, e in pairs}
+    except ValueError:
+        raise ValueError(f"max epochs must be an int or 'batch:epochs,...' pairs, got {value!r}") from None
+    return parsed.get(None, parsed)
 
 
 def parse_list(value: str | Sequence[Any], kind: type = str) -> list[Any]:
