@@ -1,0 +1,131 @@
+"""`bgn-task`: shortcut translation, help, one-line usage errors, LightningCLI config handling."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import cli
+from tasks.cli import UsageError, available_tasks, main, translate_shortcuts
+
+QUICK = [
+    "--max-epochs", "1", "--accelerator", "cpu", "--trainer.limit_train_batches", "3",
+    "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+def test_translate_shortcuts_maps_every_flag() -> None:
+    argv = ["--norm", "gn", "--groups=4", "--batch-size", "8", "--data", "mnist", "--data-dir", "/d",
+            "--max-epochs", "3", "--seed=7", "--output", "o", "--accelerator", "cpu", "--devices", "1",
+            "--download", "--trainer.max_steps", "5", "--config", "c.yaml"]  # fmt: skip
+    assert translate_shortcuts(argv) == [
+        "--model.norm", "gn", "--model.groups", "4", "--data.batch_size", "8", "--data.dataset", "mnist",
+        "--data.data_dir", "/d", "--trainer.max_epochs", "3", "--seed_everything", "7",
+        "--trainer.default_root_dir", "o", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--data.download", "true", "--trainer.max_steps", "5", "--config", "c.yaml",
+    ]  # fmt: skip
+
+
+def test_translate_shortcuts_needs_a_value() -> None:
+    with pytest.raises(UsageError, match="--norm needs a value"):
+        translate_shortcuts(["--norm"])
+
+
+def test_available_tasks_lists_only_task_packages() -> None:
+    tasks = available_tasks()
+    assert tasks[0] == "classification"
+    assert "common" not in tasks and "configs" not in tasks and "cli" not in tasks
+
+
+def test_help_lists_tasks_and_norms(capsys) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "tasks: " + ", ".join(available_tasks()) in out
+    assert "norms: bn, bgn, gn, ln, in, pn, none" in out
+    assert "bgn-task bench" in out
+
+
+def test_no_arguments_prints_usage_and_fails(capsys) -> None:
+    assert main([]) == 2
+    assert "usage: bgn-task <task>" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["imagenet"], "unknown task 'imagenet'; choose from: classification"),
+        (["classification", "--norm", "batchnorm"], "unknown norm 'batchnorm'; choose from: bn, bgn, gn, ln"),
+        (["classification", "--data", "imagenet"], "unknown dataset 'imagenet'; choose from: digits"),
+        (["classification", "--groups", "0"], "groups must be a positive int or 'auto', got 0"),
+        (["classification", "--model.backbone", "vgg"], "unknown backbone 'vgg'; choose from: small_cnn"),
+        (["bench", "--task", "nope", "--norms", "bn", "--batch-sizes", "2"], "unknown task 'nope'"),
+        (["bench", "--task", "classification", "--norms", "bn,x", "--batch-sizes", "2"], "unknown norm 'x'"),
+        (["bench", "--task", "classification", "--norms", "bn", "--batch-sizes", "2,x"], "list of int"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(argv: list[str], message: str, capsys, tmp_path) -> None:
+    assert main([*argv, *(["--output", str(tmp_path)] if argv[0] != "bench" else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("bgn-task: error: ") and message in err[-1]
+    assert not list(tmp_path.iterdir())  # nothing was trained or written
+
+
+def test_task_package_without_the_contract_is_not_installed(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "available_tasks", lambda: ["classification", "stub"])
+    monkeypatch.setitem(sys.modules, "tasks.stub", types.ModuleType("tasks.stub"))
+    assert main(["stub"]) == 2
+    assert "task 'stub' is not installed" in capsys.readouterr().err
+
+
+def test_print_config_shows_shortcuts_over_the_packaged_defaults(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classification", "--norm", "gn", "--batch-size", "8", "--seed", "3", "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert (config["model"]["norm"], config["data"]["batch_size"], config["seed_everything"]) == ("gn", 8, 3)
+    assert config["data"]["dataset"] == "digits"  # from configs/classification.yaml
+    assert config["trainer"]["callbacks"][0]["class_path"].endswith("ModelCheckpoint")
+
+
+def test_config_file_then_later_flags_override(tmp_path: Path, capsys) -> None:
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"model": {"norm": "ln", "lr": 0.05}, "data": {"batch_size": 16}}))
+    with pytest.raises(SystemExit):
+        main(["classification", "--config", str(mine), "--batch-size", "4", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert (config["model"]["norm"], config["model"]["lr"], config["data"]["batch_size"]) == ("ln", 0.05, 4)
+
+
+def test_run_writes_results_logs_and_tests_the_best_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["classification", "--norm", "bgn", "--batch-size", "8", "--seed", "1", *QUICK,
+                 "--output", str(out)]) == 0  # fmt: skip
+    record = json.loads((out / "results.json").read_text())
+    assert (record["task"], record["norm"], record["groups"], record["batch_size"], record["seed"]) == (
+        "classification", "bgn", "auto", 8, 1
+    )  # fmt: skip
+    assert set(record["metrics"]) >= {"test/acc", "test/acc_top5", "test/loss", "val/acc", "val/acc_best"}
+    assert all(0.0 <= record["metrics"][k] <= 1.0 for k in ("test/acc", "test/acc_top5", "val/acc"))
+    assert record["epochs"] == 1 and record["global_step"] == 3
+    assert record["wall_time_s"] >= record["fit_time_s"] > 0
+    assert Path(record["checkpoint"]).is_file() and Path(record["checkpoint"]).parent == out / "checkpoints"
+    # auto-G at batch 8 (reference 32) for widths 32, 64, 128: G = C / 4
+    assert record["num_groups"]["histogram"] == {"16": 2, "32": 1, "8": 2}
+    assert record["config"]["model"]["norm"] == "bgn" and record["config"]["trainer"]["max_epochs"] == 1
+    assert record["hparams"]["num_classes"] == 10 and record["hparams"]["in_channels"] == 1
+    assert record["versions"]["lightning"] and record["command"][:2] == ["bgn-task", "classification"]
+    assert (out / "csv" / "metrics.csv").is_file() and list((out / "tensorboard").glob("events.*"))
+    assert (out / "csv" / "config.yaml").is_file()
+
+
+def test_default_output_directory_names_the_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["classification", "--norm", "pn", "--batch-size", "4", *QUICK]) == 0
+    (run,) = (tmp_path / "outputs" / "classification").iterdir()
+    assert run.name.endswith("-pn-bs4-seed0") and (run / "results.json").is_file()
