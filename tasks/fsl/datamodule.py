@@ -10,12 +10,12 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from tasks.common.data import check_choice, default_data_dir
+
 from .datasets import DATASETS, FewShotData, load_fewshot_data, prepare_fewshot_data
 from .episodes import Episodes, EpisodeSpec, meta_dataset
 
-__all__ = ["DEFAULT_DATA_DIR", "FewShotDataModule"]
-
-DEFAULT_DATA_DIR = "~/.cache/bgn-lightning"
+__all__ = ["FewShotDataModule"]
 
 
 def _positive_int(owner: str, name: str, value: Any) -> int:
@@ -42,8 +42,9 @@ class FewShotDataModule(LightningDataModule):
 
     Args:
         dataset: ``glyphs`` (embedded default), ``omniglot``, ``mini-imagenet`` or ``imagefolder``.
-        data_dir: where the data lives (glyphs: where its cache goes); default
-            ``~/.cache/bgn-lightning``.
+        data_dir: where the data lives (glyphs: where its cache goes, under ``glyphs/``); default
+            :func:`tasks.common.data.default_data_dir` (``$BGN_DATA_DIR`` or
+            ``~/.cache/bgn-lightning/datasets``).
         batch_size: episodes per optimizer step (meta-batch); also episodes per evaluation step.
         num_workers: DataLoader worker processes.
         download: fetch ``omniglot`` (torchvision) or ``mini-imagenet`` (learn2learn) if missing.
@@ -61,6 +62,9 @@ class FewShotDataModule(LightningDataModule):
             omniglot, off elsewhere).
         data_seed: seeds glyph rendering, class splits and the evaluation episodes.
     """
+
+    DATASETS = tuple(DATASETS)
+    """The dataset names (the CLI checks ``--data`` against them)."""
 
     def __init__(
         self,
@@ -84,8 +88,7 @@ class FewShotDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if dataset not in DATASETS:
-            raise ValueError(f"{name}: unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+        check_choice("dataset", dataset, self.DATASETS)
         for arg, value in (("batch_size", batch_size), ("episodes_per_epoch", episodes_per_epoch),
                            ("val_episodes", val_episodes), ("test_episodes", test_episodes)):
             _positive_int(name, arg, value)
@@ -96,7 +99,7 @@ class FewShotDataModule(LightningDataModule):
         self.eval_specs = [EpisodeSpec(ways, s, queries)
                            for s in dict.fromkeys([shots, *(_positive_int(name, "test_shots", k)
                                                             for k in test_shots)])]
-        self.root = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
+        self.root = Path(data_dir).expanduser() if data_dir else default_data_dir()
         self.data: FewShotData | None = None
         self._meta: dict[str, Any] = {}
 

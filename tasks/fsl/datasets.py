@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from tasks.common.data import check_choice, dataset_not_found
+
 from .glyphs import IMAGE_SIZE as GLYPH_SIZE
 from .glyphs import load_glyphs
 
@@ -196,9 +198,8 @@ def _read_omniglot_image(path: Path, size: int) -> np.ndarray:
 def _load_omniglot(root: Path, seed: int, size: int | None) -> FewShotData:
     folder = find_omniglot(root)
     if folder is None:
-        raise FileNotFoundError(
-            f"omniglot: no images_background/ and images_evaluation/ under {root} (or {root}/omniglot-py); "
-            f"pass --data.download true to fetch it with torchvision, or --data-dir the unzipped Omniglot"
+        raise dataset_not_found(
+            "omniglot", root, "images_background/ and images_evaluation/, or omniglot-py/ holding them"
         )
     parts = ("images_background", "images_evaluation")
     characters = sorted(c for part in parts for c in (folder / part).glob("*/*") if c.is_dir())
@@ -240,10 +241,7 @@ def _load_mini_imagenet(root: Path, seed: int, size: int | None) -> FewShotData:
     for split in SPLITS:
         path = _mini_imagenet_file(root, split)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"mini-imagenet: {path} not found; pass --data.download true to fetch learn2learn's "
-                f"mini-imagenet-cache-*.pkl files, or --data-dir the folder holding them"
-            )
+            raise dataset_not_found("mini-imagenet", root, f"learn2learn's {path.name}")
         with open(path, "rb") as fh:
             data = pickle.load(fh)
         labels = np.zeros(len(data["image_data"]), dtype=np.int64)
@@ -264,9 +262,8 @@ def _load_imagefolder(root: Path, seed: int, size: int | None) -> FewShotData:
         [transforms.Resize(side), transforms.CenterCrop(side), transforms.ToTensor()]
     )
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"imagefolder: {root} is not a directory; --data-dir a folder-per-class tree "
-            f"(<class>/<image>, or train/, val/ and test/ sub-trees of them)"
+        raise dataset_not_found(
+            "imagefolder", root, "a folder-per-class tree, or train/, val/ and test/ trees", download=False
         )
     if all((root / split).is_dir() for split in SPLITS):
         splits: dict[str, LabeledDataset] = {}
@@ -294,11 +291,6 @@ DATASETS: dict[str, Callable[[Path, int, int | None], FewShotData]] = {
 """Name -> loader ``(root, seed, image_size) -> FewShotData``."""
 
 
-def _check_name(name: str) -> None:
-    if name not in DATASETS:
-        raise ValueError(f"fsl: unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-
-
 def prepare_fewshot_data(name: str, root: str | Path, seed: int = 0, download: bool = False) -> None:
     """Make sure the files :func:`load_fewshot_data` reads exist: render the glyph cache, or
     (``download=True``) fetch ``omniglot`` with torchvision / ``mini-imagenet`` with learn2learn.
@@ -306,7 +298,7 @@ def prepare_fewshot_data(name: str, root: str | Path, seed: int = 0, download: b
     Raises:
         ValueError: for an unknown name.
     """
-    _check_name(name)
+    check_choice("dataset", name, tuple(DATASETS))
     root = Path(root).expanduser()
     if name == "glyphs":
         load_glyphs(root / "glyphs", seed=seed)
@@ -337,9 +329,10 @@ def load_fewshot_data(
 
     Raises:
         ValueError: for an unknown name or a bad ``image_size``.
-        FileNotFoundError: when the data is missing (the message says how to get it).
+        tasks.common.data.DatasetNotFoundError: when the data is missing (a ``FileNotFoundError``
+            whose one-line message says where it looked and how to get the data).
     """
-    _check_name(name)
+    check_choice("dataset", name, tuple(DATASETS))
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                    or image_size < 8):
         raise ValueError(f"fsl: image_size must be an int >= 8 or None, got {image_size!r}")

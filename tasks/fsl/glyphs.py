@@ -202,17 +202,17 @@ def _augment(clean: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     theta[:, :, 2] = shift
     grid = F.affine_grid(theta, [b, 1, _CANVAS, _CANVAS], align_corners=False)
     wobble = torch.randn(b, 2, 4, 4, generator=gen) * 0.035
-    grid = grid + F.interpolate(wobble, size=(_CANVAS, _CANVAS), mode="bicubic", align_corners=True).permute(
+    grid = grid + F.interpolate(wobble, size=(_CANVAS, _CANVAS), mode="bilinear", align_corners=True).permute(
         0, 2, 3, 1
     )
     x = F.grid_sample(clean[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     # stroke width: a third of the images get one canvas pixel (half an output pixel) bolder
-    bolder = torch.rand(b, generator=gen) < 1 / 3
-    x = torch.where(bolder[:, None, None, None], F.max_pool2d(x, 3, stride=1, padding=1), x)
+    bolder = (torch.rand(b, generator=gen) < 1 / 3).nonzero()[:, 0]
+    x[bolder] = F.max_pool2d(x[bolder], 3, stride=1, padding=1)
 
     # broken strokes: smooth random field, ink removed where it peaks (~4 % of the canvas)
-    field = F.interpolate(torch.randn(b, 1, 7, 7, generator=gen), size=(_CANVAS, _CANVAS), mode="bicubic",
+    field = F.interpolate(torch.randn(b, 1, 7, 7, generator=gen), size=(_CANVAS, _CANVAS), mode="bilinear",
                           align_corners=True)
     x = x * (field < 1.75).float()
 
@@ -240,13 +240,15 @@ def generate_glyphs(
         )
     gen = torch.Generator().manual_seed(seed)
     classes = _select_classes(scripts)
-    clean: list[torch.Tensor] = []
+    fitted: list[torch.Tensor] = []  # one clean canvas per (class, font)
+    source: list[int] = []  # the canvas each image starts from
     for _, _, bitmaps in classes:
-        fitted = [_fit(b, _BOX, _CANVAS) for b in bitmaps]
-        order = torch.randperm(len(fitted), generator=gen).tolist()
-        clean += [fitted[order[i % len(order)]] for i in range(images_per_class)]
-    stacked = torch.stack(clean)
-    images = torch.cat([_augment(stacked[i : i + _CHUNK], gen) for i in range(0, len(stacked), _CHUNK)])
+        order = (len(fitted) + torch.randperm(len(bitmaps), generator=gen)).tolist()
+        source += [order[i % len(order)] for i in range(images_per_class)]
+        fitted += [_fit(b, _BOX, _CANVAS) for b in bitmaps]
+    canvases, source_index = torch.stack(fitted), torch.tensor(source)
+    images = torch.cat([_augment(canvases[source_index[i : i + _CHUNK]], gen)
+                        for i in range(0, len(source), _CHUNK)])
     return GlyphSet(
         images=(images * 255).round().to(torch.uint8).numpy(),
         labels=np.repeat(np.arange(len(classes), dtype=np.int64), images_per_class),

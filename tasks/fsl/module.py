@@ -63,8 +63,8 @@ class FewShotModule(LightningModule):
         eval_adapt_steps: MAML inner-loop steps at validation and meta-test.
         first_order: first-order MAML (no second derivatives through the inner loop).
         in_channels: image channels; ``None`` takes it from the datamodule.
-        image_size: image side length; ``None`` takes it from the datamodule (sizes MAML's head).
-        ways: MAML's output classes; ``None`` takes the datamodule's training ways.
+        input_size: image side length; ``None`` takes it from the datamodule (sizes MAML's head).
+        num_classes: outputs of MAML's head; ``None`` takes the datamodule's ways.
     """
 
     def __init__(
@@ -83,8 +83,8 @@ class FewShotModule(LightningModule):
         eval_adapt_steps: int = 3,
         first_order: bool = False,
         in_channels: int | None = None,
-        image_size: int | None = None,
-        ways: int | None = None,
+        input_size: int | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -103,11 +103,11 @@ class FewShotModule(LightningModule):
         self._test_keys: list[str] = []  # shot counts in test dataloader order
         self._eval_cache = EmbeddingCache()
         self._lazy_state_ready = False
-        if in_channels and image_size and (algorithm == "protonet" or ways):
-            self._build(in_channels, image_size, ways)
+        if in_channels and input_size and (algorithm == "protonet" or num_classes):
+            self._build(in_channels, input_size, num_classes)
 
     # -- model -------------------------------------------------------------------------------
-    def _build(self, in_channels: int, image_size: int, ways: int | None) -> None:
+    def _build(self, in_channels: int, input_size: int, num_classes: int | None) -> None:
         hp = self.hparams
         norm_kwargs = dict(hp.norm_kwargs or {})
         if hp.algorithm == "maml":
@@ -117,29 +117,39 @@ class FewShotModule(LightningModule):
         if hp.algorithm == "protonet":
             self.encoder = backbone
         else:
-            head = nn.Linear(_feature_dim(backbone, in_channels, image_size), ways)
+            head = nn.Linear(_feature_dim(backbone, in_channels, input_size), num_classes)
             self.learner = learn2learn().algorithms.MAML(
                 nn.Sequential(backbone, head), lr=hp.adapt_lr, first_order=hp.first_order
             )
 
     def configure_model(self) -> None:
-        """Build the network from the datamodule's image shape and ways when not given."""
+        """Build the network from the datamodule's image shape and ways when not given.
+
+        The resolved values are written into ``hparams``, so checkpoints rebuild the same network.
+        """
         if self.encoder is not None or self.learner is not None:
             return
         hp = self.hparams
         datamodule = self.trainer.datamodule
         if datamodule is None:
             raise ValueError(
-                f"{type(self).__name__}: without a datamodule, pass in_channels, image_size (and ways for "
-                f"maml) to the model"
+                f"{type(self).__name__}: without a datamodule, pass in_channels, input_size (and "
+                f"num_classes for maml) to the model"
+            )
+        train_ways, eval_ways = datamodule.train_spec.ways, datamodule.eval_specs[0].ways
+        if hp.algorithm == "maml" and hp.num_classes is None and train_ways != eval_ways:
+            raise ValueError(
+                f"{type(self).__name__}: MAML's classifier head has one output per class, so training and "
+                f"evaluation episodes need the same ways; got train_ways={train_ways}, ways={eval_ways} "
+                f"(set data.train_ways to data.ways)"
             )
         resolved = {
             "in_channels": hp.in_channels or datamodule.in_channels,
-            "image_size": hp.image_size or datamodule.image_size,
-            "ways": hp.ways or (datamodule.train_spec.ways if hp.algorithm == "maml" else None),
+            "input_size": hp.input_size or datamodule.image_size,
+            "num_classes": hp.num_classes or (train_ways if hp.algorithm == "maml" else None),
         }
-        self.hparams.update(resolved)  # saved in checkpoints: load_from_checkpoint rebuilds eagerly
-        self._build(resolved["in_channels"], resolved["image_size"], resolved["ways"])
+        self.hparams.update(resolved)
+        self._build(resolved["in_channels"], resolved["input_size"], resolved["num_classes"])
 
     def configure_optimizers(self) -> Any:
         """Adam, optionally cosine-annealed per optimizer step over the whole run."""
@@ -238,7 +248,7 @@ class FewShotModule(LightningModule):
             self.log_dict(metrics)
 
 
-def _feature_dim(backbone: nn.Module, in_channels: int, image_size: int) -> int:
+def _feature_dim(backbone: nn.Module, in_channels: int, input_size: int) -> int:
     """Output features of ``backbone`` for one image, from an eval-mode no-grad forward.
 
     Eval mode leaves every norm's state alone (BGN's auto-G is fixed only by a training forward).
@@ -246,6 +256,6 @@ def _feature_dim(backbone: nn.Module, in_channels: int, image_size: int) -> int:
     was_training = backbone.training
     backbone.eval()
     with torch.no_grad():
-        features = backbone(torch.zeros(1, in_channels, image_size, image_size))
+        features = backbone(torch.zeros(1, in_channels, input_size, input_size))
     backbone.train(was_training)
     return features.shape[-1]

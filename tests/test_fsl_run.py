@@ -1,0 +1,70 @@
+"""End-to-end ``bgn-task fsl`` runs (tiny budgets) through the CLI, per algorithm."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.cli import run_task
+from tasks.fsl import FewShotModule
+from tasks.fsl.datasets import prepare_fewshot_data
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = [
+    "--model.hidden", "8", "--max-epochs", "1", "--data.episodes_per_epoch", "4", "--data.train_ways", "5",
+    "--data.val_episodes", "3", "--data.test_episodes", "6", "--trainer.enable_progress_bar", "false",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks: a second intra-op thread only adds contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def glyph_root(tmp_path_factory):
+    """The full glyph set, rendered once per session (the other fsl test modules share the path)."""
+    root = tmp_path_factory.getbasetemp() / "fsl-data"
+    prepare_fewshot_data("glyphs", root)
+    return root
+
+
+@pytest.mark.parametrize("algorithm, extra", [
+    ("protonet", []),
+    ("maml", ["--config", str(CONFIGS / "fsl_maml.yaml")]),
+])
+def test_tiny_fsl_run_writes_accuracy_and_ci(tmp_path, glyph_root, algorithm, extra):
+    out = tmp_path / "run"
+    argv = [*extra, "--norm", "bgn", "--data-dir", str(glyph_root), "--output", str(out), *TINY]
+    assert run_task("fsl", argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["metrics"]
+    for shots in (1, 5):
+        assert 0.0 <= metrics[f"test/acc_{shots}shot"] <= 1.0
+        assert metrics[f"test/acc_{shots}shot_ci95"] > 0.0
+    assert metrics["test/acc"] == metrics["test/acc_1shot"]
+    assert metrics["test/acc_ci95"] == metrics["test/acc_1shot_ci95"]
+    assert "val/acc" in metrics and "test/loss" in metrics
+    assert results["config"]["model"]["algorithm"] == algorithm
+    # the tested checkpoint reloads on its own (image shape and ways were saved with it)
+    checkpoint = next((out / "checkpoints").glob("*.ckpt"))
+    model = FewShotModule.load_from_checkpoint(checkpoint)
+    network = model.encoder if algorithm == "protonet" else model.learner
+    assert network is not None
+    with torch.no_grad():
+        features = network.eval()(torch.zeros(2, 1, 28, 28))
+    assert features.shape == ((2, 8) if algorithm == "protonet" else (2, 5))
+
+
+def test_maml_needs_equal_train_and_test_ways(tmp_path, glyph_root):
+    argv = ["--data-dir", str(glyph_root), "--output", str(tmp_path), *TINY, "--model.algorithm", "maml",
+            "--data.train_ways", "10"]
+    with pytest.raises(ValueError, match="train_ways=10, ways=5"):
+        run_task("fsl", argv)
