@@ -49,7 +49,9 @@ def one_run(extra: list[str], threads: int | None) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the run")
     parser.add_argument("extra", nargs="*", help="extra bgn-task arguments (after --)")
