@@ -2,38 +2,41 @@
 
 Private; :func:`bgn_lightning.functional.batch_group_norm` is the public entry point and does the
 validation. Notation: ``x`` is ``(N, C, *S)``, ``D = C * prod(S)``, ``G`` groups of ``L = D / G``
-contiguous features each.
+contiguous features each, ``x_hat`` the normalized input, ``w`` and ``b`` the channel affine.
 
 **Cells.** The op works on *cells*, the coarsest split of the ``D`` features in which every cell
 lies inside one group and one channel; ``x`` seen as ``(N, cells, D / cells)`` is a batch-norm
-input whose channels are the cells. If ``G`` divides ``C`` the cells are the channels and every
-kernel runs on ``x`` itself, in its own memory format (channels-last included); if ``C`` divides
-``G`` they are the groups; otherwise groups straddle channels and cells are chunks of
+input whose channels are the cells. If ``G`` divides ``C`` the cells are the channels and the
+kernels run on ``x`` itself, in its own memory format (channels-last included); if ``C`` divides
+``G`` the cells are the groups; otherwise groups straddle channels and cells are chunks of
 ``gcd(L, prod(S))`` features. Per-group and per-channel vectors map to cells by repeating entries.
+Layouts other than "cells are channels" work on a contiguous copy of a channels-last input.
 
-**Forward.** The per-sample, per-group moments come from the native group-norm kernel (one
-stable pass); BGN's batch moments are their pool over ``N`` by the law of total variance, in
-float32 at least whatever the input dtype (autocast). Normalize and affine are one native
-eval-mode batch-norm pass on the cells with the group statistics and channel affine repeated per
-cell: ``O(G + C)`` extra work, no activation-sized temporary.
+**Forward.** Per-sample, per-group moments come from the native group-norm kernel (one stable
+pass), pooled over ``N`` by the law of total variance; channels-last inputs use the native
+batch-norm statistics kernel per channel, pooled over the channels of each group. Statistics are
+float32 at least, whatever the input dtype (autocast). Normalize and affine are one native
+eval-mode batch-norm pass over the cells (a broadcast ``addcmul`` on channels-last inputs, where
+that kernel is faster): ``O(G + C)`` extra work, no activation-sized temporary.
 
-**Backward.** One native eval-mode batch-norm backward gives the per-cell sums of ``dy`` and
-``dy * x_hat`` (the weight and bias gradients, summed to channels). The input gradient is
-``dx = rstd * w * dy - k1 - x_hat * k2``, with ``k1``, ``k2`` per group from those sums pooled
-over the cells of each group: one more eval-mode batch-norm pass for ``-k1 - x_hat * k2`` and an
-in-place ``addcmul`` for ``rstd * w * dy``. Autograd keeps the input and ``O(G + C)`` statistics,
-as BatchNorm does. A double backward (``create_graph=True``, e.g. MAML) and ``torch.compile``
-take a composite path of differentiable ops instead.
+**Backward.** With ``k1 = rstd * mean_g(w * dy)`` and ``k2 = rstd * mean_g(w * dy * x_hat)`` over
+the ``N * L`` values of each group, ``dx = rstd * w * dy - k1 - x_hat * k2``. One native eval-mode
+batch-norm backward gives the per-cell sums of ``dy`` and ``dy * x_hat``: the bias and weight
+gradients (summed to channels) and, pooled per group, ``k1`` and ``k2``. Then ``-k1 - x_hat * k2``
+is one eval-mode batch-norm pass on the ``(N, G, L)`` view and ``rstd * w * dy`` is added by an
+in-place ``addcmul``. Autograd keeps the input and ``O(G + C)`` statistics, as BatchNorm does.
+A double backward (``create_graph=True``, e.g. MAML) and ``torch.compile`` take a composite path
+of differentiable ops instead.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["batch_group_norm_eval", "batch_group_norm_train", "composite_batch_group_norm", "group_moments"]
@@ -69,6 +72,10 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.dtype in _ACCUMULATE else torch.float32
 
 
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _cells(t: Tensor, lay: Layout) -> Tensor:
     """``t`` as the batch-norm input ``(N, cells, D / cells)``; ``t`` itself if cells are channels."""
     return t if lay.channels_are_cells else t.reshape(t.shape[0], lay.cells, -1)
@@ -88,16 +95,43 @@ def _pool(t: Tensor, size: int) -> Tensor:
     return t.view(*t.shape[:-1], -1, size).sum(-1)
 
 
-def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (and not also plainly contiguous)."""
+    if x.dim() == 4:
+        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _contiguous_cells(x: Tensor, lay: Layout) -> tuple[Tensor, torch.memory_format | None]:
+    """``x`` in a layout the cells view can use, and the memory format to give the output back."""
+    if lay.channels_are_cells or x.is_contiguous():
+        return x, None
+    fmt = torch.channels_last if _channels_last(x) and x.dim() == 4 else (
+        torch.channels_last_3d if _channels_last(x) else None)
+    return x.contiguous(), fmt
+
+
+def _bshape(t: Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector over ``t``."""
+    return (-1,) + (1,) * (t.dim() - 2)
+
+
+def _batch_norm_eval(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """The native eval-mode batch norm (``F.batch_norm`` without its Python wrapper)."""
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
 
 
 def group_moments(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     """Per-group mean and biased variance of ``x`` over the batch, in float32 at least.
 
-    The native group-norm kernel gives every sample's moments of its ``L`` values per group in
-    one stable pass; pooling them over ``N`` (equal counts) with the law of total variance gives
-    the moments of the ``N * L`` values of each group.
+    Contiguous inputs: the native group-norm kernel gives every sample's moments of its ``L``
+    values per group in one stable pass, pooled over ``N`` (equal counts) by the law of total
+    variance. Channels-last inputs with ``G`` dividing ``C``: the native batch-norm statistics
+    kernel gives per-channel moments, pooled over the ``C / G`` channels of each group.
 
     Args:
         x: ``(N, C, *S)`` input, ``N >= 1``; ``num_groups`` must be valid for it.
@@ -107,39 +141,91 @@ def group_moments(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
         ``(mean, var)``, each of shape ``(G,)``.
     """
     n, c = x.shape[0], x.shape[1]
-    spatial = _spatial(x)
     x = _to(x, _compute_dtype(x))
-    if c % num_groups == 0:
-        _, mean, rstd = _aten.native_group_norm(x, None, None, n, c, spatial, num_groups, 0.0)
+    if c % num_groups == 0 and _channels_last(x):
+        mean, within = _aten.batch_norm_update_stats(x, None, None, 0.0)
+        mean, within = mean.view(num_groups, -1), within.view(num_groups, -1)
+        dim = 1
     else:
-        size = c * spatial // num_groups
-        _, mean, rstd = _aten.native_group_norm(
-            x.reshape(n, num_groups, size), None, None, n, num_groups, size, num_groups, 0.0
-        )
-    # eps = 0: rstd = 1 / sqrt(var) exactly (inf for a constant group, whose variance is 0).
-    within = rstd.pow(-2)
-    if n == 1:
-        return mean[0], within[0]
-    mu = mean.mean(0)
+        spatial = _spatial(x)
+        if c % num_groups == 0:
+            _, mean, rstd = _aten.native_group_norm(x, None, None, n, c, spatial, num_groups, 0.0)
+        else:
+            size = c * spatial // num_groups
+            _, mean, rstd = _aten.native_group_norm(
+                x.reshape(n, num_groups, size), None, None, n, num_groups, size, num_groups, 0.0
+            )
+        # eps = 0: rstd = 1 / sqrt(var) exactly (inf for a constant group, whose variance is 0).
+        within = rstd.pow(-2)
+        dim = 0
+    if mean.shape[dim] == 1:
+        return mean.squeeze(dim), within.squeeze(dim)
+    mu = mean.mean(dim, keepdim=True)
     dev = mean - mu
-    return mu, within.addcmul_(dev, dev).mean(0)
+    return mu.squeeze(dim), within.addcmul_(dev, dev).mean(dim)
 
 
-def _cell_stats(mean: Tensor, var: Tensor, lay: Layout, dtype: torch.dtype) -> Tensor:
-    """Group mean and variance repeated per cell, ``(2, cells)``."""
-    return _repeat(_to(torch.stack((mean, var)), dtype), lay.cells_per_group)
+def _group_table(mean: Tensor, var: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """Per-group ``(mean, var, rstd)`` as one ``(3, G)`` tensor."""
+    var = _to(var, dtype)
+    return torch.stack((_to(mean, dtype), var, (var + eps).rsqrt_()))
 
 
-def _cell_affine(t: Tensor | None, lay: Layout, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else _repeat(_to(t, dtype), lay.cells_per_channel)
+def _normalize(x: Tensor, cells: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+               lay: Layout) -> Tensor:
+    """``(x - mean) * rstd * weight + bias`` per cell in one native pass (no autograd graph).
+
+    ``cells`` is the per-cell ``(mean, var, rstd)`` table; ``weight`` and ``bias`` are per cell.
+    The output has the dtype and memory format of ``x``.
+    """
+    if _channels_last(x):  # cells are channels here
+        scale = cells[2] if weight is None else cells[2] * weight
+        shift = (cells[0] * scale).neg_() if bias is None else torch.addcmul(bias, cells[0], scale, value=-1)
+        shape = _bshape(x)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape), out=torch.empty_like(x))
+    y = _batch_norm_eval(_cells(x, lay), cells[0], cells[1], weight, bias, eps)
+    return y.view(x.shape)
 
 
-def _normalize(
-    x: Tensor, stats: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, lay: Layout
-) -> Tensor:
-    """One native eval-mode batch-norm pass over the cells; dtype and memory format of ``x``."""
-    y = F.batch_norm(_cells(x, lay), stats[0], stats[1], weight, bias, False, 0.0, eps)
-    return y if lay.channels_are_cells else y.view(x.shape)
+# id(running_var) -> (weakref, key, cells): per-cell eval statistics, dropped with the buffer.
+_EVAL_CACHE: dict[int, tuple[weakref.ref, tuple[Any, ...], tuple[Tensor | None, ...]]] = {}
+
+
+def _eval_cells(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, lay: Layout, dtype: torch.dtype
+) -> tuple[Tensor | None, ...]:
+    """Per-cell running statistics and affine for eval mode, memoized on the buffers.
+
+    Eval mode reuses the same buffers call after call, and on small inputs recomputing their
+    per-cell copies (a few small ops) costs more than the normalization itself. An entry is
+    reused only while the buffers (and weight and bias, when they are repeated per cell) keep
+    their identity and version counter, so any in-place update, reload or ``resize_`` invalidates
+    it; weight and bias that need a gradient, and inference tensors, are never memoized.
+    """
+    repeat_affine = lay.cells_per_channel > 1
+
+    def build() -> tuple[Tensor | None, ...]:
+        stats = _repeat(torch.stack((_to(mean, dtype), _to(var, dtype))), lay.cells_per_group)
+        affine = (_repeat(_to(weight, dtype), lay.cells_per_channel) if weight is not None else None,
+                  _repeat(_to(bias, dtype), lay.cells_per_channel) if bias is not None else None)
+        return stats[0], stats[1], *affine
+
+    if var.is_inference() or mean.is_inference() or (
+        repeat_affine and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (weight, bias))
+    ):
+        return build()
+    key: tuple[Any, ...] = (id(mean), mean._version, var._version, lay, dtype,
+                            torch.is_inference_mode_enabled())
+    if repeat_affine:
+        key += tuple(None if t is None else (id(t), t._version) for t in (weight, bias))
+    var_id = id(var)
+    entry = _EVAL_CACHE.get(var_id)
+    if entry is None or entry[1] != key or entry[0]() is not var:
+        entry = (weakref.ref(var, lambda _: _EVAL_CACHE.pop(var_id, None)), key, build())
+        _EVAL_CACHE[var_id] = entry
+    cells = entry[2]
+    return cells if repeat_affine else (cells[0], cells[1], weight, bias)
 
 
 def batch_group_norm_eval(
@@ -153,16 +239,20 @@ def batch_group_norm_eval(
 ) -> Tensor:
     """Normalize with given per-group statistics (eval mode); differentiable by native autograd."""
     lay = layout(x.shape[1], _spatial(x), num_groups)
-    dtype = _compute_dtype(x)
-    return _normalize(x, _cell_stats(mean, var, lay, dtype), _cell_affine(weight, lay, dtype),
-                      _cell_affine(bias, lay, dtype), eps, lay)
+    xc, fmt = (x, None) if lay.channels_are_cells else _contiguous_cells(x, lay)
+    cell_mean, cell_var, cell_weight, cell_bias = _eval_cells(mean, var, weight, bias, lay, _compute_dtype(x))
+    y = _batch_norm_eval(_cells(xc, lay), cell_mean, cell_var, cell_weight, cell_bias, eps)
+    if lay.channels_are_cells:
+        return y
+    y = y.view(x.shape)
+    return y if fmt is None else y.contiguous(memory_format=fmt)
 
 
 class _BatchGroupNormFunction(torch.autograd.Function):
     """Training-mode BGN given the batch statistics of ``x``, with the closed-form backward.
 
-    ``mean`` and ``var`` must be :func:`group_moments` of ``x``: the backward accounts for their
-    dependence on ``x`` and returns no gradient for them.
+    ``table`` is the per-group ``(mean, var, rstd)`` of ``x`` (:func:`group_moments`): the backward
+    accounts for its dependence on ``x`` and returns no gradient for it.
     """
 
     @staticmethod
@@ -171,34 +261,29 @@ class _BatchGroupNormFunction(torch.autograd.Function):
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
-        mean: Tensor,
-        var: Tensor,
+        table: Tensor,
         num_groups: int,
         eps: float,
     ) -> Tensor:
         lay = layout(x.shape[1], _spatial(x), num_groups)
-        dtype = _compute_dtype(x)
-        stats = _cell_stats(mean, var, lay, dtype)
-        cell_weight = _cell_affine(weight, lay, dtype)
+        cells = _repeat(table, lay.cells_per_group)
+        cell_weight = None if weight is None else _repeat(_to(weight, table.dtype), lay.cells_per_channel)
+        cell_bias = None if bias is None else _repeat(_to(bias, table.dtype), lay.cells_per_channel)
         ctx.num_groups, ctx.eps, ctx.layout = num_groups, eps, lay
-        ctx.save_for_backward(x, weight, bias, stats, cell_weight)
-        y = _normalize(x, stats, cell_weight, _cell_affine(bias, lay, dtype), eps, lay)
-        # When groups do not align with channels, y is a view of an intermediate; autograd forbids
-        # in-place ops (ReLU(inplace=True)) on views made inside a Function. detach() aliases y
-        # without a copy and without the view bookkeeping.
-        return y.detach()
+        ctx.save_for_backward(x, weight, bias, table, cells, cell_weight)
+        return _normalize(x, cells, cell_weight, cell_bias, eps, lay)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias, stats, cell_weight = ctx.saved_tensors
+        x, weight, bias, table, cells, cell_weight = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
             dx, dw, db = _composite_backward(ctx, x, weight, bias, dy)
         else:
-            dx, dw, db = _closed_form_backward(ctx.layout, ctx.num_groups, ctx.eps, x, stats, cell_weight,
-                                               dy, needs_x)
+            dx, dw, db = _closed_form_backward(ctx.layout, ctx.num_groups, ctx.eps, x, table, cells,
+                                               cell_weight, dy, needs_x)
         return (dx if needs_x else None, dw if needs_w else None, db if needs_b else None,
-                None, None, None, None)
+                None, None, None)
 
 
 def _closed_form_backward(
@@ -206,38 +291,42 @@ def _closed_form_backward(
     num_groups: int,
     eps: float,
     x: Tensor,
-    stats: Tensor,
+    table: Tensor,
+    cells: Tensor,
     cell_weight: Tensor | None,
     dy: Tensor,
     needs_x: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    dtype = stats.dtype
+    dtype = table.dtype
     x_cells = _cells(_to(x, dtype), lay)
     dy_cells = _cells(_to(dy, dtype), lay)
-    mean, var = stats[0], stats[1]
-    # Per cell: sum(dy * x_hat) and sum(dy) in one native pass.
+    # Per cell: sum(dy * x_hat) and sum(dy), in one native pass.
     _, dy_xhat, dy_sum = _aten.native_batch_norm_backward(
-        dy_cells, x_cells, None, mean, var, None, None, False, eps, [False, True, True]
+        dy_cells, x_cells, None, cells[0], cells[1], None, None, False, eps, [False, True, True]
     )
     grad_weight = _pool(dy_xhat, lay.cells_per_channel)
     grad_bias = _pool(dy_sum, lay.cells_per_channel)
     if not needs_x:
         return None, grad_weight, grad_bias
-    # dx = rstd * w * dy - k1 - x_hat * k2 with k1 = rstd * mean_g(w * dy) and
-    # k2 = rstd * mean_g(w * dy * x_hat) over the N * L values of each group.
-    rstd = (var + eps).rsqrt_()
+    # -k1 and -k2 per group.
     sums = torch.stack((dy_sum, dy_xhat))
-    scale = rstd
+    scale = cells[2]
     if cell_weight is not None:
-        sums = sums.mul_(cell_weight)
-        scale = rstd * cell_weight
-    group_size = x.shape[0] * (x[0].numel() // num_groups)
-    neg_k = _repeat(_pool(sums, lay.cells_per_group), lay.cells_per_group).mul_(rstd * (-1.0 / group_size))
-    dx = F.batch_norm(x_cells, mean, var, neg_k[1], neg_k[0], False, 0.0, eps)
-    dx.addcmul_(dy_cells, scale.view((-1,) + (1,) * (dx.dim() - 2)))
-    if not lay.channels_are_cells:
-        dx = dx.view(x.shape)
-    return _to(dx, x.dtype), grad_weight, grad_bias
+        sums.mul_(cell_weight)
+        scale = scale * cell_weight
+    neg_k = _pool(sums, lay.cells_per_group).mul_(table[2] * (-num_groups / x.numel()))
+    if _channels_last(x_cells):
+        # -k1 - x_hat * k2 = x * beta + gamma per channel, one broadcast pass.
+        beta = neg_k[1] * table[2]
+        coef = _repeat(torch.stack((beta, torch.addcmul(neg_k[0], table[0], beta, value=-1))),
+                       lay.cells_per_group)
+        shape = _bshape(x_cells)
+        dx = torch.addcmul(coef[1].view(shape), x_cells, coef[0].view(shape))
+    else:
+        x_groups = x_cells.reshape(x.shape[0], num_groups, -1)
+        dx = _batch_norm_eval(x_groups, table[0], table[1], neg_k[1], neg_k[0], eps).view(x_cells.shape)
+    dx.addcmul_(dy_cells, scale.view(_bshape(dx)))
+    return _to(dx.view(x.shape), x.dtype), grad_weight, grad_bias
 
 
 def composite_batch_group_norm(
@@ -297,14 +386,25 @@ def batch_group_norm_train(
     if torch.compiler.is_compiling():
         y, mean, var = composite_batch_group_norm(x, num_groups, weight, bias, eps)
         return y, mean.detach(), var.detach()
+    lay = layout(x.shape[1], _spatial(x), num_groups)
+    xc, fmt = _contiguous_cells(x, lay)
     with torch.no_grad():
-        mean, var = group_moments(x, num_groups)
+        mean, var = group_moments(xc, num_groups)
+        table = _group_table(mean, var, eps, mean.dtype)
     if torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        y = _BatchGroupNormFunction.apply(x, weight, bias, mean, var, num_groups, eps)
+        y = _BatchGroupNormFunction.apply(xc, weight, bias, table, num_groups, eps)
     else:
-        y = batch_group_norm_eval(x, num_groups, mean, var, weight, bias, eps)
-    return y, mean, var
+        dtype = table.dtype
+        y = _normalize(
+            xc,
+            _repeat(table, lay.cells_per_group),
+            None if weight is None else _repeat(_to(weight, dtype), lay.cells_per_channel),
+            None if bias is None else _repeat(_to(bias, dtype), lay.cells_per_channel),
+            eps,
+            lay,
+        )
+    return (y if fmt is None else y.contiguous(memory_format=fmt)), mean, var

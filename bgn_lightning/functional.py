@@ -79,17 +79,36 @@ def batch_group_norm(
     """
     if x.dim() < 2:
         raise ValueError(f"batch_group_norm: expected input of shape (N, C, *S), got {tuple(x.shape)}")
-    n, c = x.shape[0], x.shape[1]
-    d = math.prod(x.shape[1:])
-    check_num_groups(num_groups, c, d, "batch_group_norm")
+    feature_numel = math.prod(x.shape[1:])
+    check_num_groups(num_groups, x.shape[1], feature_numel, "batch_group_norm")
+    return _batch_group_norm(x, num_groups, feature_numel, running_mean, running_var, weight, bias,
+                             training, momentum, eps, num_batches_tracked, "batch_group_norm")
+
+
+def _batch_group_norm(
+    x: Tensor,
+    num_groups: int,
+    feature_numel: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    where: str,
+) -> Tensor:
+    """:func:`batch_group_norm` for callers that already checked the rank and ``num_groups``."""
+    c = x.shape[1]
     if not (training or running_mean is None or running_var is None):
         if num_groups == c and x.dtype == running_mean.dtype:
             return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
         return batch_group_norm_eval(x, num_groups, running_mean, running_var, weight, bias, eps)
-    count = n * (d // num_groups)
+    count = x.shape[0] * (feature_numel // num_groups)
     if count <= 1:
         raise ValueError(
-            f"batch_group_norm: expected more than 1 value per statistic in training, got "
+            f"{where}: expected more than 1 value per statistic in training, got "
             f"input {tuple(x.shape)} with num_groups={num_groups} ({count} value per group)"
         )
     update = training and running_mean is not None and running_var is not None
@@ -97,7 +116,7 @@ def batch_group_norm(
     if update:
         if momentum is None:
             if num_batches_tracked is None:
-                raise ValueError("batch_group_norm: momentum=None needs num_batches_tracked")
+                raise ValueError(f"{where}: momentum=None needs num_batches_tracked")
             factor = 1.0 / float(num_batches_tracked)
         else:
             factor = momentum

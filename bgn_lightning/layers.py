@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import auto_num_groups, batch_group_norm, check_num_groups
+from .functional import _batch_group_norm, auto_num_groups, check_num_groups
 
 __all__ = [
     "BatchGroupNorm",
@@ -87,6 +87,9 @@ class BatchGroupNorm(nn.Module):
         # D = C*prod(S) seen in training when the group layout depends on the spatial size
         # (G does not divide C): the running statistics are then tied to that size.
         self.feature_numel: int | None = None
+        # (input shape[1:], training, G, feature_numel) last validated, and its D: inputs like it
+        # skip the checks (per-call overhead, see benchmarks/norm_speed.py).
+        self._validated: tuple[tuple[Any, ...], int] | None = None
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -204,48 +207,56 @@ class BatchGroupNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` of shape ``(N, C, *S)``."""
-        self._check_input_dim(x)
         name = type(self).__name__
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}: input has C={x.shape[1]} channels (shape {tuple(x.shape)}), "
-                f"the layer was built with num_features={self.num_features}"
-            )
-        n = x.shape[0]
-        d = math.prod(x.shape[1:])
-        use_batch_stats = self.training or not self.track_running_stats
-        if self.num_groups is None and not use_batch_stats:
-            # Eval before any training step: no statistics exist yet; behave like a
-            # freshly initialised BatchNorm in eval mode (running mean 0, variance 1).
-            zeros = x.new_zeros(self.num_features)
-            return F.batch_norm(x, zeros, torch.ones_like(zeros), self.weight, self.bias,
-                                False, 0.0, self.eps)
-        g = self.fix_num_groups(n, d)
-        check_num_groups(g, self.num_features, d, f"{name} (input {tuple(x.shape)})")
-        if self.track_running_stats and self.num_features % g != 0:
-            if self.feature_numel is None and self.training:
-                self.feature_numel = d
-            elif self.feature_numel is not None and self.feature_numel != d:
+        key = (x.shape[1:], self.training, self.num_groups, self.feature_numel)
+        if self._validated is not None and self._validated[0] == key:
+            g, d = self.num_groups, self._validated[1]
+        else:
+            self._check_input_dim(x)
+            if x.shape[1] != self.num_features:
                 raise ValueError(
-                    f"{name}: num_groups={g} does not divide C={self.num_features}, so the "
-                    f"running statistics belong to inputs with C*prod(S)={self.feature_numel}; "
-                    f"got input {tuple(x.shape)} (C*prod(S)={d}). Use the training spatial size, "
-                    f"or a num_groups that divides C"
+                    f"{name}: input has C={x.shape[1]} channels (shape {tuple(x.shape)}), "
+                    f"the layer was built with num_features={self.num_features}"
                 )
+            d = math.prod(x.shape[1:])
+            use_batch_stats = self.training or not self.track_running_stats
+            if self.num_groups is None and not use_batch_stats:
+                # Eval before any training step: no statistics exist yet; behave like a
+                # freshly initialised BatchNorm in eval mode (running mean 0, variance 1).
+                zeros = x.new_zeros(self.num_features)
+                return F.batch_norm(x, zeros, torch.ones_like(zeros), self.weight, self.bias,
+                                    False, 0.0, self.eps)
+            g = self.fix_num_groups(x.shape[0], d)
+            if d % g or (g > self.num_features and g % self.num_features):  # format only on error
+                check_num_groups(g, self.num_features, d, f"{name} (input {tuple(x.shape)})")
+            if self.track_running_stats and self.num_features % g != 0:
+                if self.feature_numel is None and self.training:
+                    self.feature_numel = d
+                elif self.feature_numel is not None and self.feature_numel != d:
+                    raise ValueError(
+                        f"{name}: num_groups={g} does not divide C={self.num_features}, so the "
+                        f"running statistics belong to inputs with C*prod(S)={self.feature_numel}; "
+                        f"got input {tuple(x.shape)} (C*prod(S)={d}). Use the training spatial size, "
+                        f"or a num_groups that divides C"
+                    )
+            self._validated = ((x.shape[1:], self.training, g, self.feature_numel), d)
+        use_batch_stats = self.training or not self.track_running_stats
         momentum = self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
-        return batch_group_norm(
+        return _batch_group_norm(
             x,
             g,
+            d,
             self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
             self.weight,
             self.bias,
-            training=use_batch_stats,
-            momentum=momentum,
-            eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            self.num_batches_tracked,
+            name,
         )
 
     def extra_repr(self) -> str:
