@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
 
@@ -100,7 +101,7 @@ class FewShotModule(LightningModule):
         self.learner: nn.Module | None = None  # maml: learn2learn MAML around backbone + linear head
         self.test_acc = nn.ModuleDict()  # per shot count: per-episode accuracies
         self.test_loss = nn.ModuleDict()
-        self._test_keys: list[str] = []  # shot counts in test dataloader order
+        self._test_ways: dict[str, int] = {}  # "<K>shot" -> ways, in test dataloader order
         self._eval_cache = EmbeddingCache()
         self._lazy_state_ready = False
         if in_channels and input_size and (algorithm == "protonet" or num_classes):
@@ -222,30 +223,34 @@ class FewShotModule(LightningModule):
         self._eval_cache = EmbeddingCache()
         self.test_acc.clear()
         self.test_loss.clear()
-        self._test_keys = []
+        self._test_ways = {}
 
     def test_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Record every episode's accuracy and loss (one dataloader per shot count)."""
         losses, accs = self._episodes(batch, training=False)
-        support_labels = batch.support_labels
-        shots = support_labels.shape[1] // (int(support_labels[0].max()) + 1)
-        key = f"{shots}shot"
+        ways = int(batch.support_labels[0].max()) + 1
+        key = f"{batch.support_labels.shape[1] // ways}shot"
         if key not in self.test_acc:
             self.test_acc[key] = CatMetric().to(self.device)
             self.test_loss[key] = CatMetric().to(self.device)
-            self._test_keys.append(key)
+            self._test_ways[key] = ways
         self.test_acc[key].update(accs)
         self.test_loss[key].update(losses)
 
     def on_test_epoch_end(self) -> None:
         """Log mean accuracy and 95 % CI per shot count; the first loader's are ``test/acc(_ci95)``."""
-        for i, key in enumerate(self._test_keys):
-            acc, ci95 = mean_ci95(self.test_acc[key].compute())
+        for i, (key, ways) in enumerate(self._test_ways.items()):
+            accs = self.test_acc[key].compute()
+            acc, ci95 = mean_ci95(accs)
             loss = float(self.test_loss[key].compute().mean())
             metrics = {f"test/acc_{key}": acc, f"test/acc_{key}_ci95": ci95, f"test/loss_{key}": loss}
             if i == 0:
                 metrics.update({"test/acc": acc, "test/acc_ci95": ci95, "test/loss": loss})
             self.log_dict(metrics)
+            rank_zero_info(
+                f"fsl {self.hparams.algorithm} ({self.hparams.norm}): {ways}-way {key[:-4]}-shot accuracy "
+                f"{100 * acc:.2f} ± {100 * ci95:.2f} % (95 % CI over {accs.numel()} meta-test episodes)"
+            )
 
 
 def _feature_dim(backbone: nn.Module, in_channels: int, input_size: int) -> int:
