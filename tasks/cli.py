@@ -195,7 +195,7 @@ def _make_cli_class(task: str, links: Sequence[tuple[str, str]], datasets: Seque
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     class TaskCLI(LightningCLI):
-        """LightningCLI with the task's argument links, norm check, default output dir and loggers."""
+        """LightningCLI with the task's links, early name checks, default output dir and loggers."""
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             for source, target in links:
@@ -228,9 +228,9 @@ def _make_cli_class(task: str, links: Sequence[tuple[str, str]], datasets: Seque
                     TensorBoardLogger(root, name="", version="tensorboard"),
                 ]
             trainer = super().instantiate_trainer(**kwargs)
-            checkpoint = trainer.checkpoint_callback
-            if checkpoint is not None and checkpoint.dirpath is None:
-                checkpoint.dirpath = str(root / "checkpoints")
+            for checkpoint in trainer.checkpoint_callbacks:  # <output>/checkpoints, not inside a logger's dir
+                if checkpoint.dirpath is None:
+                    checkpoint.dirpath = str(root / "checkpoints")
             return trainer
 
     return TaskCLI
