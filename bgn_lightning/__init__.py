@@ -15,23 +15,28 @@ from .layers import (
     PositionalNorm,
 )
 from .registry import available_norms, build_norm, is_norm_layer, norm_layer, register_norm
+from .sync import BGNSync, SyncBatchGroupNorm, convert_sync_batchgroupnorm, revert_sync_batchgroupnorm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BGNSync",
     "BatchGroupNorm",
     "BatchGroupNorm1d",
     "BatchGroupNorm2d",
     "BatchGroupNorm3d",
     "NormSwap",
     "PositionalNorm",
+    "SyncBatchGroupNorm",
     "auto_num_groups",
     "available_norms",
     "batch_group_norm",
     "build_norm",
     "convert_norm_layer",
     "convert_norms",
+    "convert_sync_batchgroupnorm",
     "is_norm_layer",
     "norm_layer",
     "register_norm",
+    "revert_sync_batchgroupnorm",
 ]

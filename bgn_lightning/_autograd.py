@@ -33,13 +33,28 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["batch_group_norm_eval", "batch_group_norm_train", "composite_batch_group_norm", "group_moments"]
+__all__ = [
+    "batch_group_norm_eval",
+    "batch_group_norm_train",
+    "cast",
+    "cell_affine",
+    "closed_form_backward",
+    "composite_batch_group_norm",
+    "compute_dtype",
+    "contiguous_for_cells",
+    "group_moments",
+    "group_table",
+    "layout",
+    "normalize",
+    "repeat_cells",
+]
 
 _aten = torch.ops.aten
 _ACCUMULATE = (torch.float32, torch.float64)
@@ -68,11 +83,13 @@ def _spatial(x: Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype statistics are computed in: float32 at least."""
     return t.dtype if t.dtype in _ACCUMULATE else torch.float32
 
 
-def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (itself when it already is)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -81,11 +98,14 @@ def _cells(t: Tensor, lay: Layout) -> Tensor:
     return t if lay.channels_are_cells else t.reshape(t.shape[0], lay.cells, -1)
 
 
-def _repeat(t: Tensor, repeats: int) -> Tensor:
+def repeat_cells(t: Tensor, repeats: int) -> Tensor:
     """Repeat every entry along the last dim ``repeats`` times (group or channel -> cells)."""
-    if repeats == 1:
-        return t
-    return t.unsqueeze(-1).expand(*t.shape, repeats).contiguous().view(*t.shape[:-1], -1)
+    return t if repeats == 1 else t.repeat_interleave(repeats, dim=-1)
+
+
+def cell_affine(t: Tensor | None, lay: Layout, dtype: torch.dtype) -> Tensor | None:
+    """A per-channel weight or bias repeated per cell, in ``dtype`` (``None`` stays ``None``)."""
+    return None if t is None else repeat_cells(cast(t, dtype), lay.cells_per_channel)
 
 
 def _pool(t: Tensor, size: int) -> Tensor:
@@ -104,7 +124,7 @@ def _channels_last(x: Tensor) -> bool:
     return False
 
 
-def _contiguous_cells(x: Tensor, lay: Layout) -> tuple[Tensor, torch.memory_format | None]:
+def contiguous_for_cells(x: Tensor, lay: Layout) -> tuple[Tensor, torch.memory_format | None]:
     """``x`` in a layout the cells view can use, and the memory format to give the output back."""
     if lay.channels_are_cells or x.is_contiguous():
         return x, None
@@ -141,50 +161,54 @@ def group_moments(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
         ``(mean, var)``, each of shape ``(G,)``.
     """
     n, c = x.shape[0], x.shape[1]
-    x = _to(x, _compute_dtype(x))
+    x = cast(x, compute_dtype(x))
     if c % num_groups == 0 and _channels_last(x):
         mean, within = _aten.batch_norm_update_stats(x, None, None, 0.0)
+        if c == num_groups:
+            return mean, within
         mean, within = mean.view(num_groups, -1), within.view(num_groups, -1)
-        dim = 1
+        mu = mean.mean(1, keepdim=True)
+        dev = mean - mu
+        return mu.view(num_groups), within.addcmul_(dev, dev).mean(1)
+    spatial = _spatial(x)
+    if c % num_groups == 0:
+        _, mean, rstd = _aten.native_group_norm(x, None, None, n, c, spatial, num_groups, 0.0)
     else:
-        spatial = _spatial(x)
-        if c % num_groups == 0:
-            _, mean, rstd = _aten.native_group_norm(x, None, None, n, c, spatial, num_groups, 0.0)
-        else:
-            size = c * spatial // num_groups
-            _, mean, rstd = _aten.native_group_norm(
-                x.reshape(n, num_groups, size), None, None, n, num_groups, size, num_groups, 0.0
-            )
-        # eps = 0: rstd = 1 / sqrt(var) exactly (inf for a constant group, whose variance is 0).
-        within = rstd.pow(-2)
-        dim = 0
-    if mean.shape[dim] == 1:
-        return mean.squeeze(dim), within.squeeze(dim)
-    mu = mean.mean(dim, keepdim=True)
+        size = c * spatial // num_groups
+        _, mean, rstd = _aten.native_group_norm(
+            x.reshape(n, num_groups, size), None, None, n, num_groups, size, num_groups, 0.0
+        )
+    # eps = 0: rstd = 1 / sqrt(var) exactly (inf for a constant group, whose variance is 0).
+    within = rstd.pow_(-2)
+    if n == 1:
+        return mean.view(num_groups), within.view(num_groups)
+    mu = mean.mean(0)
     dev = mean - mu
-    return mu.squeeze(dim), within.addcmul_(dev, dev).mean(dim)
+    return mu, within.addcmul_(dev, dev).mean(0)
 
 
-def _group_table(mean: Tensor, var: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+def group_table(mean: Tensor, var: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
     """Per-group ``(mean, var, rstd)`` as one ``(3, G)`` tensor."""
-    var = _to(var, dtype)
-    return torch.stack((_to(mean, dtype), var, (var + eps).rsqrt_()))
+    var = cast(var, dtype)
+    return torch.stack((cast(mean, dtype), var, (var + eps).rsqrt_()))
 
 
-def _normalize(x: Tensor, cells: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+def normalize(x: Tensor, cells: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                lay: Layout) -> Tensor:
     """``(x - mean) * rstd * weight + bias`` per cell in one native pass (no autograd graph).
 
     ``cells`` is the per-cell ``(mean, var, rstd)`` table; ``weight`` and ``bias`` are per cell.
     The output has the dtype and memory format of ``x``.
     """
+    mean, var, rstd = cells.unbind(0)
     if _channels_last(x):  # cells are channels here
-        scale = cells[2] if weight is None else cells[2] * weight
-        shift = (cells[0] * scale).neg_() if bias is None else torch.addcmul(bias, cells[0], scale, value=-1)
+        scale = rstd if weight is None else rstd * weight
+        shift = (mean * scale).neg_() if bias is None else torch.addcmul(bias, mean, scale, value=-1)
         shape = _bshape(x)
         return torch.addcmul(shift.view(shape), x, scale.view(shape), out=torch.empty_like(x))
-    y = _batch_norm_eval(_cells(x, lay), cells[0], cells[1], weight, bias, eps)
-    return y.view(x.shape)
+    y = _batch_norm_eval(_cells(x, lay), mean, var, weight, bias, eps)
+    # Not a view: autograd forbids in-place ops (ReLU(inplace=True)) on views made in a Function.
+    return y if lay.channels_are_cells else _aten._unsafe_view(y, x.shape)
 
 
 # id(running_var) -> (weakref, key, cells): per-cell eval statistics, dropped with the buffer.
@@ -205,10 +229,8 @@ def _eval_cells(
     repeat_affine = lay.cells_per_channel > 1
 
     def build() -> tuple[Tensor | None, ...]:
-        stats = _repeat(torch.stack((_to(mean, dtype), _to(var, dtype))), lay.cells_per_group)
-        affine = (_repeat(_to(weight, dtype), lay.cells_per_channel) if weight is not None else None,
-                  _repeat(_to(bias, dtype), lay.cells_per_channel) if bias is not None else None)
-        return stats[0], stats[1], *affine
+        stats = repeat_cells(torch.stack((cast(mean, dtype), cast(var, dtype))), lay.cells_per_group)
+        return stats[0], stats[1], cell_affine(weight, lay, dtype), cell_affine(bias, lay, dtype)
 
     if var.is_inference() or mean.is_inference() or (
         repeat_affine and torch.is_grad_enabled()
@@ -239,8 +261,8 @@ def batch_group_norm_eval(
 ) -> Tensor:
     """Normalize with given per-group statistics (eval mode); differentiable by native autograd."""
     lay = layout(x.shape[1], _spatial(x), num_groups)
-    xc, fmt = (x, None) if lay.channels_are_cells else _contiguous_cells(x, lay)
-    cell_mean, cell_var, cell_weight, cell_bias = _eval_cells(mean, var, weight, bias, lay, _compute_dtype(x))
+    xc, fmt = (x, None) if lay.channels_are_cells else contiguous_for_cells(x, lay)
+    cell_mean, cell_var, cell_weight, cell_bias = _eval_cells(mean, var, weight, bias, lay, compute_dtype(x))
     y = _batch_norm_eval(_cells(xc, lay), cell_mean, cell_var, cell_weight, cell_bias, eps)
     if lay.channels_are_cells:
         return y
@@ -266,12 +288,11 @@ class _BatchGroupNormFunction(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         lay = layout(x.shape[1], _spatial(x), num_groups)
-        cells = _repeat(table, lay.cells_per_group)
-        cell_weight = None if weight is None else _repeat(_to(weight, table.dtype), lay.cells_per_channel)
-        cell_bias = None if bias is None else _repeat(_to(bias, table.dtype), lay.cells_per_channel)
+        cells = repeat_cells(table, lay.cells_per_group)
+        cell_weight = cell_affine(weight, lay, table.dtype)
         ctx.num_groups, ctx.eps, ctx.layout = num_groups, eps, lay
         ctx.save_for_backward(x, weight, bias, table, cells, cell_weight)
-        return _normalize(x, cells, cell_weight, cell_bias, eps, lay)
+        return normalize(x, cells, cell_weight, cell_affine(bias, lay, table.dtype), eps, lay)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -280,13 +301,13 @@ class _BatchGroupNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
             dx, dw, db = _composite_backward(ctx, x, weight, bias, dy)
         else:
-            dx, dw, db = _closed_form_backward(ctx.layout, ctx.num_groups, ctx.eps, x, table, cells,
-                                               cell_weight, dy, needs_x)
+            dx, dw, db = closed_form_backward(ctx.layout, ctx.num_groups, ctx.eps, x, table, cells,
+                                              cell_weight, dy, needs_x)
         return (dx if needs_x else None, dw if needs_w else None, db if needs_b else None,
                 None, None, None)
 
 
-def _closed_form_backward(
+def closed_form_backward(
     lay: Layout,
     num_groups: int,
     eps: float,
@@ -296,37 +317,59 @@ def _closed_form_backward(
     cell_weight: Tensor | None,
     dy: Tensor,
     needs_x: bool,
+    group_count: int | None = None,
+    all_reduce: Callable[[Tensor], Any] | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Gradients of training-mode BGN for ``x``, weight and bias (weight and bias ones are local).
+
+    Args:
+        lay: the cell layout.
+        num_groups: ``G``.
+        eps: the forward's ``eps``.
+        x: the forward input (contiguous unless the cells are the channels).
+        table: per-group ``(mean, var, rstd)`` the forward used.
+        cells: ``table`` repeated per cell.
+        cell_weight: the weight repeated per cell, or ``None``.
+        dy: gradient of the output.
+        needs_x: compute the input gradient.
+        group_count: values per group the statistics pooled (default: this ``x``'s ``N * L``).
+        all_reduce: in-place sum of the ``(2, G)`` group sums over processes (synchronized BGN).
+    """
     dtype = table.dtype
-    x_cells = _cells(_to(x, dtype), lay)
-    dy_cells = _cells(_to(dy, dtype), lay)
+    x_cells = _cells(cast(x, dtype), lay)
+    dy_cells = _cells(cast(dy, dtype), lay)
+    cell_mean, cell_var, cell_rstd = cells.unbind(0)
     # Per cell: sum(dy * x_hat) and sum(dy), in one native pass.
     _, dy_xhat, dy_sum = _aten.native_batch_norm_backward(
-        dy_cells, x_cells, None, cells[0], cells[1], None, None, False, eps, [False, True, True]
+        dy_cells, x_cells, None, cell_mean, cell_var, None, None, False, eps, [False, True, True]
     )
     grad_weight = _pool(dy_xhat, lay.cells_per_channel)
     grad_bias = _pool(dy_sum, lay.cells_per_channel)
     if not needs_x:
         return None, grad_weight, grad_bias
-    # -k1 and -k2 per group.
+    mean, var, rstd = table.unbind(0)
     sums = torch.stack((dy_sum, dy_xhat))
-    scale = cells[2]
     if cell_weight is not None:
         sums.mul_(cell_weight)
-        scale = scale * cell_weight
-    neg_k = _pool(sums, lay.cells_per_group).mul_(table[2] * (-num_groups / x.numel()))
+        cell_rstd = cell_rstd * cell_weight
+    sums = _pool(sums, lay.cells_per_group)
+    if all_reduce is not None:
+        all_reduce(sums)
+    # (-k1, -k2) per group.
+    count = x.numel() // num_groups if group_count is None else group_count
+    neg_k1, neg_k2 = sums.mul_(rstd * (-1.0 / count)).unbind(0)
     if _channels_last(x_cells):
         # -k1 - x_hat * k2 = x * beta + gamma per channel, one broadcast pass.
-        beta = neg_k[1] * table[2]
-        coef = _repeat(torch.stack((beta, torch.addcmul(neg_k[0], table[0], beta, value=-1))),
-                       lay.cells_per_group)
+        beta = neg_k2 * rstd
+        beta, gamma = repeat_cells(torch.stack((beta, torch.addcmul(neg_k1, mean, beta, value=-1))),
+                              lay.cells_per_group).unbind(0)
         shape = _bshape(x_cells)
-        dx = torch.addcmul(coef[1].view(shape), x_cells, coef[0].view(shape))
+        dx = torch.addcmul(gamma.view(shape), x_cells, beta.view(shape))
     else:
         x_groups = x_cells.reshape(x.shape[0], num_groups, -1)
-        dx = _batch_norm_eval(x_groups, table[0], table[1], neg_k[1], neg_k[0], eps).view(x_cells.shape)
-    dx.addcmul_(dy_cells, scale.view(_bshape(dx)))
-    return _to(dx.view(x.shape), x.dtype), grad_weight, grad_bias
+        dx = _batch_norm_eval(x_groups, mean, var, neg_k2, neg_k1, eps).view(x_cells.shape)
+    dx.addcmul_(dy_cells, cell_rstd.view(_bshape(dx)))  # + rstd * w * dy
+    return cast(dx.view(x.shape), x.dtype), grad_weight, grad_bias
 
 
 def composite_batch_group_norm(
@@ -339,7 +382,7 @@ def composite_batch_group_norm(
     """
     n = x.shape[0]
     xg = x.reshape(n, num_groups, -1)
-    acc = _to(xg, _compute_dtype(xg))
+    acc = cast(xg, compute_dtype(xg))
     var, mean = torch.var_mean(acc, dim=(0, 2), correction=0)
     y = ((acc - mean[:, None]) * torch.rsqrt(var + eps)[:, None]).view(x.shape)
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
@@ -387,10 +430,10 @@ def batch_group_norm_train(
         y, mean, var = composite_batch_group_norm(x, num_groups, weight, bias, eps)
         return y, mean.detach(), var.detach()
     lay = layout(x.shape[1], _spatial(x), num_groups)
-    xc, fmt = _contiguous_cells(x, lay)
+    xc, fmt = contiguous_for_cells(x, lay)
     with torch.no_grad():
         mean, var = group_moments(xc, num_groups)
-        table = _group_table(mean, var, eps, mean.dtype)
+        table = group_table(mean, var, eps, mean.dtype)
     if torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -398,13 +441,6 @@ def batch_group_norm_train(
     ):
         y = _BatchGroupNormFunction.apply(xc, weight, bias, table, num_groups, eps)
     else:
-        dtype = table.dtype
-        y = _normalize(
-            xc,
-            _repeat(table, lay.cells_per_group),
-            None if weight is None else _repeat(_to(weight, dtype), lay.cells_per_channel),
-            None if bias is None else _repeat(_to(bias, dtype), lay.cells_per_channel),
-            eps,
-            lay,
-        )
+        y = normalize(xc, repeat_cells(table, lay.cells_per_group), cell_affine(weight, lay, table.dtype),
+                      cell_affine(bias, lay, table.dtype), eps, lay)
     return (y if fmt is None else y.contiguous(memory_format=fmt)), mean, var

@@ -127,8 +127,12 @@ def _batch_group_norm(
     y, mean, var = batch_group_norm_train(x, num_groups, weight, bias, eps)
     if update:
         with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), factor)
-            running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), factor)
+            unbiased = var * (count / (count - 1))
+            if running_mean.dtype == mean.dtype and running_var.dtype == var.dtype:
+                torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], factor)
+            else:
+                running_mean.lerp_(mean.to(running_mean.dtype), factor)
+                running_var.lerp_(unbiased.to(running_var.dtype), factor)
     return y
 
 

@@ -240,20 +240,22 @@ class BatchGroupNorm(nn.Module):
                         f"or a num_groups that divides C"
                     )
             self._validated = ((x.shape[1:], self.training, g, self.feature_numel), d)
-        use_batch_stats = self.training or not self.track_running_stats
-        momentum = self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
+        return self._normalize(x, g, d, name)
+
+    def _normalize(self, x: Tensor, num_groups: int, feature_numel: int, name: str) -> Tensor:
+        """Apply the op to a validated input (``SyncBatchGroupNorm`` applies the synchronized one)."""
         return _batch_group_norm(
             x,
-            g,
-            d,
+            num_groups,
+            feature_numel,
             self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
             self.weight,
             self.bias,
-            use_batch_stats,
-            momentum,
+            self.training or not self.track_running_stats,
+            self.momentum,
             self.eps,
             self.num_batches_tracked,
             name,

@@ -100,14 +100,14 @@ def run_ddp(tmp_path, mode: str) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def check_ddp_run(tmp_path, reports: list[dict], norm_type: str) -> None:
+def check_ddp_run(tmp_path, reports: list[dict], norm_type: str, groups: int = 2) -> None:
     for report in reports:
         assert report["world_size"] == 2
         assert report["wrapped"] == "DistributedDataParallel"
         assert report["norm_type"] == norm_type and report["is_norm"]
         assert not report["batchnorm_left"]
         assert report["optimizer_is_model"]
-        assert report["num_groups"] == 2  # auto: C * N / 32 = 8 * 8 / 32, fixed after the DDP wrap
+        assert report["num_groups"] == groups  # auto: C * N / 32 = 8 * 8 / 32, fixed after the DDP wrap
         assert report["steps"] == 4  # 32 samples / 2 ranks / batch 8, 2 epochs
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key, value in states[0].items():
@@ -117,7 +117,7 @@ def check_ddp_run(tmp_path, reports: list[dict], norm_type: str) -> None:
     # the checkpoint rebuilds the swapped model in this (single) process
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert ckpt["callbacks"]["NormSwap"]["kwargs"] == {"num_groups": "auto"}
-    assert ckpt["state_dict"]["net.1.running_mean"].shape == (2,)
+    assert ckpt["state_dict"]["net.1.running_mean"].shape == (groups,)
 
 
 def test_ddp_fit_with_auto_groups(tmp_path):
@@ -135,5 +135,6 @@ def test_ddp_fit_with_auto_groups(tmp_path):
                     reason="bgn_lightning.sync (SyncBatchGroupNorm) is not in the tree yet")
 def test_ddp_fit_with_sync_batchgroupnorm(tmp_path):
     reports = run_ddp(tmp_path, "sync")
-    check_ddp_run(tmp_path, reports, reports[0]["norm_type"])
+    # synchronized statistics pool both ranks' batches: auto-G sees the global batch, 8 * 16 / 32
+    check_ddp_run(tmp_path, reports, reports[0]["norm_type"], groups=4)
     assert reports[0]["norm_type"] != "BatchGroupNorm2d"
