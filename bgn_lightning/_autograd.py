@@ -292,12 +292,7 @@ class _BatchGroupNormFunction(torch.autograd.Function):
         cell_weight = cell_affine(weight, lay, table.dtype)
         ctx.num_groups, ctx.eps, ctx.layout = num_groups, eps, lay
         ctx.save_for_backward(x, weight, bias, table, cells, cell_weight)
-        y = normalize(x, cells, cell_weight, cell_affine(bias, lay, table.dtype), eps, lay)
-        # When groups do not align with channels, y is a view of an intermediate, and autograd
-        # forbids in-place ops (ReLU(inplace=True)) on views made inside a Function. detach()
-        # aliases y without a copy and without the view bookkeeping. Regression test:
-        # tests/test_common_backbones.py::test_small_cnn_bgn_trains_when_auto_groups_exceed_channels
-        return y.detach()
+        return normalize(x, cells, cell_weight, cell_affine(bias, lay, table.dtype), eps, lay)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
