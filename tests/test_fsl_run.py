@@ -68,3 +68,15 @@ def test_maml_needs_equal_train_and_test_ways(tmp_path, glyph_root):
             "--data.train_ways", "10"]
     with pytest.raises(ValueError, match="train_ways=10, ways=5"):
         run_task("fsl", argv)
+
+
+@pytest.mark.parametrize("norm", ["bgn", "bn", "gn"])
+def test_default_config_at_full_width_runs_a_step_of_everything(tmp_path, glyph_root, norm):
+    """The headline config's real shapes (Conv-4 64, 20-way training episodes of 120 images: BGN's
+    auto-G exceeds C) through one training, validation and test batch."""
+    argv = ["--norm", norm, "--data-dir", str(glyph_root), "--output", str(tmp_path),
+            "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false",
+            "--data.val_episodes", "2", "--data.test_episodes", "2"]
+    assert run_task("fsl", argv) == 0
+    metrics = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    assert 0.0 <= metrics["test/acc"] <= 1.0
