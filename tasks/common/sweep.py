@@ -20,7 +20,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +155,9 @@ def _context(task: str) -> mp.context.BaseContext:
     return ctx
 
 
-def run_grid(grid: Grid, on_outcome: Any = None) -> list[CellOutcome]:
+def run_grid(
+    grid: Grid, on_outcome: Callable[[int, int, CellOutcome], None] | None = None
+) -> list[CellOutcome]:
     """Run every cell of ``grid`` that has no ``results.json`` yet; return one outcome per cell.
 
     Args:
