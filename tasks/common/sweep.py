@@ -7,8 +7,8 @@ leftovers of an interrupted cell (no ``results.json``) are removed and the cell 
 
 Cells run in processes forked from a ``forkserver`` that has imported torch, Lightning and the
 task once: a crash (or an out-of-memory kill) takes down only its cell, and the ~10 s import
-cost is not paid per run. ``jobs > 1`` runs cells concurrently, each with
-``threads`` intra-op threads.
+cost is not paid per run. A run ends itself when the bench process is killed. ``jobs > 1``
+runs cells concurrently, each with ``threads`` intra-op threads.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -126,18 +127,36 @@ class Grid:
         return argv
 
 
-def _run_in_child(argv: list[str], log_path: str, threads: int) -> None:
-    """Process target: run ``bgn-task argv`` with stdout and stderr sent to ``log_path``."""
+def _exit_when_gone(pid: int, poll_s: float = 1.0) -> None:
+    """Thread target: end this process once process ``pid`` (the bench) no longer exists."""
+    while True:
+        time.sleep(poll_s)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(143)
+        except PermissionError:  # exists, owned by someone else: not ours to judge
+            pass
+
+
+def _run_in_child(argv: list[str], log_path: str, threads: int, bench_pid: int) -> None:
+    """Process target: run ``bgn-task argv`` with stdout and stderr sent to ``log_path``.
+
+    The run ends itself when the bench process ``bench_pid`` is killed, so a killed sweep
+    leaves no run behind (its cell has no results.json and runs again on resume).
+    """
     import torch
 
     from tasks.cli import main
 
+    threading.Thread(target=_exit_when_gone, args=(bench_pid,), daemon=True).start()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    print(f"$ bgn-task {shlex.join(argv)}  [pid {os.getpid()}]", flush=True)
     torch.set_num_threads(threads)
     try:
         code = main(argv)
@@ -183,7 +202,8 @@ def run_grid(
             directory.mkdir(parents=True)
             start = time.perf_counter()
             process = ctx.Process(
-                target=_run_in_child, args=(grid.run_argv(cell), str(directory / RUN_LOG), threads)
+                target=_run_in_child,
+                args=(grid.run_argv(cell), str(directory / RUN_LOG), threads, os.getpid()),
             )
             process.start()
             process.join()
