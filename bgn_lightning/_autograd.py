@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
@@ -69,7 +68,6 @@ class Layout(NamedTuple):
     channels_are_cells: bool  # G divides C: the kernels run on x itself, any memory format
 
 
-@lru_cache(maxsize=1024)
 def layout(num_channels: int, spatial: int, num_groups: int) -> Layout:
     """The cell layout for ``C = num_channels``, ``prod(S) = spatial`` and ``G = num_groups``."""
     if num_channels % num_groups == 0:
@@ -224,7 +222,8 @@ def _eval_cells(
     per-cell copies (a few small ops) costs more than the normalization itself. An entry is
     reused only while the buffers (and weight and bias, when they are repeated per cell) keep
     their identity and version counter, so any in-place update, reload or ``resize_`` invalidates
-    it; weight and bias that need a gradient, and inference tensors, are never memoized.
+    it; weight and bias that need a gradient, inference tensors and traced (compiled) calls are
+    never memoized.
     """
     repeat_affine = lay.cells_per_channel > 1
 
@@ -232,7 +231,7 @@ def _eval_cells(
         stats = repeat_cells(torch.stack((cast(mean, dtype), cast(var, dtype))), lay.cells_per_group)
         return stats[0], stats[1], cell_affine(weight, lay, dtype), cell_affine(bias, lay, dtype)
 
-    if var.is_inference() or mean.is_inference() or (
+    if torch.compiler.is_compiling() or var.is_inference() or mean.is_inference() or (
         repeat_affine and torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (weight, bias))
     ):
