@@ -1,10 +1,14 @@
-"""`bgn-task bench`: a 2x2 grid runs, resumes after a simulated interruption and writes its reports."""
+"""`bgn-task bench`: a 2x2 grid is killed mid-run, resumes, and writes its reports; grid options."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,36 +23,54 @@ RUN_ARGS = [
 ]  # fmt: skip
 
 
-def _bench(out: Path, *extra: str) -> list[str]:
+def _bench(out: Path, epochs: str = "1") -> list[str]:
     return ["bench", "--task", "classification", "--norms", "bn,bgn", "--batch-sizes", "4,8", "--seeds", "0",
-            "--max-epochs", "1", "--threads", "1", "--output", str(out), *extra, "--", *RUN_ARGS]  # fmt: skip
+            "--max-epochs", epochs, "--threads", "1", "--output", str(out), "--", *RUN_ARGS]  # fmt: skip
 
 
-def test_grid_resumes_after_interruption_and_writes_reports(tmp_path: Path, caplog) -> None:
+def _wait_for(condition, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_killed_grid_resumes_and_writes_reports(tmp_path: Path, caplog) -> None:
     out = tmp_path / "sweep"
+    done, victim = (out / "classification" / "bn" / f"bs{b}" / "seed0" for b in (4, 8))
+    # 1. The bench in its own process; its second run (bn, B=8, 500 epochs) is killed with it.
+    argv = [sys.executable, "-m", "tasks.cli", *_bench(out, epochs="4:1,8:500")]
+    bench = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (done / "results.json").is_file() and "[pid " in _read(victim / "run.log"))
+    finally:
+        bench.kill()
+        bench.wait()
+    run_pid = int(re.search(r"\[pid (\d+)\]", _read(victim / "run.log")).group(1))
+    _wait_for(lambda: not _alive(run_pid), timeout=10)  # the run ended itself with the bench
+    assert not (victim / "results.json").exists() and not (out / "results.md").exists()
+    finished = (done / "results.json").read_text()
+
+    # 2. Re-running resumes: the finished run is skipped, the killed one starts again, the rest run.
     caplog.set_level(logging.INFO, logger="tasks")
-    assert main(_bench(out)) == 0
-    cells = [out / "classification" / n / f"bs{b}" / "seed0" for n in ("bn", "bgn") for b in (4, 8)]
-    assert all((c / "results.json").is_file() and (c / "run.log").is_file() for c in cells)
-    first = {c: (c / "results.json").read_text() for c in cells}
-    assert json.loads(first[cells[3]])["batch_size"] == 8 and json.loads(first[cells[3]])["norm"] == "bgn"
-
-    # Simulate a run killed mid-way: no results.json, leftovers in its directory, reports not yet written.
-    victim = cells[3]
-    (victim / "results.json").unlink()
-    (victim / "leftover.ckpt").write_text("partial")
-    for name in ("results.csv", "results.md", "accuracy_vs_batch_size.png"):
-        (out / name).unlink()
-    caplog.clear()
-    assert main(_bench(out)) == 0
-
+    assert main(_bench(out, epochs="1")) == 0
     lines = [r.getMessage() for r in caplog.records if "bs=" in r.getMessage()]
-    assert len(lines) == 4 and sum("skipped" in line for line in lines) == 3
-    assert any(
-        line.startswith("[4/4] bgn bs=8 seed=0: test/acc=") and "skipped" not in line for line in lines
-    )
-    assert (victim / "results.json").is_file() and not (victim / "leftover.ckpt").exists()
-    assert all((c / "results.json").read_text() == first[c] for c in cells[:3])  # finished runs untouched
+    assert len(lines) == 4 and [line for line in lines if "skipped" in line] == [
+        "[1/4] bn bs=4 seed=0: test/acc="
+        + f"{json.loads(finished)['metrics']['test/acc']:.4f} (done before, skipped)"
+    ]
+    assert (done / "results.json").read_text() == finished
+    record = json.loads((victim / "results.json").read_text())
+    assert (record["norm"], record["batch_size"], record["epochs"]) == ("bn", 8, 1)
 
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -63,6 +85,10 @@ def test_grid_resumes_after_interruption_and_writes_reports(tmp_path: Path, capl
         "| norm | B = 4 | B = 8 |" in md and "| bgn |" in md and "bgn-task bench --task classification" in md
     )
     assert (out / "accuracy_vs_batch_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
 
 
 def test_failed_runs_are_reported_and_retried(tmp_path: Path, caplog) -> None:
