@@ -141,8 +141,8 @@ def _norms() -> list[str]:
 
 def _shortcut_help() -> str:
     return (
-        "shortcuts: --norm NAME, --groups G|auto, --batch-size N, --data NAME, --data-dir PATH, "
-        "--download, --max-epochs E, --seed S, --output DIR, --accelerator A, --devices D"
+        "Shortcuts: --norm NAME, --groups G|auto, --batch-size N, --data NAME, --data-dir PATH, "
+        "--download, --max-epochs E, --seed S, --output DIR, --accelerator A, --devices D."
     )
 
 
@@ -258,7 +258,10 @@ def run_task(task: str, argv: Sequence[str]) -> int:
     module = load_task(task)
     start = time.perf_counter()
     config = default_config(task)
-    description = f"{PROG} {task}: fit, test, write results.json.\nnorms: {', '.join(_norms())}\n"
+    description = (
+        f"{PROG} {task}: fit, test the best checkpoint, write <output>/results.json. "
+        f"Norms: {', '.join(_norms())}. "
+    )
     cli_class = _make_cli_class(
         task, getattr(module, "ARGUMENT_LINKS", ()), getattr(module.DATAMODULE_CLASS, "DATASETS", None)
     )
