@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bgn_lightning import BatchGroupNorm2d
-from tasks.fsl.episodes import learn2learn
+from tasks.fsl.episodes import Episode, learn2learn
 from tasks.fsl.maml import maml_episode
 from tasks.fsl.module import FewShotModule, mean_ci95
 from tasks.fsl.protonet import EmbeddingCache, protonet_logits, prototype_logits, prototypes
@@ -125,6 +125,15 @@ def test_module_builds_norms_per_algorithm():
     assert len(bn) == 4 and not any(m.track_running_stats for m in bn)  # transductive
     head = maml.learner.module[1]
     assert (head.in_features, head.out_features) == (8, 5)
+    # BGN's auto-G is still open after building; the first support set (5 images) fixes it on the
+    # meta-parameters: G = C * 5 / 32 -> 8 for C = 64
+    auto = FewShotModule(norm="bgn", algorithm="maml", in_channels=1, input_size=28, num_classes=5)
+    layers = [m for m in auto.learner.modules() if isinstance(m, BatchGroupNorm2d)]
+    assert [m.num_groups for m in layers] == [None] * 4
+    support, labels, query = torch.randn(5, 1, 28, 28), torch.arange(5), torch.randn(10, 1, 28, 28)
+    ids = torch.arange(15)
+    auto._episode_logits(Episode(support, labels, query, labels.repeat(2), ids[:5], ids[5:]), training=True)
+    assert [m.num_groups for m in layers] == [8] * 4 and not any(m.track_running_stats for m in layers)
     mini = FewShotModule(norm="gn", algorithm="maml", hidden=8, in_channels=3, input_size=84, num_classes=5)
     assert mini.learner.module[1].in_features == 8 * 5 * 5
     with pytest.raises(ValueError, match="algorithm must be 'protonet' or 'maml'"):

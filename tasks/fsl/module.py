@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Literal
 
@@ -254,13 +255,12 @@ class FewShotModule(LightningModule):
 
 
 def _feature_dim(backbone: nn.Module, in_channels: int, input_size: int) -> int:
-    """Output features of ``backbone`` for one image, from an eval-mode no-grad forward.
+    """Output features of ``backbone`` for one image, from a no-grad forward of a throw-away copy.
 
-    Eval mode leaves every norm's state alone (BGN's auto-G is fixed only by a training forward).
+    A copy, because a forward may fix lazy layer state (BGN's auto-G, from the batch size) even in
+    eval mode when the layer keeps no running statistics.
     """
-    was_training = backbone.training
-    backbone.eval()
+    probe = copy.deepcopy(backbone).eval()
     with torch.no_grad():
-        features = backbone(torch.zeros(1, in_channels, input_size, input_size))
-    backbone.train(was_training)
+        features = probe(torch.zeros(2, in_channels, input_size, input_size))
     return features.shape[-1]
