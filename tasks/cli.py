@@ -38,6 +38,7 @@ __all__ = [
     "available_tasks",
     "bench_main",
     "main",
+    "pop_threads",
     "run_task",
     "translate_shortcuts",
 ]
@@ -133,6 +134,25 @@ def translate_shortcuts(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def pop_threads(argv: Sequence[str]) -> tuple[int | None, list[str]]:
+    """Take ``--threads N`` (torch intra-op threads for the run) out of ``argv``.
+
+    Raises:
+        UsageError: when the value is not a positive int.
+    """
+    rest, threads = list(argv), None
+    for i, arg in enumerate(rest):
+        flag, eq, value = arg.partition("=")
+        if flag == "--threads":
+            value = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"--threads needs a positive int, got {value!r}")
+            del rest[i : i + (1 if eq else 2)]
+            threads = int(value)
+            break
+    return threads, rest
+
+
 def _norms() -> list[str]:
     from bgn_lightning import available_norms
 
@@ -142,7 +162,8 @@ def _norms() -> list[str]:
 def _shortcut_help() -> str:
     return (
         "Shortcuts: --norm NAME, --groups G|auto, --batch-size N, --data NAME, --data-dir PATH, "
-        "--download, --max-epochs E, --seed S, --output DIR, --accelerator A, --devices D."
+        "--download, --max-epochs E, --seed S, --output DIR, --accelerator A, --devices D, "
+        "--threads T (torch CPU threads; 1 is fastest for small models on a busy CPU)."
     )
 
 
@@ -153,7 +174,7 @@ def usage() -> str:
         [
             f"usage: {PROG} <task> [--norm NAME] [--groups G|auto] [--batch-size N] [--data NAME]",
             "                [--data-dir PATH] [--download] [--max-epochs E] [--seed S] [--output DIR]",
-            "                [--accelerator A] [--devices D] [--config FILE] [--print_config]",
+            "                [--accelerator A] [--devices D] [--threads T] [--config FILE] [--print_config]",
             "                [--trainer.* / --model.* / --data.* ...]",
             f"       {PROG} bench --task TASK --norms a,b --batch-sizes 2,4 --seeds 0,1 [--max-epochs E]",
             "                [--output DIR] [--config GRID.yaml] [--jobs J] [-- extra run args]",
@@ -257,6 +278,12 @@ def run_task(task: str, argv: Sequence[str]) -> int:
 
     module = load_task(task)
     start = time.perf_counter()
+    command = [PROG, task, *argv]
+    threads, argv = pop_threads(argv)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     config = default_config(task)
     description = (
         f"{PROG} {task}: fit, test the best checkpoint, write <output>/results.json. "
@@ -307,7 +334,7 @@ def run_task(task: str, argv: Sequence[str]) -> int:
                 "fit_time_s": fit_time,
                 "test_time_s": test_time,
             },
-            command=[PROG, task, *argv],
+            command=command,
             hparams=dict(model.hparams),
         )
         path = write_results(cli.config.trainer.default_root_dir, record)

@@ -8,10 +8,11 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tasks import cli
-from tasks.cli import UsageError, available_tasks, main, translate_shortcuts
+from tasks.cli import UsageError, available_tasks, main, pop_threads, translate_shortcuts
 
 QUICK = [
     "--max-epochs", "1", "--accelerator", "cpu", "--trainer.limit_train_batches", "3",
@@ -30,6 +31,14 @@ def test_translate_shortcuts_maps_every_flag() -> None:
         "--trainer.default_root_dir", "o", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
         "--data.download", "true", "--trainer.max_steps", "5", "--config", "c.yaml",
     ]  # fmt: skip
+
+
+def test_pop_threads() -> None:
+    assert pop_threads(["--norm", "bn", "--threads", "1", "-x"]) == (1, ["--norm", "bn", "-x"])
+    assert pop_threads(["--threads=3"]) == (3, [])
+    assert pop_threads(["--norm", "bn"]) == (None, ["--norm", "bn"])
+    with pytest.raises(UsageError, match="--threads needs a positive int, got '0'"):
+        pop_threads(["--threads", "0"])
 
 
 def test_translate_shortcuts_needs_a_value() -> None:
@@ -104,8 +113,12 @@ def test_config_file_then_later_flags_override(tmp_path: Path, capsys) -> None:
 
 def test_run_writes_results_logs_and_tests_the_best_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["classification", "--norm", "bgn", "--batch-size", "8", "--seed", "1", *QUICK,
-                 "--output", str(out)]) == 0  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--norm", "bgn", "--batch-size", "8", "--seed", "1", "--threads", "1", *QUICK]
+        assert main(["classification", *argv, "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     record = json.loads((out / "results.json").read_text())
     assert (record["task"], record["norm"], record["groups"], record["batch_size"], record["seed"]) == (
         "classification", "bgn", "auto", 8, 1
@@ -120,6 +133,7 @@ def test_run_writes_results_logs_and_tests_the_best_checkpoint(tmp_path: Path) -
     assert record["config"]["model"]["norm"] == "bgn" and record["config"]["trainer"]["max_epochs"] == 1
     assert record["hparams"]["num_classes"] == 10 and record["hparams"]["in_channels"] == 1
     assert record["versions"]["lightning"] and record["command"][:2] == ["bgn-task", "classification"]
+    assert record["torch_threads"] == 1 and "--threads" in record["command"]
     assert (out / "csv" / "metrics.csv").is_file() and list((out / "tensorboard").glob("events.*"))
     assert (out / "csv" / "config.yaml").is_file()
 

@@ -19,6 +19,7 @@ epochs          training epochs completed
 global_step     optimizer steps taken
 checkpoint      checkpoint tested (path) or ``null`` for the in-memory weights
 wall_time_s     seconds from start of set-up to results (float); also ``fit_time_s``, ``test_time_s``
+torch_threads   torch intra-op CPU threads of the run
 versions        python, platform and package versions
 command         the argument list of the run
 config          the full resolved LightningCLI config (dict)
@@ -137,6 +138,7 @@ def results_record(
         "global_step": global_step,
         "checkpoint": checkpoint,
         **{key: round(float(v), 3) for key, v in times.items()},
+        "torch_threads": torch.get_num_threads(),
         "versions": package_versions(),
         "command": list(command),
         "config": config,
