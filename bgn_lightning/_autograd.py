@@ -236,8 +236,8 @@ def _eval_cells(
         and any(t is not None and t.requires_grad for t in (weight, bias))
     ):
         return build()
-    key: tuple[Any, ...] = (id(mean), mean._version, var._version, lay, dtype,
-                            torch.is_inference_mode_enabled())
+    key: tuple[Any, ...] = (id(mean), mean._version, var._version, lay.cells_per_group,
+                            lay.cells_per_channel, dtype, torch.is_inference_mode_enabled())
     if repeat_affine:
         key += tuple(None if t is None else (id(t), t._version) for t in (weight, bias))
     var_id = id(var)
