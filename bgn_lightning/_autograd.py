@@ -209,35 +209,29 @@ def normalize(x: Tensor, cells: Tensor, weight: Tensor | None, bias: Tensor | No
     return y if lay.channels_are_cells else _aten._unsafe_view(y, x.shape)
 
 
-# id(running_var) -> (weakref, key, cells): per-cell eval statistics, dropped with the buffer.
+# id(running_var) -> (weakref, key, value): eval-mode per-cell tensors, dropped with the buffer.
 _EVAL_CACHE: dict[int, tuple[weakref.ref, tuple[Any, ...], tuple[Tensor | None, ...]]] = {}
 
 
-def _eval_cells(
-    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, lay: Layout, dtype: torch.dtype
+def _memoized(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, repeat_affine: bool,
+    key: tuple[Any, ...], build: Callable[[], tuple[Tensor | None, ...]],
 ) -> tuple[Tensor | None, ...]:
-    """Per-cell running statistics and affine for eval mode, memoized on the buffers.
+    """``build()``, memoized on the running-statistics buffers for eval mode.
 
     Eval mode reuses the same buffers call after call, and on small inputs recomputing their
     per-cell copies (a few small ops) costs more than the normalization itself. An entry is
-    reused only while the buffers (and weight and bias, when they are repeated per cell) keep
-    their identity and version counter, so any in-place update, reload or ``resize_`` invalidates
-    it; weight and bias that need a gradient, inference tensors and traced (compiled) calls are
+    reused only while the buffers (and weight and bias, when ``build`` uses them) keep their
+    identity and version counter, so any in-place update, reload or ``resize_`` invalidates it;
+    weight and bias that need a gradient, inference tensors and traced (compiled) calls are
     never memoized.
     """
-    repeat_affine = lay.cells_per_channel > 1
-
-    def build() -> tuple[Tensor | None, ...]:
-        stats = repeat_cells(torch.stack((cast(mean, dtype), cast(var, dtype))), lay.cells_per_group)
-        return stats[0], stats[1], cell_affine(weight, lay, dtype), cell_affine(bias, lay, dtype)
-
     if torch.compiler.is_compiling() or var.is_inference() or mean.is_inference() or (
         repeat_affine and torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (weight, bias))
     ):
         return build()
-    key: tuple[Any, ...] = (id(mean), mean._version, var._version, lay.cells_per_group,
-                            lay.cells_per_channel, dtype, torch.is_inference_mode_enabled())
+    key += (id(mean), mean._version, var._version, torch.is_inference_mode_enabled())
     if repeat_affine:
         key += tuple(None if t is None else (id(t), t._version) for t in (weight, bias))
     var_id = id(var)
@@ -245,8 +239,54 @@ def _eval_cells(
     if entry is None or entry[1] != key or entry[0]() is not var:
         entry = (weakref.ref(var, lambda _: _EVAL_CACHE.pop(var_id, None)), key, build())
         _EVAL_CACHE[var_id] = entry
-    cells = entry[2]
+    return entry[2]
+
+
+def _eval_cells(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, lay: Layout, dtype: torch.dtype
+) -> tuple[Tensor | None, ...]:
+    """Per-cell running mean and variance, weight and bias (memoized, see :func:`_memoized`)."""
+    repeat_affine = lay.cells_per_channel > 1
+
+    def build() -> tuple[Tensor | None, ...]:
+        stats = repeat_cells(torch.stack((cast(mean, dtype), cast(var, dtype))), lay.cells_per_group)
+        if not repeat_affine:
+            return stats[0], stats[1]
+        return stats[0], stats[1], cell_affine(weight, lay, dtype), cell_affine(bias, lay, dtype)
+
+    cells = _memoized(mean, var, weight, bias, repeat_affine,
+                      ("cells", lay.cells_per_group, lay.cells_per_channel, dtype), build)
     return cells if repeat_affine else (cells[0], cells[1], weight, bias)
+
+
+def _eval_split_channels(
+    x: Tensor, num_groups: int, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Eval mode for ``G = k * C`` on a channels-last input, without copies.
+
+    ``x`` viewed as ``(N, C, k, prod(S) / k)`` is a channels-last view; one broadcast ``addcmul``
+    with a ``(C, k)`` scale and shift writes the channels-last output.
+    """
+    n, c = x.shape[0], x.shape[1]
+    dtype = compute_dtype(x)
+
+    def build() -> tuple[Tensor, ...]:
+        scale = (cast(var, dtype) + eps).rsqrt_().view(c, -1)
+        if weight is not None:
+            scale = scale * cast(weight, dtype)[:, None]
+        shift = cast(mean, dtype).view(c, -1) * scale
+        shift = shift.neg_() if bias is None else shift.neg_().add_(cast(bias, dtype)[:, None])
+        return scale[..., None], shift[..., None]
+
+    scale, shift = _memoized(mean, var, weight, bias, True, ("split", dtype, eps), build)
+    grid = (n, c, num_groups // c, -1)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
+        return torch.addcmul(shift, x.reshape(grid), scale).view(x.shape).contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    out = torch.empty_like(x)
+    torch.addcmul(shift, x.view(grid), scale, out=out.view(grid))
+    return out
 
 
 def batch_group_norm_eval(
@@ -260,6 +300,8 @@ def batch_group_norm_eval(
 ) -> Tensor:
     """Normalize with given per-group statistics (eval mode); differentiable by native autograd."""
     lay = layout(x.shape[1], _spatial(x), num_groups)
+    if not lay.channels_are_cells and num_groups % x.shape[1] == 0 and _channels_last(x):
+        return _eval_split_channels(x, num_groups, mean, var, weight, bias, eps)
     xc, fmt = (x, None) if lay.channels_are_cells else contiguous_for_cells(x, lay)
     cell_mean, cell_var, cell_weight, cell_bias = _eval_cells(mean, var, weight, bias, lay, compute_dtype(x))
     y = _batch_norm_eval(_cells(xc, lay), cell_mean, cell_var, cell_weight, cell_bias, eps)

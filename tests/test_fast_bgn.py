@@ -152,13 +152,15 @@ def test_saves_the_input_once_and_only_small_statistics(groups: int, channels_la
     assert bgn_bytes - bn_bytes <= 8 * (groups + 16) * x.element_size()
 
 
-def test_eval_statistics_memo_follows_the_buffers() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eval_statistics_memo_follows_the_buffers(channels_last: bool) -> None:
     torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for groups in (2, 16):  # stats repeated per channel; weight and bias repeated per group
         layer = BatchGroupNorm2d(4, num_groups=groups)
         layer(torch.randn(8, 4, 4, 4))
         layer.eval()
-        x = torch.randn(2, 4, 4, 4)
+        x = torch.randn(2, 4, 4, 4).contiguous(memory_format=fmt)
         with torch.no_grad():
             first = layer(x)
             layer.running_mean.add_(1.0)
@@ -173,6 +175,10 @@ def test_eval_statistics_memo_follows_the_buffers() -> None:
         assert not torch.allclose(first, shifted) and not torch.allclose(shifted, doubled)
         torch.testing.assert_close(reloaded, reference_eval(x, layer))
         assert not torch.allclose(reloaded, doubled)
+        assert reloaded.is_contiguous(memory_format=fmt)
+        x.requires_grad_()  # eval mode with gradients (e.g. adversarial attacks on a frozen net)
+        layer(x).sum().backward()
+        torch.testing.assert_close(x.grad, torch.autograd.grad(reference_eval(x, layer).sum(), x)[0])
 
 
 def reference_eval(x: torch.Tensor, layer: BatchGroupNorm) -> torch.Tensor:
