@@ -255,6 +255,32 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[Row]) -> str:
+    """One markdown row per (shape, G): the four BGN / BN ratios and the memory figures."""
+    cases: dict[tuple[tuple[int, ...], int], dict[str, Row]] = {}
+    for r in rows:
+        cases.setdefault((r.shape, r.groups), {})[f"{r.mode} {r.memory_format}"] = r
+    lines = [
+        "| shape (N,C,H,W) | G | BN train ms | BGN/BN train | train, channels-last | BN eval ms "
+        "| BGN/BN eval | eval, channels-last | saved for backward, BGN - BN | peak, BGN / BN |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(row: Row) -> str:
+        return f"{row.ratio:.2f}" + ("" if row.ok else " ✗")
+
+    for (shape, groups), by in cases.items():
+        train, eval_ = by["train contiguous"], by["eval contiguous"]
+        e = train.extra
+        lines.append(
+            f"| {'x'.join(map(str, shape))} | {groups}{' (=C)' if groups == shape[1] else ''} "
+            f"| {train.bn_ms:.2f} | {ratio(train)} | {ratio(by['train channels_last'])} "
+            f"| {eval_.bn_ms:.3f} | {ratio(eval_)} | {ratio(by['eval channels_last'])} "
+            f"| {e['saved_extra_bytes']:+d} B | {e['peak_bytes_bgn'] / e['peak_bytes_bn']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """What the numbers depend on: versions, device, threads and the machine's load."""
     env = {
@@ -294,6 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None, help="seconds of rounds per train case")
     parser.add_argument("--shapes", default=None, help="N,C,H,W;N,C,H,W;... instead of the suite")
     parser.add_argument("--json", default="norm_speed.json", help="where to write the JSON results")
+    parser.add_argument("--markdown", default=None, help="also write a markdown summary table here")
     parser.add_argument("--check", action="store_true", help="exit 1 if a row misses its target")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (7 if args.quick else 11)
@@ -347,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print(f"JSON written to {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(rows) + "\n")
+        print(f"markdown table written to {args.markdown}")
     return 1 if args.check and failures else 0
 
 
