@@ -38,7 +38,6 @@ __all__ = [
     "available_tasks",
     "bench_main",
     "main",
-    "pop_threads",
     "run_task",
     "translate_shortcuts",
 ]
@@ -134,25 +133,6 @@ def translate_shortcuts(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def pop_threads(argv: Sequence[str]) -> tuple[int | None, list[str]]:
-    """Take ``--threads N`` (torch intra-op threads for the run) out of ``argv``.
-
-    Raises:
-        UsageError: when the value is not a positive int.
-    """
-    rest, threads = list(argv), None
-    for i, arg in enumerate(rest):
-        flag, eq, value = arg.partition("=")
-        if flag == "--threads":
-            value = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
-            if not value.isdigit() or int(value) < 1:
-                raise UsageError(f"--threads needs a positive int, got {value!r}")
-            del rest[i : i + (1 if eq else 2)]
-            threads = int(value)
-            break
-    return threads, rest
-
-
 def _norms() -> list[str]:
     from bgn_lightning import available_norms
 
@@ -162,8 +142,8 @@ def _norms() -> list[str]:
 def _shortcut_help() -> str:
     return (
         "Shortcuts: --norm NAME, --groups G|auto, --batch-size N, --data NAME, --data-dir PATH, "
-        "--download, --max-epochs E, --seed S, --output DIR, --accelerator A, --devices D, "
-        "--threads T (torch CPU threads; 1 is fastest for small models on a busy CPU)."
+        "--download, --max-epochs E, --seed S, --output DIR, --accelerator A, --devices D. "
+        "--threads T sets torch's CPU threads (1 is fastest for small models on a busy CPU)."
     )
 
 
@@ -219,6 +199,13 @@ def _make_cli_class(task: str, links: Sequence[tuple[str, str]], datasets: Seque
         """LightningCLI with the task's links, early name checks, default output dir and loggers."""
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_argument(
+                "--threads",
+                type=int | None,
+                default=None,
+                help="torch intra-op CPU threads (null: torch's default, one per core). Small models on a "
+                "busy CPU run fastest with 1.",
+            )
             for source, target in links:
                 parser.link_arguments(source, target, apply_on="instantiate")
 
@@ -229,6 +216,12 @@ def _make_cli_class(task: str, links: Sequence[tuple[str, str]], datasets: Seque
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config
+            if cfg.get("threads") is not None:
+                if cfg.threads < 1:
+                    raise UsageError(f"--threads must be a positive int or null, got {cfg.threads}")
+                import torch
+
+                torch.set_num_threads(cfg.threads)
             norm = cfg.model.get("norm")
             if cfg.trainer.get("default_root_dir") is None:
                 stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -279,11 +272,6 @@ def run_task(task: str, argv: Sequence[str]) -> int:
     module = load_task(task)
     start = time.perf_counter()
     command = [PROG, task, *argv]
-    threads, argv = pop_threads(argv)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     config = default_config(task)
     description = (
         f"{PROG} {task}: fit, test the best checkpoint, write <output>/results.json. "

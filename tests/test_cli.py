@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from tasks import cli
-from tasks.cli import UsageError, available_tasks, main, pop_threads, translate_shortcuts
+from tasks.cli import UsageError, available_tasks, main, translate_shortcuts
 
 QUICK = [
     "--max-epochs", "1", "--accelerator", "cpu", "--trainer.limit_train_batches", "3",
@@ -31,14 +31,6 @@ def test_translate_shortcuts_maps_every_flag() -> None:
         "--trainer.default_root_dir", "o", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
         "--data.download", "true", "--trainer.max_steps", "5", "--config", "c.yaml",
     ]  # fmt: skip
-
-
-def test_pop_threads() -> None:
-    assert pop_threads(["--norm", "bn", "--threads", "1", "-x"]) == (1, ["--norm", "bn", "-x"])
-    assert pop_threads(["--threads=3"]) == (3, [])
-    assert pop_threads(["--norm", "bn"]) == (None, ["--norm", "bn"])
-    with pytest.raises(UsageError, match="--threads needs a positive int, got '0'"):
-        pop_threads(["--threads", "0"])
 
 
 def test_translate_shortcuts_needs_a_value() -> None:
@@ -72,6 +64,7 @@ def test_no_arguments_prints_usage_and_fails(capsys) -> None:
         (["classification", "--norm", "batchnorm"], "unknown norm 'batchnorm'; choose from: bn, bgn, gn, ln"),
         (["classification", "--data", "imagenet"], "unknown dataset 'imagenet'; choose from: digits"),
         (["classification", "--groups", "0"], "groups must be a positive int or 'auto', got 0"),
+        (["classification", "--threads", "0"], "--threads must be a positive int or null, got 0"),
         (["classification", "--model.backbone", "vgg"], "unknown backbone 'vgg'; choose from: small_cnn"),
         (["bench", "--task", "nope", "--norms", "bn", "--batch-sizes", "2"], "unknown task 'nope'"),
         (["bench", "--task", "classification", "--norms", "bn,x", "--batch-sizes", "2"], "unknown norm 'x'"),
@@ -98,7 +91,7 @@ def test_print_config_shows_shortcuts_over_the_packaged_defaults(capsys) -> None
     assert exit_info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert (config["model"]["norm"], config["data"]["batch_size"], config["seed_everything"]) == ("gn", 8, 3)
-    assert config["data"]["dataset"] == "digits"  # from configs/classification.yaml
+    assert config["data"]["dataset"] == "digits" and config["threads"] == 1  # configs/classification.yaml
     assert config["trainer"]["callbacks"][0]["class_path"].endswith("ModelCheckpoint")
 
 
@@ -115,7 +108,7 @@ def test_run_writes_results_logs_and_tests_the_best_checkpoint(tmp_path: Path) -
     out = tmp_path / "run"
     threads = torch.get_num_threads()
     try:
-        argv = ["--norm", "bgn", "--batch-size", "8", "--seed", "1", "--threads", "1", *QUICK]
+        argv = ["--norm", "bgn", "--batch-size", "8", "--seed", "1", "--threads", "2", *QUICK]
         assert main(["classification", *argv, "--output", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -133,7 +126,7 @@ def test_run_writes_results_logs_and_tests_the_best_checkpoint(tmp_path: Path) -
     assert record["config"]["model"]["norm"] == "bgn" and record["config"]["trainer"]["max_epochs"] == 1
     assert record["hparams"]["num_classes"] == 10 and record["hparams"]["in_channels"] == 1
     assert record["versions"]["lightning"] and record["command"][:2] == ["bgn-task", "classification"]
-    assert record["torch_threads"] == 1 and "--threads" in record["command"]
+    assert record["torch_threads"] == 2 and record["config"]["threads"] == 2
     assert (out / "csv" / "metrics.csv").is_file() and list((out / "tensorboard").glob("events.*"))
     assert (out / "csv" / "config.yaml").is_file()
 

@@ -76,7 +76,7 @@ class Grid:
         run_args: extra ``bgn-task <task>`` arguments for every run (e.g. ``--data mnist``);
             the grid's own flags come after them and win.
         jobs: cells run at once.
-        threads: torch intra-op threads per run (``None``: CPU count // jobs).
+        threads: torch intra-op threads per run, passed as ``--threads`` (``None``: CPU count // jobs).
     """
 
     task: str
@@ -124,7 +124,12 @@ class Grid:
             argv += ["--max-epochs", str(epochs)]
         argv += ["--output", str(cell.directory(self.output, self.task))]
         argv += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+        argv += ["--threads", str(self.threads_per_run())]
         return argv
+
+    def threads_per_run(self) -> int:
+        """``threads``, or the CPU count shared out among ``jobs``."""
+        return self.threads or max(1, (os.cpu_count() or 1) // self.jobs)
 
 
 def _exit_when_gone(pid: int, poll_s: float = 1.0) -> None:
@@ -139,14 +144,12 @@ def _exit_when_gone(pid: int, poll_s: float = 1.0) -> None:
             pass
 
 
-def _run_in_child(argv: list[str], log_path: str, threads: int, bench_pid: int) -> None:
+def _run_in_child(argv: list[str], log_path: str, bench_pid: int) -> None:
     """Process target: run ``bgn-task argv`` with stdout and stderr sent to ``log_path``.
 
     The run ends itself when the bench process ``bench_pid`` is killed, so a killed sweep
     leaves no run behind (its cell has no results.json and runs again on resume).
     """
-    import torch
-
     from tasks.cli import main
 
     threading.Thread(target=_exit_when_gone, args=(bench_pid,), daemon=True).start()
@@ -157,7 +160,6 @@ def _run_in_child(argv: list[str], log_path: str, threads: int, bench_pid: int) 
     os.dup2(fd, 2)
     os.close(fd)
     print(f"$ bgn-task {shlex.join(argv)}  [pid {os.getpid()}]", flush=True)
-    torch.set_num_threads(threads)
     try:
         code = main(argv)
     finally:
@@ -186,7 +188,6 @@ def run_grid(
     """
     cells = grid.cells()
     total = len(cells)
-    threads = grid.threads or max(1, (os.cpu_count() or 1) // grid.jobs)
     ctx = _context(grid.task)
     report = on_outcome or _log_outcome
     outcomes: dict[Cell, CellOutcome] = {}
@@ -203,7 +204,7 @@ def run_grid(
             start = time.perf_counter()
             process = ctx.Process(
                 target=_run_in_child,
-                args=(grid.run_argv(cell), str(directory / RUN_LOG), threads, os.getpid()),
+                args=(grid.run_argv(cell), str(directory / RUN_LOG), os.getpid()),
             )
             process.start()
             process.join()
