@@ -40,6 +40,8 @@ def test_stratified_split_is_fixed_balanced_and_disjoint() -> None:
     again_keep, again_held = stratified_split(labels, 0.2, seed=3)
     assert np.array_equal(held, again_held) and np.array_equal(keep, again_keep)
     assert not np.array_equal(held, stratified_split(labels, 0.2, seed=4)[1])
+    assert np.array_equal(keep, np.sort(keep))
+    assert len(set(labels[held[:10]])) >= 4  # a prefix of the held-out part spans the classes
 
 
 def test_stratified_split_falls_back_when_a_class_is_a_singleton() -> None:

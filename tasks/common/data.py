@@ -67,8 +67,10 @@ def stratified_split(
     """Split indices ``0..n-1`` into (keep, held-out) with ``fraction`` held out, per-class balanced.
 
     The split depends only on ``labels``, ``fraction`` and ``seed`` (not on the run's seed), so
-    every run of a sweep sees the same validation set. Falls back to a plain random split when
-    some class has a single sample or the held-out part is smaller than the number of classes.
+    every run of a sweep sees the same validation set. ``keep`` is sorted; ``held-out`` is in a
+    fixed random order, so that any prefix of it (e.g. Lightning's ``limit_val_batches=0.5``)
+    is a sample of all classes rather than of the first ones. Falls back to a plain random split
+    when some class has a single sample or the held-out part is smaller than the number of classes.
 
     Raises:
         ValueError: when ``fraction`` is not in (0, 1).
@@ -80,7 +82,7 @@ def stratified_split(
     _, counts = np.unique(y, return_counts=True)
     stratify = y if counts.min() >= 2 and round(fraction * len(y)) >= len(counts) else None
     keep, held_out = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
-    return np.sort(keep), np.sort(held_out)
+    return np.sort(keep), np.asarray(held_out)
 
 
 class TransformSubset(Dataset):
