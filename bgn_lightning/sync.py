@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.plugins import LayerSync
+from lightning.pytorch.plugins import LayerSync, TorchSyncBatchNorm
 from torch import Tensor, nn
 
 from . import _autograd as ops
@@ -369,21 +369,29 @@ class BGNSync(LayerSync):
     """Lightning plugin: synchronized BGN statistics under DDP.
 
     ``Trainer(strategy="ddp", plugins=[BGNSync()])`` converts every BatchGroupNorm of the model to
-    :class:`SyncBatchGroupNorm` before DDP wraps it, as ``Trainer(sync_batchnorm=True)`` does for
-    BatchNorm (which leaves BatchGroupNorm alone).
+    :class:`SyncBatchGroupNorm` before DDP wraps it (and back after fitting), as
+    ``Trainer(sync_batchnorm=True)`` does for BatchNorm — which leaves BatchGroupNorm alone, and
+    which Lightning does not combine with another layer-sync plugin: for models that keep BatchNorm
+    layers too, ``BGNSync(batchnorm=True)`` also converts those to ``torch.nn.SyncBatchNorm``.
 
     Args:
         process_group: the group to synchronize over (default: the whole world).
+        batchnorm: also synchronize torch's BatchNorm layers (``torch.nn.SyncBatchNorm``, CUDA only).
     """
 
-    def __init__(self, process_group: ProcessGroup | None = None) -> None:
+    def __init__(self, process_group: ProcessGroup | None = None, batchnorm: bool = False) -> None:
         self.process_group = process_group
+        self.batchnorm = batchnorm
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Convert the model's BatchGroupNorm layers to :class:`SyncBatchGroupNorm`."""
-        return convert_sync_batchgroupnorm(model, self.process_group)
+        """Convert the model's BatchGroupNorm (and, if asked, BatchNorm) layers to synchronized ones."""
+        model = convert_sync_batchgroupnorm(model, self.process_group)
+        if self.batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model, self.process_group)
+        return model
 
     def revert(self, model: nn.Module) -> nn.Module:
-        """Convert the model's :class:`SyncBatchGroupNorm` layers back."""
+        """Convert the synchronized layers back."""
+        if self.batchnorm:
+            model = TorchSyncBatchNorm().revert(model)
         return revert_sync_batchgroupnorm(model)
-

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
@@ -189,3 +190,42 @@ def test_layer_sync_plugin() -> None:
     assert type(model[0]) is SyncBatchGroupNorm and type(model[1]) is nn.BatchNorm2d
     model = plugin.revert(model)
     assert type(model[0]) is BatchGroupNorm2d
+    both = BGNSync(batchnorm=True)
+    model = both.apply(model)
+    assert type(model[0]) is SyncBatchGroupNorm and type(model[1]) is nn.SyncBatchNorm
+    model = both.revert(model)
+    assert type(model[0]) is BatchGroupNorm2d and not isinstance(model[1], nn.SyncBatchNorm)
+
+
+class _Recorder(pl.Callback):
+    def __init__(self) -> None:
+        self.types: list[str] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.types.append(type(pl_module.net[1]).__name__)
+
+
+class _Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), BatchGroupNorm2d(4, num_groups="auto"), nn.Flatten(),
+                                 nn.Linear(4 * 16, 2))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0]).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_plugin_in_a_ddp_trainer(tmp_path: Path) -> None:
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 6, 6))
+    recorder = _Recorder()
+    model = _Net()
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=1, plugins=[BGNSync()], max_steps=2,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[recorder], default_root_dir=tmp_path)
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    assert recorder.types == ["SyncBatchGroupNorm", "SyncBatchGroupNorm"]
+    assert type(model.net[1]) is BatchGroupNorm2d  # reverted after fit
+    assert model.net[1].num_groups == 1 and int(model.net[1].num_batches_tracked) == 2  # 4 * 4 / 32
