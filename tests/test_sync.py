@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,18 @@ class _Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.fixture
+def restore_process_state() -> Any:
+    """A DDP Trainer in this process sets MASTER_PORT & co. and a process group: undo both."""
+    environ = dict(os.environ)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+@pytest.mark.usefixtures("restore_process_state")
 def test_plugin_in_a_ddp_trainer(tmp_path: Path) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(8, 3, 6, 6))
     recorder = _Recorder()
