@@ -4,6 +4,9 @@ Input ``x`` has shape ``(N, C, *S)``. With ``D = C * prod(S)`` and ``G`` groups 
 ``D``), ``x`` is viewed as ``(N, G, D / G)``: group ``g`` is the g-th contiguous chunk of the
 flattened ``(C, *S)`` vector. Each group is normalized with the mean and biased variance of its
 ``N * D / G`` values across the whole batch, then a per-channel affine transform is applied.
+
+The computation (native kernels only, a closed-form backward, float32 statistics under autocast)
+is in :mod:`bgn_lightning._autograd`; ``docs/performance.md`` describes it and its cost.
 """
 
 from __future__ import annotations
@@ -71,7 +74,9 @@ def batch_group_norm(
         num_batches_tracked: counter used when ``momentum`` is ``None``.
 
     Returns:
-        A tensor shaped like ``x``.
+        A tensor shaped like ``x``, with its dtype and memory format (channels-last stays
+        channels-last). Statistics are computed in float32 at least, so bfloat16/float16 inputs
+        (autocast) are normalized with float32 statistics; the running buffers keep their dtype.
 
     Raises:
         ValueError: for a wrong rank, an invalid ``num_groups``, or a single value per statistic
