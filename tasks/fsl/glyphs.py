@@ -299,6 +299,7 @@ def load_glyphs(
                 class_names=np.array(glyphs.class_names),
                 class_splits=np.array(glyphs.class_splits),
             )
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
