@@ -1,4 +1,7 @@
-"""N-way K-shot episodes built with learn2learn's ``MetaDataset``, ``TaskDataset`` and task transforms.
+"""N-way K-shot episodes built with learn2learn's ``MetaDataset``, ``Taskset`` and task transforms.
+
+``Taskset`` is learn2learn's current name of ``TaskDataset`` (the old name warns that it is
+deprecated).
 
 An episode samples ``ways`` classes (``NWays``), ``shots + queries`` images of each (``KShots``),
 loads them (``LoadData``), maps the classes to ``0..ways-1`` in random order (``RemapLabels``) and
@@ -80,7 +83,7 @@ def meta_dataset(dataset: LabeledDataset) -> Any:
 
 
 def taskset(meta: Any, spec: EpisodeSpec, num_tasks: int = -1) -> Any:
-    """A ``learn2learn.data.TaskDataset`` of ``spec`` episodes over the ``MetaDataset`` ``meta``.
+    """A ``learn2learn.data.Taskset`` of ``spec`` episodes over the ``MetaDataset`` ``meta``.
 
     Args:
         meta: from :func:`meta_dataset`.
@@ -108,7 +111,7 @@ def taskset(meta: Any, spec: EpisodeSpec, num_tasks: int = -1) -> Any:
         l2l.data.transforms.RemapLabels(meta),
         l2l.data.transforms.ConsecutiveLabels(meta),
     ]
-    return l2l.data.TaskDataset(meta, task_transforms=transforms, num_tasks=num_tasks)
+    return l2l.data.Taskset(meta, task_transforms=transforms, num_tasks=num_tasks)
 
 
 def split_episode(images: Tensor, labels: Tensor, ids: Tensor, shots: int) -> Episode:
