@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 
 import pytest
@@ -140,3 +142,13 @@ def test_module_builds_norms_per_algorithm():
         FewShotModule(algorithm="reptile")
     with pytest.raises(ValueError, match="unknown norm"):
         FewShotModule(norm="batchnorm", in_channels=1, input_size=28)
+
+
+def test_quiet_learn2learn_import_leaves_log_handlers_on_real_streams():
+    """Only gym's notice is swallowed: loggers created while learn2learn imports (pytorch_lightning's)
+    must not keep writing into the buffer that swallowed it."""
+    learn2learn()
+    names = [n for n in logging.Logger.manager.loggerDict if n.startswith(("pytorch_lightning", "lightning"))]
+    loggers = [logging.getLogger(name) for name in names]
+    streams = [h.stream for lg in loggers for h in getattr(lg, "handlers", []) if hasattr(h, "stream")]
+    assert streams and not any(isinstance(s, io.StringIO) for s in streams)

@@ -51,8 +51,16 @@ class Episode(NamedTuple):
 
 @functools.cache
 def learn2learn() -> ModuleType:
-    """Import learn2learn quietly (it imports ``gym``, which prints a deprecation notice)."""
+    """Import learn2learn quietly.
+
+    learn2learn imports ``gym``, which prints an "unmaintained" notice to stderr when imported:
+    ``gym`` alone is imported with stderr captured (nothing else, so loggers created while
+    learn2learn imports keep the real stderr), then learn2learn with its warnings ignored.
+    """
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        import gym  # noqa: F401
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import learn2learn as l2l
     return l2l
