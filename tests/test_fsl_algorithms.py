@@ -16,14 +16,7 @@ from tasks.fsl.maml import maml_episode
 from tasks.fsl.module import FewShotModule, mean_ci95
 from tasks.fsl.protonet import EmbeddingCache, protonet_logits, prototype_logits, prototypes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: a second intra-op thread only adds contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- Prototypical Networks ---------------------------------------------------------------------

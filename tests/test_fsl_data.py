@@ -16,22 +16,8 @@ from tasks.fsl.datasets import RotatedClasses, TensorImages, load_fewshot_data, 
 from tasks.fsl.episodes import Episodes, EpisodeSpec, meta_dataset, split_episode, taskset
 from tasks.fsl.glyphs import GLYPH_SCRIPTS, Script, generate_glyphs, load_glyphs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: a second intra-op thread only adds contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def glyph_root(tmp_path_factory):
-    """The full glyph set, rendered once per session (the other fsl test modules share the path)."""
-    root = tmp_path_factory.getbasetemp() / "fsl-data"
-    prepare_fewshot_data("glyphs", root)
-    return root
 
 
 SMALL_SCRIPTS = (

@@ -10,7 +10,6 @@ import torch
 
 from tasks.cli import run_task
 from tasks.fsl import FewShotModule
-from tasks.fsl.datasets import prepare_fewshot_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = [
@@ -19,21 +18,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: a second intra-op thread only adds contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def glyph_root(tmp_path_factory):
-    """The full glyph set, rendered once per session (the other fsl test modules share the path)."""
-    root = tmp_path_factory.getbasetemp() / "fsl-data"
-    prepare_fewshot_data("glyphs", root)
-    return root
 
 
 @pytest.mark.parametrize("algorithm, extra", [
