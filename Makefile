@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml scripts/install_learn2learn.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	bash scripts/install_learn2learn.sh $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -c "import bgn_lightning as b; print('BGN CPU kernels built:', b.cpu_kernels_available())"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,6 +4,7 @@ Public API: the BGN op and layers, the normalization registry, model conversion 
 :class:`NormSwap` Lightning callback.
 """
 
+from ._ext import cpu_kernels_available
 from .callback import NormSwap
 from .convert import convert_norm_layer, convert_norms
 from .functional import auto_num_groups, batch_group_norm
@@ -35,6 +36,7 @@ __all__ = [
     "convert_norm_layer",
     "convert_norms",
     "convert_sync_batchgroupnorm",
+    "cpu_kernels_available",
     "is_norm_layer",
     "norm_layer",
     "register_norm",

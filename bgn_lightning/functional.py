@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._autograd import batch_group_norm_eval, batch_group_norm_train
+from ._ext import cpu_kernels
 
 __all__ = ["auto_num_groups", "batch_group_norm", "check_num_groups", "valid_num_groups"]
 
@@ -106,9 +107,13 @@ def _batch_group_norm(
 ) -> Tensor:
     """:func:`batch_group_norm` for callers that already checked the rank and ``num_groups``."""
     c = x.shape[1]
+    kernels = cpu_kernels() if x.device.type == "cpu" and not torch.compiler.is_compiling() else None
     if not (training or running_mean is None or running_var is None):
         if num_groups == c and x.dtype == running_mean.dtype:
-            return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+            return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
+                                    torch.backends.cudnn.enabled)
+        if kernels is not None and not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
+            return kernels.eval(x, weight, bias, num_groups, eps, running_mean, running_var)
         return batch_group_norm_eval(x, num_groups, running_mean, running_var, weight, bias, eps)
     count = x.shape[0] * (feature_numel // num_groups)
     if count <= 1:
@@ -129,6 +134,9 @@ def _batch_group_norm(
         # G = C is BatchNorm: the native kernel, running statistics included.
         return F.batch_norm(x, running_mean if update else None, running_var if update else None,
                             weight, bias, True, factor, eps)
+    if kernels is not None:
+        return kernels.train(x, weight, bias, num_groups, eps, running_mean if update else None,
+                             running_var if update else None, factor)
     y, mean, var = batch_group_norm_train(x, num_groups, weight, bias, eps)
     if update:
         with torch.no_grad():
@@ -139,6 +147,10 @@ def _batch_group_norm(
                 running_mean.lerp_(mean.to(running_mean.dtype), factor)
                 running_var.lerp_(unbiased.to(running_var.dtype), factor)
     return y
+
+
+def _any_requires_grad(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def valid_num_groups(num_channels: int, feature_numel: int) -> list[int]:

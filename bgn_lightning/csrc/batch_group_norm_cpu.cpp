@@ -1,0 +1,513 @@
+// Batch Group Normalization on CPU: fused kernels and a closed-form backward in one C++ op.
+//
+// Built on first use by bgn_lightning/_ext.py (torch.utils.cpp_extension.load); the Python
+// path in bgn_lightning/_autograd.py is the fallback and the reference. Notation as there:
+// x is (N, C, *S) with S = prod(spatial), D = C * S features per sample, G groups of L = D / G
+// consecutive features. Cells are runs of R = gcd(L, S) features: every cell lies in one group
+// and one channel; channel c has k = S / R cells, group g has L / R cells, and there are U = C * k.
+//
+// Memory: a contiguous x is (N, U, R) with each cell run contiguous; a channels-last x is
+// (N, S, C) rows, and element (n, p, c) belongs to cell c * k + p / R.
+//
+// Passes over the activation (as nn.BatchNorm2d): forward = 1 read for the statistics (shifted
+// sums in double) + 1 read and 1 write to normalize; backward = 1 read of (dy, x) for the cell
+// sums + 1 read of (dy, x) and 1 write for dx. Everything else is O(U) scalar work.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kGrain = 32768;  // elements per parallel task, as ATen's internal::GRAIN_SIZE
+
+struct Geometry {
+  int64_t N, C, S, G, L, R, k, U, cpg;
+  bool channels_last;
+
+  Geometry(const Tensor& x, int64_t groups, bool cl) : G(groups), channels_last(cl) {
+    N = x.size(0);
+    C = x.size(1);
+    S = 1;
+    for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
+    L = C * S / G;
+    R = std::gcd(L, S);
+    k = S / R;
+    U = C * k;
+    cpg = L / R;
+  }
+  // Shapes the Python layer already validated; checked again so a bad call cannot corrupt memory.
+  static void check(const Tensor& x, int64_t groups) {
+    TORCH_CHECK(x.dim() >= 2 && x.size(1) > 0, "batch_group_norm: expected input of shape (N, C, *S), got ",
+                x.sizes());
+    TORCH_CHECK(groups > 0 && (x.numel() / std::max<int64_t>(x.size(0), 1)) % groups == 0,
+                "batch_group_norm: num_groups=", groups, " must divide C*prod(S) for input ", x.sizes());
+  }
+  int64_t group_of(int64_t u) const { return u / cpg; }
+  int64_t channel_of(int64_t u) const { return u / k; }
+};
+
+bool is_channels_last(const Tensor& x) {
+  if (x.is_contiguous()) return false;
+  if (x.dim() == 4) return x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (x.dim() == 5) return x.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+at::MemoryFormat format_of(const Tensor& x, bool cl) {
+  if (!cl) return at::MemoryFormat::Contiguous;
+  return x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+}
+
+// Per-cell sums over the batch: a[u] = sum(f1), b[u] = sum(f2) where (f1, f2) = op(x, y, shift)
+// for the elements of cell u. `Op` gets (x, y, shift) as double and returns the two addends.
+// `y` may be null (statistics pass).
+template <typename scalar_t, typename Op>
+void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const double* cell_shift,
+               std::vector<double>& a, std::vector<double>& b, const Op& op) {
+  a.assign(g.U, 0.0);
+  b.assign(g.U, 0.0);
+  if (!g.channels_last) {
+    const int64_t items = g.N * g.U;
+    std::vector<double> part(2 * items);
+    at::parallel_for(0, items, std::max<int64_t>(1, kGrain / g.R), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const double shift = cell_shift[i % g.U];
+        const scalar_t* px = x + i * g.R;
+        const scalar_t* py = y ? y + i * g.R : nullptr;
+        double s1 = 0.0, s2 = 0.0;
+        if (py) {
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t j = 0; j < g.R; ++j) {
+            auto r = op(static_cast<double>(px[j]), static_cast<double>(py[j]), shift);
+            s1 += r.first;
+            s2 += r.second;
+          }
+        } else {
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t j = 0; j < g.R; ++j) {
+            auto r = op(static_cast<double>(px[j]), 0.0, shift);
+            s1 += r.first;
+            s2 += r.second;
+          }
+        }
+        part[2 * i] = s1;
+        part[2 * i + 1] = s2;
+      }
+    });
+    for (int64_t n = 0; n < g.N; ++n) {
+      const double* p = part.data() + 2 * n * g.U;
+      for (int64_t u = 0; u < g.U; ++u) {
+        a[u] += p[2 * u];
+        b[u] += p[2 * u + 1];
+      }
+    }
+    return;
+  }
+  // Channels-last: rows of C values; accumulators laid out (k, C) per task, summed at the end.
+  const int64_t rows = g.N * g.S;
+  const int64_t width = g.k * g.C;
+  const int64_t grain = std::max<int64_t>(1, kGrain / g.C);
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain));
+  const int64_t per_task = (rows + tasks - 1) / tasks;
+  std::vector<double> acc(2 * tasks * width, 0.0);
+  std::vector<double> shift_t(width);  // (k, C) layout
+  for (int64_t u = 0; u < g.U; ++u) shift_t[(u % g.k) * g.C + u / g.k] = cell_shift[u];
+  at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      double* a1 = acc.data() + 2 * t * width;
+      double* a2 = a1 + width;
+      const int64_t r_end = std::min(rows, (t + 1) * per_task);
+      for (int64_t r = t * per_task; r < r_end;) {
+        // Rows up to the end of this segment share their cells: add four rows per accumulator update.
+        const int64_t p = r % g.S, seg = p / g.R;
+        const int64_t stop = std::min(r_end, r + g.R - p % g.R);
+        double* s1 = a1 + seg * g.C;
+        double* s2 = a2 + seg * g.C;
+        const double* sh = shift_t.data() + seg * g.C;
+        const int64_t C = g.C;
+        for (; r + 4 <= stop; r += 4) {
+          const scalar_t* px = x + r * C;
+          const scalar_t* py = y ? y + r * C : px;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            auto v0 = op(static_cast<double>(px[c]), static_cast<double>(py[c]), sh[c]);
+            auto v1 = op(static_cast<double>(px[c + C]), static_cast<double>(py[c + C]), sh[c]);
+            auto v2 = op(static_cast<double>(px[c + 2 * C]), static_cast<double>(py[c + 2 * C]), sh[c]);
+            auto v3 = op(static_cast<double>(px[c + 3 * C]), static_cast<double>(py[c + 3 * C]), sh[c]);
+            s1[c] += (v0.first + v1.first) + (v2.first + v3.first);
+            s2[c] += (v0.second + v1.second) + (v2.second + v3.second);
+          }
+        }
+        for (; r < stop; ++r) {
+          const scalar_t* px = x + r * C;
+          const scalar_t* py = y ? y + r * C : px;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            auto v = op(static_cast<double>(px[c]), static_cast<double>(py[c]), sh[c]);
+            s1[c] += v.first;
+            s2[c] += v.second;
+          }
+        }
+      }
+    }
+  });
+  for (int64_t t = 0; t < tasks; ++t) {
+    const double* a1 = acc.data() + 2 * t * width;
+    const double* a2 = a1 + width;
+    for (int64_t s = 0; s < g.k; ++s) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        a[c * g.k + s] += a1[s * g.C + c];
+        b[c * g.k + s] += a2[s * g.C + c];
+      }
+    }
+  }
+}
+
+// out = alpha[u] * x + beta[u] (y == null) or alpha[u] * y + gamma[u] * x + beta[u], per cell.
+template <typename scalar_t>
+void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar_t* out,
+                 const std::vector<double>& alpha, const std::vector<double>& gamma,
+                 const std::vector<double>& beta) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (!g.channels_last) {
+    const int64_t items = g.N * g.U;
+    at::parallel_for(0, items, std::max<int64_t>(1, kGrain / g.R), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t u = i % g.U;
+        const opmath_t a = static_cast<opmath_t>(alpha[u]);
+        const opmath_t b = static_cast<opmath_t>(beta[u]);
+        const scalar_t* px = x + i * g.R;
+        scalar_t* po = out + i * g.R;
+        if (y) {
+          const opmath_t c = static_cast<opmath_t>(gamma[u]);
+          const scalar_t* py = y + i * g.R;
+#pragma omp simd
+          for (int64_t j = 0; j < g.R; ++j)
+            po[j] = static_cast<scalar_t>(a * static_cast<opmath_t>(py[j]) + c * static_cast<opmath_t>(px[j]) + b);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < g.R; ++j) po[j] = static_cast<scalar_t>(a * static_cast<opmath_t>(px[j]) + b);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t width = g.k * g.C;
+  std::vector<opmath_t> at_(width), bt(width), ct(y ? width : 0);
+  for (int64_t u = 0; u < g.U; ++u) {
+    const int64_t j = (u % g.k) * g.C + u / g.k;
+    at_[j] = static_cast<opmath_t>(alpha[u]);
+    bt[j] = static_cast<opmath_t>(beta[u]);
+    if (y) ct[j] = static_cast<opmath_t>(gamma[u]);
+  }
+  const int64_t rows = g.N * g.S;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / g.C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t off = ((r % g.S) / g.R) * g.C;
+      const opmath_t* a = at_.data() + off;
+      const opmath_t* b = bt.data() + off;
+      const scalar_t* px = x + r * g.C;
+      scalar_t* po = out + r * g.C;
+      if (y) {
+        const opmath_t* c = ct.data() + off;
+        const scalar_t* py = y + r * g.C;
+#pragma omp simd
+        for (int64_t j = 0; j < g.C; ++j)
+          po[j] = static_cast<scalar_t>(a[j] * static_cast<opmath_t>(py[j]) + c[j] * static_cast<opmath_t>(px[j]) + b[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < g.C; ++j) po[j] = static_cast<scalar_t>(a[j] * static_cast<opmath_t>(px[j]) + b[j]);
+      }
+    }
+  });
+}
+
+// A 1-D vector (weight, bias, statistics) as doubles; `fill` everywhere when undefined.
+std::vector<double> channel_vector(const Tensor& t, int64_t size, double fill) {
+  std::vector<double> out(size, fill);
+  if (!t.defined()) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "bgn_vector", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    const int64_t stride = t.dim() == 1 ? t.stride(0) : 1;
+    for (int64_t i = 0; i < size; ++i) out[i] = static_cast<double>(p[i * stride]);
+  });
+  return out;
+}
+
+// Batch statistics: per-group mean and biased variance (double), from shifted sums.
+template <typename scalar_t>
+void group_moments(const Geometry& g, const scalar_t* x, std::vector<double>& mean, std::vector<double>& var) {
+  // Shift every group by its first value in sample 0, so large means do not cancel.
+  std::vector<double> shift_g(g.G), shift_u(g.U);
+  for (int64_t grp = 0; grp < g.G; ++grp) {
+    const int64_t f = grp * g.L;
+    const int64_t off = g.channels_last ? (f % g.S) * g.C + f / g.S : f;
+    shift_g[grp] = static_cast<double>(x[off]);
+  }
+  for (int64_t u = 0; u < g.U; ++u) shift_u[u] = shift_g[g.group_of(u)];
+  std::vector<double> s1, s2;
+  cell_sums<scalar_t>(g, x, nullptr, shift_u.data(), s1, s2, [](double v, double, double sh) {
+    const double d = v - sh;
+    return std::pair<double, double>(d, d * d);
+  });
+  mean.assign(g.G, 0.0);
+  var.assign(g.G, 0.0);
+  for (int64_t u = 0; u < g.U; ++u) {
+    mean[g.group_of(u)] += s1[u];
+    var[g.group_of(u)] += s2[u];
+  }
+  const double count = static_cast<double>(g.N * g.L);
+  for (int64_t grp = 0; grp < g.G; ++grp) {
+    const double m = mean[grp] / count;
+    var[grp] = std::max(var[grp] / count - m * m, 0.0);
+    mean[grp] = shift_g[grp] + m;
+  }
+}
+
+// Running statistics: lerp towards the batch mean and unbiased variance (in place).
+// A 0-element tensor stands for an absent weight or bias inside the autograd function.
+Tensor optional_param(const Tensor& t) { return t.numel() == 0 ? Tensor() : t; }
+
+void update_running(const Tensor& running_mean, const Tensor& running_var, const std::vector<double>& mean,
+                    const std::vector<double>& var, double factor, double count) {
+  const double unbias = count / (count - 1.0);
+  for (const auto& [buffer, values, scale] :
+       {std::make_tuple(running_mean, &mean, 1.0), std::make_tuple(running_var, &var, unbias)}) {
+    if (buffer.dim() != 1 || buffer.stride(0) != 1) {  // unusual buffer: plain tensor ops
+      Tensor v = at::empty({(int64_t)values->size()}, at::TensorOptions().dtype(at::kDouble));
+      std::copy(values->begin(), values->end(), v.data_ptr<double>());
+      buffer.lerp_((v * scale).to(buffer.scalar_type()), factor);
+      continue;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buffer.scalar_type(), "bgn_running", [&] {
+      scalar_t* p = buffer.mutable_data_ptr<scalar_t>();
+      for (size_t i = 0; i < values->size(); ++i) {
+        const double old = static_cast<double>(p[i]);
+        p[i] = static_cast<scalar_t>(old + factor * ((*values)[i] * scale - old));
+      }
+    });
+    buffer.unsafeGetTensorImpl()->bump_version();  // an in-place update, as lerp_ would record
+  }
+}
+
+struct Prepared {
+  Tensor x;
+  bool channels_last;
+};
+
+Prepared prepare(const Tensor& input) {
+  if (input.is_contiguous()) return {input, false};
+  if (is_channels_last(input)) return {input, true};
+  return {input.contiguous(), false};
+}
+
+// Forward of training-mode BGN; fills the per-group mean / variance.
+Tensor forward_train(const Tensor& input, const Tensor& weight, const Tensor& bias, int64_t groups, double eps,
+                     std::vector<double>& mean, std::vector<double>& var, bool& channels_last, Tensor& x_used) {
+  Prepared p = prepare(input);
+  channels_last = p.channels_last;
+  x_used = p.x;
+  Geometry g(p.x, groups, p.channels_last);
+  Tensor out = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
+  const auto w = channel_vector(weight, g.C, 1.0);
+  const auto b = channel_vector(bias, g.C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_forward", [&] {
+    const scalar_t* px = p.x.const_data_ptr<scalar_t>();
+    group_moments<scalar_t>(g, px, mean, var);
+    std::vector<double> alpha(g.U), beta(g.U), unused;
+    for (int64_t u = 0; u < g.U; ++u) {
+      const int64_t grp = g.group_of(u), c = g.channel_of(u);
+      const double rstd = 1.0 / std::sqrt(var[grp] + eps);
+      alpha[u] = rstd * w[c];
+      beta[u] = b[c] - mean[grp] * alpha[u];
+    }
+    cell_affine<scalar_t>(g, px, nullptr, out.mutable_data_ptr<scalar_t>(), alpha, unused, beta);
+  });
+  return out;
+}
+
+// Differentiable composite of training-mode BGN (double backward goes through this graph).
+Tensor composite(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t groups, double eps) {
+  const auto dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor xg = x.reshape({x.size(0), groups, -1}).to(dtype);
+  auto [var, mean] = at::var_mean(xg, {0, 2}, /*correction=*/0, /*keepdim=*/true);
+  Tensor y = ((xg - mean) * at::rsqrt(var + eps)).view(x.sizes());
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = x.size(1);
+  if (weight.defined()) y = y * weight.view(shape);
+  if (bias.defined()) y = y + bias.view(shape);
+  return y.to(x.scalar_type());
+}
+
+class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFunction> {
+ public:
+  // weight and bias are autograd inputs, so "None" is a 0-element tensor (see `train`).
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight_in, const Tensor& bias_in,
+                        int64_t groups, double eps, const std::optional<Tensor>& running_mean,
+                        const std::optional<Tensor>& running_var, double factor) {
+    const Tensor weight = optional_param(weight_in), bias = optional_param(bias_in);
+    std::vector<double> mean, var;
+    bool cl = false;
+    Tensor x_used;
+    Tensor out = forward_train(x, weight, bias, groups, eps, mean, var, cl, x_used);
+    Geometry g(x_used, groups, cl);
+    if (running_mean && running_var)
+      update_running(*running_mean, *running_var, mean, var, factor, static_cast<double>(g.N * g.L));
+    Tensor stats = torch::empty({2, groups}, at::TensorOptions().dtype(at::kDouble));
+    std::copy(mean.begin(), mean.end(), stats.data_ptr<double>());
+    std::copy(var.begin(), var.end(), stats.data_ptr<double>() + groups);
+    ctx->save_for_backward({x, weight_in, bias_in, stats});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor weight = optional_param(saved[1]);
+    const Tensor bias = optional_param(saved[2]);
+    const Tensor& stats = saved[3];
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
+               need_b = ctx->needs_input_grad(2);
+    Tensor dy = grads[0];
+    if (!dy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate a differentiable graph
+      std::vector<Tensor> inputs;
+      if (need_x) inputs.push_back(x);
+      if (need_w) inputs.push_back(saved[1]);
+      if (need_b) inputs.push_back(saved[2]);
+      Tensor y = composite(x, weight, bias, groups, eps);
+      auto res = torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
+                                       /*allow_unused=*/true);
+      size_t i = 0;
+      Tensor dx = need_x ? res[i++] : Tensor();
+      Tensor dw = need_w ? res[i++] : Tensor();
+      Tensor db = need_b ? res[i++] : Tensor();
+      return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    Prepared p = prepare(x);
+    Geometry g(p.x, groups, p.channels_last);
+    dy = dy.contiguous(format_of(p.x, p.channels_last));
+    if (dy.scalar_type() != p.x.scalar_type()) dy = dy.to(p.x.scalar_type());
+    const double* sp = stats.data_ptr<double>();
+    std::vector<double> mean(sp, sp + groups), rstd(groups);
+    for (int64_t grp = 0; grp < groups; ++grp) rstd[grp] = 1.0 / std::sqrt(sp[groups + grp] + eps);
+    const auto w = channel_vector(weight, g.C, 1.0);
+    Tensor dx, dw, db;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_backward", [&] {
+      const scalar_t* px = p.x.const_data_ptr<scalar_t>();
+      const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+      std::vector<double> shift(g.U);
+      for (int64_t u = 0; u < g.U; ++u) shift[u] = mean[g.group_of(u)];
+      // Per cell: sum(dy) and sum(dy * (x - mean)).
+      std::vector<double> sdy, sdyx;
+      cell_sums<scalar_t>(g, px, pdy, shift.data(), sdy, sdyx, [](double v, double d, double sh) {
+        return std::pair<double, double>(d, d * (v - sh));
+      });
+      if (need_w || need_b) {
+        Tensor sums = at::zeros({2, g.C}, at::TensorOptions().dtype(at::kDouble));
+        double* gw = sums.data_ptr<double>();
+        double* gb = gw + g.C;
+        for (int64_t u = 0; u < g.U; ++u) {
+          gw[g.channel_of(u)] += rstd[g.group_of(u)] * sdyx[u];
+          gb[g.channel_of(u)] += sdy[u];
+        }
+        if (need_w) dw = sums[0].to(weight.scalar_type());
+        if (need_b) db = sums[1].to(bias.scalar_type());
+      }
+      if (need_x) {
+        std::vector<double> s1(groups, 0.0), s2(groups, 0.0);
+        for (int64_t u = 0; u < g.U; ++u) {
+          const int64_t grp = g.group_of(u);
+          const double wc = w[g.channel_of(u)];
+          s1[grp] += wc * sdy[u];
+          s2[grp] += wc * rstd[grp] * sdyx[u];
+        }
+        const double count = static_cast<double>(g.N * g.L);
+        std::vector<double> a(g.U), c(g.U), d(g.U);
+        for (int64_t u = 0; u < g.U; ++u) {
+          const int64_t grp = g.group_of(u);
+          const double r = rstd[grp];
+          a[u] = r * w[g.channel_of(u)];
+          c[u] = -r * r * s2[grp] / count;
+          d[u] = -r * s1[grp] / count - c[u] * mean[grp];
+        }
+        dx = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
+        cell_affine<scalar_t>(g, px, pdy, dx.mutable_data_ptr<scalar_t>(), a, c, d);
+      }
+    });
+    return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+void check_vector(const std::optional<Tensor>& t, int64_t size, const char* what) {
+  TORCH_CHECK(!t || (t->numel() == size && t->device().is_cpu()), "batch_group_norm: ", what, " must have ", size,
+              " elements on the CPU, got shape ", t ? t->sizes() : at::IntArrayRef{});
+}
+
+// Training mode with batch statistics; updates the running statistics when given.
+Tensor train(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+             int64_t groups, double eps, const std::optional<Tensor>& running_mean,
+             const std::optional<Tensor>& running_var, double factor) {
+  Geometry::check(x, groups);
+  TORCH_CHECK(x.size(0) * (x.numel() / std::max<int64_t>(x.size(0), 1)) / groups > 1,
+              "batch_group_norm: expected more than 1 value per group in training, got input ", x.sizes());
+  check_vector(weight, x.size(1), "weight");
+  check_vector(bias, x.size(1), "bias");
+  check_vector(running_mean, groups, "running_mean");
+  check_vector(running_var, groups, "running_var");
+  const Tensor none = at::empty({0}, x.options());
+  return BatchGroupNormFunction::apply(x, weight ? *weight : none, bias ? *bias : none, groups, eps, running_mean,
+                                       running_var, factor);
+}
+
+// Eval mode with given per-group statistics; not differentiable (the caller checks).
+Tensor eval(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+            int64_t groups, double eps, const Tensor& mean_t, const Tensor& var_t) {
+  Geometry::check(input, groups);
+  check_vector(weight, input.size(1), "weight");
+  check_vector(bias, input.size(1), "bias");
+  check_vector(mean_t, groups, "running_mean");
+  check_vector(var_t, groups, "running_var");
+  Prepared p = prepare(input);
+  Geometry g(p.x, groups, p.channels_last);
+  Tensor out = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
+  const auto w = channel_vector(weight.value_or(Tensor()), g.C, 1.0);
+  const auto b = channel_vector(bias.value_or(Tensor()), g.C, 0.0);
+  const auto mean = channel_vector(mean_t, groups, 0.0);
+  const auto var = channel_vector(var_t, groups, 1.0);
+  std::vector<double> alpha(g.U), beta(g.U), unused;
+  for (int64_t u = 0; u < g.U; ++u) {
+    const int64_t grp = g.group_of(u), c = g.channel_of(u);
+    alpha[u] = w[c] / std::sqrt(var[grp] + eps);
+    beta[u] = b[c] - mean[grp] * alpha[u];
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_eval", [&] {
+    cell_affine<scalar_t>(g, p.x.const_data_ptr<scalar_t>(), nullptr, out.mutable_data_ptr<scalar_t>(), alpha,
+                          unused, beta);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Batch Group Normalization CPU kernels (bgn_lightning)";
+  m.def("train", &train, "Training-mode BGN (autograd-aware, updates running statistics)");
+  m.def("eval", &eval, "Eval-mode BGN with given statistics (no autograd)");
+}
