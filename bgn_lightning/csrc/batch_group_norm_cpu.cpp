@@ -71,36 +71,39 @@ at::MemoryFormat format_of(const Tensor& x, bool cl) {
 }
 
 // Per-cell sums over the batch: a[u] = sum(f1), b[u] = sum(f2) where (f1, f2) = op(x, y, shift)
-// for the elements of cell u. `Op` gets (x, y, shift) as double and returns the two addends.
-// `y` may be null (statistics pass).
+// for the elements of cell u. `op` is generic and runs in opmath_t (float for float, bfloat16 and
+// half input; double for double) on short runs whose partial sums are added in double; the
+// values are shifted (by a group's first value, or its mean), so short float sums lose nothing
+// that matters. `cell_shift` must be representable in opmath_t. `y` may be null (statistics).
 template <typename scalar_t, typename Op>
 void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const double* cell_shift,
                std::vector<double>& a, std::vector<double>& b, const Op& op) {
   a.assign(g.U, 0.0);
   b.assign(g.U, 0.0);
+  using opmath_t = at::opmath_type<scalar_t>;
   if (!g.channels_last) {
+    // Blocks of kBlock values add up in opmath_t (vector-width float work for float input), the
+    // blocks in double.
+    constexpr int64_t kBlock = 256;
     const int64_t items = g.N * g.U;
     std::vector<double> part(2 * items);
     at::parallel_for(0, items, std::max<int64_t>(1, kGrain / g.R), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const double shift = cell_shift[i % g.U];
+        const opmath_t shift = static_cast<opmath_t>(cell_shift[i % g.U]);
         const scalar_t* px = x + i * g.R;
-        const scalar_t* py = y ? y + i * g.R : nullptr;
+        const scalar_t* py = y ? y + i * g.R : px;
         double s1 = 0.0, s2 = 0.0;
-        if (py) {
-#pragma omp simd reduction(+ : s1, s2)
-          for (int64_t j = 0; j < g.R; ++j) {
-            auto r = op(static_cast<double>(px[j]), static_cast<double>(py[j]), shift);
-            s1 += r.first;
-            s2 += r.second;
+        for (int64_t j0 = 0; j0 < g.R; j0 += kBlock) {
+          const int64_t j1 = std::min(g.R, j0 + kBlock);
+          opmath_t f1 = 0, f2 = 0;
+#pragma omp simd reduction(+ : f1, f2)
+          for (int64_t j = j0; j < j1; ++j) {
+            auto v = op(static_cast<opmath_t>(px[j]), static_cast<opmath_t>(py[j]), shift);
+            f1 += v.first;
+            f2 += v.second;
           }
-        } else {
-#pragma omp simd reduction(+ : s1, s2)
-          for (int64_t j = 0; j < g.R; ++j) {
-            auto r = op(static_cast<double>(px[j]), 0.0, shift);
-            s1 += r.first;
-            s2 += r.second;
-          }
+          s1 += f1;
+          s2 += f2;
         }
         part[2 * i] = s1;
         part[2 * i + 1] = s2;
@@ -116,48 +119,49 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
     return;
   }
   // Channels-last: rows of C values; accumulators laid out (k, C) per task, summed at the end.
+  // Rows add into opmath_t partial sums, flushed to double every kFlush rows.
+  constexpr int64_t kFlush = 32;
   const int64_t rows = g.N * g.S;
   const int64_t width = g.k * g.C;
   const int64_t grain = std::max<int64_t>(1, kGrain / g.C);
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain));
   const int64_t per_task = (rows + tasks - 1) / tasks;
   std::vector<double> acc(2 * tasks * width, 0.0);
-  std::vector<double> shift_t(width);  // (k, C) layout
-  for (int64_t u = 0; u < g.U; ++u) shift_t[(u % g.k) * g.C + u / g.k] = cell_shift[u];
+  std::vector<opmath_t> shift_t(width);  // (k, C) layout
+  for (int64_t u = 0; u < g.U; ++u) shift_t[(u % g.k) * g.C + u / g.k] = static_cast<opmath_t>(cell_shift[u]);
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+    const int64_t C = g.C;
+    std::vector<opmath_t> part(2 * C);
+    opmath_t* p1 = part.data();
+    opmath_t* p2 = p1 + C;
     for (int64_t t = tb; t < te; ++t) {
       double* a1 = acc.data() + 2 * t * width;
       double* a2 = a1 + width;
       const int64_t r_end = std::min(rows, (t + 1) * per_task);
       for (int64_t r = t * per_task; r < r_end;) {
-        // Rows up to the end of this segment share their cells: add four rows per accumulator update.
+        // Rows up to the end of this segment share their cells.
         const int64_t p = r % g.S, seg = p / g.R;
         const int64_t stop = std::min(r_end, r + g.R - p % g.R);
-        double* s1 = a1 + seg * g.C;
-        double* s2 = a2 + seg * g.C;
-        const double* sh = shift_t.data() + seg * g.C;
-        const int64_t C = g.C;
-        for (; r + 4 <= stop; r += 4) {
-          const scalar_t* px = x + r * C;
-          const scalar_t* py = y ? y + r * C : px;
+        double* s1 = a1 + seg * C;
+        double* s2 = a2 + seg * C;
+        const opmath_t* sh = shift_t.data() + seg * C;
+        while (r < stop) {
+          const int64_t block_end = std::min(stop, r + kFlush);
+          std::fill(part.begin(), part.end(), opmath_t(0));
+          for (; r < block_end; ++r) {
+            const scalar_t* px = x + r * C;
+            const scalar_t* py = y ? y + r * C : px;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            auto v0 = op(static_cast<double>(px[c]), static_cast<double>(py[c]), sh[c]);
-            auto v1 = op(static_cast<double>(px[c + C]), static_cast<double>(py[c + C]), sh[c]);
-            auto v2 = op(static_cast<double>(px[c + 2 * C]), static_cast<double>(py[c + 2 * C]), sh[c]);
-            auto v3 = op(static_cast<double>(px[c + 3 * C]), static_cast<double>(py[c + 3 * C]), sh[c]);
-            s1[c] += (v0.first + v1.first) + (v2.first + v3.first);
-            s2[c] += (v0.second + v1.second) + (v2.second + v3.second);
+            for (int64_t c = 0; c < C; ++c) {
+              auto v = op(static_cast<opmath_t>(px[c]), static_cast<opmath_t>(py[c]), sh[c]);
+              p1[c] += v.first;
+              p2[c] += v.second;
+            }
           }
-        }
-        for (; r < stop; ++r) {
-          const scalar_t* px = x + r * C;
-          const scalar_t* py = y ? y + r * C : px;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            auto v = op(static_cast<double>(px[c]), static_cast<double>(py[c]), sh[c]);
-            s1[c] += v.first;
-            s2[c] += v.second;
+            s1[c] += static_cast<double>(p1[c]);
+            s2[c] += static_cast<double>(p2[c]);
           }
         }
       }
@@ -258,9 +262,9 @@ void group_moments(const Geometry& g, const scalar_t* x, std::vector<double>& me
   }
   for (int64_t u = 0; u < g.U; ++u) shift_u[u] = shift_g[g.group_of(u)];
   std::vector<double> s1, s2;
-  cell_sums<scalar_t>(g, x, nullptr, shift_u.data(), s1, s2, [](double v, double, double sh) {
-    const double d = v - sh;
-    return std::pair<double, double>(d, d * d);
+  cell_sums<scalar_t>(g, x, nullptr, shift_u.data(), s1, s2, [](auto v, auto, auto sh) {
+    const auto d = v - sh;
+    return std::make_pair(d, d * d);
   });
   mean.assign(g.G, 0.0);
   var.assign(g.G, 0.0);
@@ -412,13 +416,16 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_backward", [&] {
       const scalar_t* px = p.x.const_data_ptr<scalar_t>();
       const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+      // Per cell: sum(dy) and sum(dy * (x - mean)), shifted by the mean as opmath_t represents it
+      // (the channels-last loop works in opmath_t) and corrected for that rounding.
+      using opmath_t = at::opmath_type<scalar_t>;
       std::vector<double> shift(g.U);
-      for (int64_t u = 0; u < g.U; ++u) shift[u] = mean[g.group_of(u)];
-      // Per cell: sum(dy) and sum(dy * (x - mean)).
+      for (int64_t u = 0; u < g.U; ++u) shift[u] = static_cast<opmath_t>(mean[g.group_of(u)]);
       std::vector<double> sdy, sdyx;
-      cell_sums<scalar_t>(g, px, pdy, shift.data(), sdy, sdyx, [](double v, double d, double sh) {
-        return std::pair<double, double>(d, d * (v - sh));
+      cell_sums<scalar_t>(g, px, pdy, shift.data(), sdy, sdyx, [](auto v, auto d, auto sh) {
+        return std::make_pair(d, d * (v - sh));
       });
+      for (int64_t u = 0; u < g.U; ++u) sdyx[u] += (shift[u] - mean[g.group_of(u)]) * sdy[u];
       if (need_w || need_b) {
         Tensor sums = at::zeros({2, g.C}, at::TensorOptions().dtype(at::kDouble));
         double* gw = sums.data_ptr<double>();
