@@ -51,7 +51,9 @@ struct Geometry {
   static void check(const Tensor& x, int64_t groups) {
     TORCH_CHECK(x.dim() >= 2 && x.size(1) > 0, "batch_group_norm: expected input of shape (N, C, *S), got ",
                 x.sizes());
-    TORCH_CHECK(groups > 0 && (x.numel() / std::max<int64_t>(x.size(0), 1)) % groups == 0,
+    int64_t features = 1;
+    for (int64_t d = 1; d < x.dim(); ++d) features *= x.size(d);
+    TORCH_CHECK(groups > 0 && groups <= features && features % groups == 0,
                 "batch_group_norm: num_groups=", groups, " must divide C*prod(S) for input ", x.sizes());
   }
   int64_t group_of(int64_t u) const { return u / cpg; }
@@ -463,8 +465,8 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
 };
 
 void check_vector(const std::optional<Tensor>& t, int64_t size, const char* what) {
-  TORCH_CHECK(!t || (t->numel() == size && t->device().is_cpu()), "batch_group_norm: ", what, " must have ", size,
-              " elements on the CPU, got shape ", t ? t->sizes() : at::IntArrayRef{});
+  TORCH_CHECK(!t || (t->dim() == 1 && t->numel() == size && t->device().is_cpu()), "batch_group_norm: ", what,
+              " must be a 1-D tensor of ", size, " elements on the CPU, got shape ", t ? t->sizes() : at::IntArrayRef{});
 }
 
 // Training mode with batch statistics; updates the running statistics when given.
