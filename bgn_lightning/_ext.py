@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -44,6 +45,9 @@ def _build() -> ModuleType | None:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     capability = torch.backends.cpu.get_cpu_capability()
+    # GCC's OpenMP is the runtime torch's Linux wheels ship (at::parallel_for runs the kernels on
+    # torch's threads); elsewhere (Apple clang has no -fopenmp) the kernels build single-threaded.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     isa = next((name for name in _FLAGS if capability.startswith(name)), "DEFAULT")
     # torch's cpp_extension logs a CUDA_HOME notice at import on CPU-only machines: not ours to show.
     ext_log = logging.getLogger("torch.utils.cpp_extension")
@@ -56,8 +60,8 @@ def _build() -> ModuleType | None:
         return load(
             name=f"bgn_lightning_cpu_v{_VERSION}_{isa.lower()}",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp", *_FLAGS.get(isa, [])],
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=["-O3", *openmp, *_FLAGS.get(isa, [])],
+            extra_ldflags=openmp,
             verbose=False,
         )
     except Exception as err:  # a missing compiler or ninja must not break the layer
