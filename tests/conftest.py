@@ -26,3 +26,16 @@ def glyph_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.getbasetemp() / "fsl-data"
     prepare_fewshot_data("glyphs", root)
     return root
+
+
+@pytest.fixture(params=["kernels", "native"])
+def bgn_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on BGN's C++ CPU kernels and again on the native-op path (CUDA's, the fallback's)."""
+    import bgn_lightning.functional as functional
+    from bgn_lightning._ext import cpu_kernels
+
+    if request.param == "kernels" and cpu_kernels() is None:
+        pytest.skip("the BGN C++ CPU kernels could not be built here")
+    if request.param == "native":
+        monkeypatch.setattr(functional, "cpu_kernels", lambda: None)
+    return request.param

@@ -12,6 +12,9 @@ from bgn_lightning._autograd import layout
 from bgn_lightning.functional import batch_group_norm
 from tests.reference import reference_bgn
 
+# Every test runs on the C++ CPU kernels and on the native-op path (conftest.bgn_path).
+pytestmark = pytest.mark.usefixtures("bgn_path")
+
 # (shape, G, channels_last): groups = channels (BatchNorm), G | C, C | G, groups straddling
 # channels, N = 1, G = 1, 1-D/3-D inputs, (N, C) inputs.
 LAYOUTS = [

@@ -15,6 +15,9 @@ from bgn_lightning._autograd import group_moments
 from bgn_lightning.functional import batch_group_norm
 from tests.reference import reference_bgn
 
+# Every test runs on the C++ CPU kernels and on the native-op path (conftest.bgn_path).
+pytestmark = pytest.mark.usefixtures("bgn_path")
+
 # (shape, G, channels_last): G | C, C | G, groups straddling channels, channels-last.
 LAYOUTS = [((4, 8, 6, 6), 2, False), ((4, 8, 6, 6), 32, False), ((5, 6, 2, 2), 4, False),
            ((4, 8, 6, 6), 4, True)]
