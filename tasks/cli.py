@@ -266,7 +266,7 @@ def run_task(task: str, argv: Sequence[str]) -> int:
     Raises:
         UsageError: for an unknown task, norm, dataset or init value.
     """
-    from tasks.common.data import DatasetNotFoundError
+    from tasks.common.data import DatasetNotFoundError, TaskConfigError
     from tasks.common.results import results_record, write_results
 
     module = load_task(task)
@@ -305,7 +305,7 @@ def run_task(task: str, argv: Sequence[str]) -> int:
         test_start = time.perf_counter()
         trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint)
         test_time = time.perf_counter() - test_start
-    except DatasetNotFoundError as err:
+    except (DatasetNotFoundError, TaskConfigError) as err:
         raise UsageError(str(err)) from err
     metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     if trainer.is_global_zero:

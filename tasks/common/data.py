@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "DatasetNotFoundError",
+    "TaskConfigError",
     "TaskDataModule",
     "TransformSubset",
     "check_choice",
@@ -43,6 +44,14 @@ def check_choice(kind: str, value: Any, choices: Sequence[str]) -> None:
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not on disk; the message says where it was looked for and how to get it."""
+
+
+class TaskConfigError(ValueError):
+    """Settings that only show to be incompatible once the data or model is built (inside ``fit``).
+
+    ``bgn-task`` reports it as one line on stderr with exit code 2, like a bad command-line value;
+    the message names the values and the fix.
+    """
 
 
 def dataset_not_found(

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tasks.common.data import check_choice, default_data_dir
 
 from .datasets import DATASETS, FewShotData, load_fewshot_data, prepare_fewshot_data
-from .episodes import Episodes, EpisodeSpec, meta_dataset
+from .episodes import Episodes, EpisodeSpec, check_spec, meta_dataset
 
 __all__ = ["FewShotDataModule"]
 
@@ -123,13 +123,23 @@ class FewShotDataModule(LightningDataModule):
         prepare_fewshot_data(self.hparams.dataset, self.root, self.hparams.data_seed, self.hparams.download)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the class splits and index them for episode sampling (once)."""
+        """Load the class splits and index them for episode sampling (once).
+
+        Raises:
+            TaskConfigError: when a split cannot make the configured episodes (too few classes or
+                images per class for the ways, shots and queries).
+        """
         if self.data is not None:
             return
         hp = self.hparams
         self.data = load_fewshot_data(hp.dataset, self.root, seed=hp.data_seed, image_size=hp.image_size,
                                       download=False, rotations=hp.rotations)
         self._meta = {split: meta_dataset(ds) for split, ds in self.data.splits.items()}
+        # Before any training: a setting the data cannot serve fails now, not after an epoch.
+        check_spec(self._meta["train"], self.train_spec, "train")
+        for split in ("val", "test"):
+            for spec in self.eval_specs:
+                check_spec(self._meta[split], spec, split)
 
     def _loader(self, episodes: Episodes, shuffle: bool = False) -> DataLoader:
         return DataLoader(

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from tasks.common.data import TaskConfigError
+
 from .datasets import LabeledDataset
 
 __all__ = ["EpisodeSpec", "Episodes", "learn2learn", "meta_dataset", "split_episode", "taskset"]
@@ -90,6 +92,27 @@ def meta_dataset(dataset: LabeledDataset) -> Any:
     return l2l.data.MetaDataset(dataset, indices_to_labels=dict(enumerate(dataset.labels)))
 
 
+def check_spec(meta: Any, spec: EpisodeSpec, split: str) -> None:
+    """Raise unless the ``MetaDataset`` ``meta`` (the ``split`` split) can make ``spec`` episodes.
+
+    Raises:
+        TaskConfigError: when the split has fewer than ``ways`` classes, or a class fewer than
+            ``shots + queries`` images.
+    """
+    per_class = {label: len(indices) for label, indices in meta.labels_to_indices.items()}
+    if len(per_class) < spec.ways:
+        raise TaskConfigError(
+            f"fsl: {spec} episodes need >= {spec.ways} classes, the {split} split has {len(per_class)}; "
+            f"lower ways"
+        )
+    smallest = min(per_class.values())
+    if smallest < spec.shots + spec.queries:
+        raise TaskConfigError(
+            f"fsl: {spec} episodes need >= shots + queries = {spec.shots + spec.queries} images per "
+            f"class, the {split} split has a class with {smallest}; lower queries or shots"
+        )
+
+
 def taskset(meta: Any, spec: EpisodeSpec, num_tasks: int = -1) -> Any:
     """A ``learn2learn.data.Taskset`` of ``spec`` episodes over the ``MetaDataset`` ``meta``.
 
@@ -99,19 +122,10 @@ def taskset(meta: Any, spec: EpisodeSpec, num_tasks: int = -1) -> Any:
         num_tasks: ``-1`` samples a new task at every access; ``n > 0`` caches ``n`` task descriptions.
 
     Raises:
-        ValueError: when the split has fewer than ``ways`` classes, or a class fewer than
-            ``shots + queries`` images.
+        TaskConfigError: when ``meta`` cannot make ``spec`` episodes (:func:`check_spec`).
     """
     l2l = learn2learn()
-    per_class = {label: len(indices) for label, indices in meta.labels_to_indices.items()}
-    if len(per_class) < spec.ways:
-        raise ValueError(f"fsl: {spec} episodes need >= {spec.ways} classes, the split has {len(per_class)}")
-    smallest = min(per_class.values())
-    if smallest < spec.shots + spec.queries:
-        raise ValueError(
-            f"fsl: {spec} episodes need >= shots + queries = {spec.shots + spec.queries} images per "
-            f"class, the split has a class with {smallest}; lower queries or shots"
-        )
+    check_spec(meta, spec, "given")
     transforms = [
         l2l.data.transforms.NWays(meta, spec.ways),
         l2l.data.transforms.KShots(meta, spec.shots + spec.queries),

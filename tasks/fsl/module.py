@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
 
 from tasks.common.backbones import conv4
+from tasks.common.data import TaskConfigError
 
 from .episodes import Episode, learn2learn
 from .maml import maml_episode
@@ -140,7 +141,7 @@ class FewShotModule(LightningModule):
             )
         train_ways, eval_ways = datamodule.train_spec.ways, datamodule.eval_specs[0].ways
         if hp.algorithm == "maml" and hp.num_classes is None and train_ways != eval_ways:
-            raise ValueError(
+            raise TaskConfigError(
                 f"{type(self).__name__}: MAML's classifier head has one output per class, so training and "
                 f"evaluation episodes need the same ways; got train_ways={train_ways}, ways={eval_ways} "
                 f"(set data.train_ways to data.ways)"
