@@ -12,13 +12,14 @@ of time (``make install`` does).
 The kernels run one pass over the input for the statistics and one to normalize (and two in the
 backward), like ``nn.BatchNorm2d``, and do every per-group and per-channel step in C++, so small
 inputs do not pay Python's per-op overhead. They are compiled for the CPU capability torch
-reports (AVX2 / AVX-512), which is part of the cache key.
+reports (AVX2 / AVX-512); that capability and torch's version are part of the cache key.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import warnings
@@ -48,6 +49,9 @@ def _build() -> ModuleType | None:
     # GCC's OpenMP is the runtime torch's Linux wheels ship (at::parallel_for runs the kernels on
     # torch's threads); elsewhere (Apple clang has no -fopenmp) the kernels build single-threaded.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    # torch's cache is keyed by the sources, not by torch's version: the name carries it, so an
+    # upgraded torch builds afresh instead of loading a binary made for the old ABI.
+    torch_version = re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
     isa = next((name for name in _FLAGS if capability.startswith(name)), "DEFAULT")
     # torch's cpp_extension logs a CUDA_HOME notice at import on CPU-only machines: not ours to show.
     ext_log = logging.getLogger("torch.utils.cpp_extension")
@@ -58,7 +62,7 @@ def _build() -> ModuleType | None:
 
         _log.info("bgn_lightning: loading the BGN CPU kernels (built once, about a minute)")
         return load(
-            name=f"bgn_lightning_cpu_v{_VERSION}_{isa.lower()}",
+            name=f"bgn_lightning_cpu_v{_VERSION}_{isa.lower()}_torch{torch_version}",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3", *openmp, *_FLAGS.get(isa, [])],
             extra_ldflags=openmp,
