@@ -1,4 +1,7 @@
-"""Fast Batch Group Normalization: native kernels, a closed-form backward, float32 statistics.
+"""Batch Group Normalization from native PyTorch ops: a closed-form backward, float32 statistics.
+
+The path for CUDA, for ``torch.compile``, for synchronized BGN and for CPUs where the fused C++
+kernels (:mod:`bgn_lightning._ext`) cannot be built.
 
 Private; :func:`bgn_lightning.functional.batch_group_norm` is the public entry point and does the
 validation. Notation: ``x`` is ``(N, C, *S)``, ``D = C * prod(S)``, ``G`` groups of ``L = D / G``

@@ -5,8 +5,10 @@ Input ``x`` has shape ``(N, C, *S)``. With ``D = C * prod(S)`` and ``G`` groups 
 flattened ``(C, *S)`` vector. Each group is normalized with the mean and biased variance of its
 ``N * D / G`` values across the whole batch, then a per-channel affine transform is applied.
 
-The computation (native kernels only, a closed-form backward, float32 statistics under autocast)
-is in :mod:`bgn_lightning._autograd`; ``docs/performance.md`` describes it and its cost.
+On CPU the computation runs on fused C++ kernels (``csrc/batch_group_norm_cpu.cpp``, built on first
+use by :mod:`bgn_lightning._ext`); elsewhere, or where they cannot be built, on native PyTorch ops
+(:mod:`bgn_lightning._autograd`). Both have a closed-form backward and float32 statistics under
+autocast; ``docs/performance.md`` describes them and their cost.
 """
 
 from __future__ import annotations
