@@ -48,13 +48,15 @@ struct Geometry {
     cpg = L / R;
   }
   // Shapes the Python layer already validated; checked again so a bad call cannot corrupt memory.
-  static void check(const Tensor& x, int64_t groups) {
+  // Returns the values per group in the batch, N * C * prod(S) / G.
+  static int64_t check(const Tensor& x, int64_t groups) {
     TORCH_CHECK(x.dim() >= 2 && x.size(1) > 0, "batch_group_norm: expected input of shape (N, C, *S), got ",
                 x.sizes());
     int64_t features = 1;
     for (int64_t d = 1; d < x.dim(); ++d) features *= x.size(d);
     TORCH_CHECK(groups > 0 && groups <= features && features % groups == 0,
                 "batch_group_norm: num_groups=", groups, " must divide C*prod(S) for input ", x.sizes());
+    return x.size(0) * (features / groups);
   }
   int64_t group_of(int64_t u) const { return u / cpg; }
   int64_t channel_of(int64_t u) const { return u / k; }
@@ -319,13 +321,12 @@ Prepared prepare(const Tensor& input) {
   return {input.contiguous(), false};
 }
 
-// Forward of training-mode BGN; fills the per-group mean / variance.
+// Forward of training-mode BGN; fills the per-group mean / variance and the values per group.
 Tensor forward_train(const Tensor& input, const Tensor& weight, const Tensor& bias, int64_t groups, double eps,
-                     std::vector<double>& mean, std::vector<double>& var, bool& channels_last, Tensor& x_used) {
+                     std::vector<double>& mean, std::vector<double>& var, double& count) {
   Prepared p = prepare(input);
-  channels_last = p.channels_last;
-  x_used = p.x;
   Geometry g(p.x, groups, p.channels_last);
+  count = static_cast<double>(g.N * g.L);
   Tensor out = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
   const auto w = channel_vector(weight, g.C, 1.0);
   const auto b = channel_vector(bias, g.C, 0.0);
@@ -365,12 +366,9 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
                         const std::optional<Tensor>& running_var, double factor) {
     const Tensor weight = optional_param(weight_in), bias = optional_param(bias_in);
     std::vector<double> mean, var;
-    bool cl = false;
-    Tensor x_used;
-    Tensor out = forward_train(x, weight, bias, groups, eps, mean, var, cl, x_used);
-    Geometry g(x_used, groups, cl);
-    if (running_mean && running_var)
-      update_running(*running_mean, *running_var, mean, var, factor, static_cast<double>(g.N * g.L));
+    double count = 0.0;
+    Tensor out = forward_train(x, weight, bias, groups, eps, mean, var, count);
+    if (running_mean && running_var) update_running(*running_mean, *running_var, mean, var, factor, count);
     Tensor stats = torch::empty({2, groups}, at::TensorOptions().dtype(at::kDouble));
     std::copy(mean.begin(), mean.end(), stats.data_ptr<double>());
     std::copy(var.begin(), var.end(), stats.data_ptr<double>() + groups);
@@ -473,8 +471,7 @@ void check_vector(const std::optional<Tensor>& t, int64_t size, const char* what
 Tensor train(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
              int64_t groups, double eps, const std::optional<Tensor>& running_mean,
              const std::optional<Tensor>& running_var, double factor) {
-  Geometry::check(x, groups);
-  TORCH_CHECK(x.size(0) * (x.numel() / std::max<int64_t>(x.size(0), 1)) / groups > 1,
+  TORCH_CHECK(Geometry::check(x, groups) > 1,
               "batch_group_norm: expected more than 1 value per group in training, got input ", x.sizes());
   check_vector(weight, x.size(1), "weight");
   check_vector(bias, x.size(1), "bias");
