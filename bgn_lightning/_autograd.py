@@ -48,6 +48,7 @@ __all__ = [
     "cast",
     "cell_affine",
     "closed_form_backward",
+    "composite_only",
     "composite_batch_group_norm",
     "compute_dtype",
     "contiguous_for_cells",
@@ -82,6 +83,16 @@ def layout(num_channels: int, spatial: int, num_groups: int) -> Layout:
 
 def _spatial(x: Tensor) -> int:
     return math.prod(x.shape[2:])
+
+
+def composite_only() -> bool:
+    """Whether this call must use plain differentiable ops (no custom autograd function, no memo).
+
+    True while ``torch.compile`` traces (inductor fuses the composite ops) and inside ``torch.func``
+    transforms (``grad``, ``vmap``, ``jacrev``, ...), which cannot see through custom autograd
+    functions, Python's or C++'s.
+    """
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -229,7 +240,7 @@ def _memoized(
     weight and bias that need a gradient, inference tensors and traced (compiled) calls are
     never memoized.
     """
-    if torch.compiler.is_compiling() or var.is_inference() or mean.is_inference() or (
+    if composite_only() or var.is_inference() or mean.is_inference() or (
         repeat_affine and torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (weight, bias))
     ):
@@ -470,7 +481,7 @@ def batch_group_norm_train(
         ``(y, mean, var)``: the output (dtype and memory format of ``x``) and the per-group batch
         mean and biased variance (float32 at least), detached, for the running statistics.
     """
-    if torch.compiler.is_compiling():
+    if composite_only():
         y, mean, var = composite_batch_group_norm(x, num_groups, weight, bias, eps)
         return y, mean.detach(), var.detach()
     lay = layout(x.shape[1], _spatial(x), num_groups)

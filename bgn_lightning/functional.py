@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import batch_group_norm_eval, batch_group_norm_train
+from ._autograd import batch_group_norm_eval, batch_group_norm_train, composite_only
 from ._ext import cpu_kernels
 
 __all__ = ["auto_num_groups", "batch_group_norm", "check_num_groups", "valid_num_groups"]
@@ -109,7 +109,7 @@ def _batch_group_norm(
 ) -> Tensor:
     """:func:`batch_group_norm` for callers that already checked the rank and ``num_groups``."""
     c = x.shape[1]
-    kernels = cpu_kernels() if x.device.type == "cpu" and not torch.compiler.is_compiling() else None
+    kernels = cpu_kernels() if x.device.type == "cpu" and not composite_only() else None
     if not (training or running_mean is None or running_var is None):
         if kernels is not None and not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
             return kernels.eval(x, weight, bias, num_groups, eps, running_mean, running_var)
