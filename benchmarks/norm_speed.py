@@ -191,8 +191,9 @@ def measure_shape(
 ) -> list[Row]:
     """All rows of one shape: every G, both memory formats, train and eval, plus memory."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    base = (torch.randn(shape, generator=gen) * 2 + 1).to(device)
-    grad = torch.randn(shape, generator=gen).to(device)
+    dtype = getattr(torch, args.dtype)  # parameters stay float32, as under autocast
+    base = (torch.randn(shape, generator=gen) * 2 + 1).to(device, dtype)
+    grad = torch.randn(shape, generator=gen).to(device, dtype)
     rows = []
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     for groups in group_counts(shape):
@@ -295,7 +296,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "min_eval_rounds": args.eval_rounds,
         "block_s": args.block,
         "budget_s": args.budget,
-        "dtype": "float32",
+        "dtype": args.dtype,
     }
     if hasattr(os, "getloadavg"):
         env["loadavg_1_5_15"] = os.getloadavg()
@@ -319,6 +320,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block", type=float, default=0.002, help="seconds per timed block")
     parser.add_argument("--budget", type=float, default=None, help="seconds of rounds per train case")
     parser.add_argument("--shapes", default=None, help="N,C,H,W;N,C,H,W;... instead of the suite")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="input dtype; the layers keep float32 parameters, as under autocast "
+                             "(the targets are stated for float32)")
     parser.add_argument("--json", default="norm_speed.json", help="where to write the JSON results")
     parser.add_argument("--markdown", default=None, help="also write a markdown summary table here")
     parser.add_argument("--check", action="store_true", help="exit 1 if a row misses its target")

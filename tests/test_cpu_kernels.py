@@ -362,6 +362,23 @@ def test_bfloat16_input_with_float32_weight_and_stats(groups: int, channels_last
                                rtol=1 / 128, atol=1e-2)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bfloat16_rounding_matches_torch(channels_last: bool) -> None:
+    # The kernels convert bfloat16 with their own bit operations: round to nearest even and keep
+    # infinities and NaN (the NaN payload may differ), exactly as torch's float -> bfloat16.
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 8, 5, 5, generator=gen) * 3
+    x.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38, -1e-40, 0.0])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    mean, var = torch.randn(4, generator=gen), torch.rand(4, generator=gen) + 0.5
+    got = KERNELS.eval(x.bfloat16(), weight, bias, 4, EPS, mean, var)
+    # the same float computation on the float32 path, rounded by torch
+    want = KERNELS.eval(x.bfloat16().float(), weight, bias, 4, EPS, mean, var).bfloat16()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_layer_under_cpu_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
     spy = _Spy(KERNELS)
     monkeypatch.setattr(functional, "cpu_kernels", lambda: spy)

@@ -21,6 +21,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -74,6 +76,32 @@ at::MemoryFormat format_of(const Tensor& x, bool cl) {
   return x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
 }
 
+// Element loads and stores in opmath_t. bfloat16 converts with plain bit operations, which the
+// compiler vectorizes (c10::BFloat16's own conversions do not vectorize in these loops); the store
+// rounds to nearest even and keeps NaN a NaN, as c10 does.
+template <typename scalar_t>
+inline at::opmath_type<scalar_t> load(const scalar_t* p, int64_t i) {
+  return static_cast<at::opmath_type<scalar_t>>(p[i]);
+}
+template <>
+inline float load<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i].x) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+template <typename scalar_t>
+inline void store(scalar_t* p, int64_t i, at::opmath_type<scalar_t> value) {
+  p[i] = static_cast<scalar_t>(value);
+}
+template <>
+inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  p[i].x = value != value ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+}
+
 // Per-cell sums over the batch: a[u] = sum(f1), b[u] = sum(f2) where (f1, f2) = op(x, y, shift)
 // for the elements of cell u. `op` is generic and runs in opmath_t (float for float, bfloat16 and
 // half input; double for double) on short runs whose partial sums are added in double; the
@@ -102,7 +130,7 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
           opmath_t f1 = 0, f2 = 0;
 #pragma omp simd reduction(+ : f1, f2)
           for (int64_t j = j0; j < j1; ++j) {
-            auto v = op(static_cast<opmath_t>(px[j]), static_cast<opmath_t>(py[j]), shift);
+            auto v = op(load(px, j), load(py, j), shift);
             f1 += v.first;
             f2 += v.second;
           }
@@ -157,7 +185,7 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
             const scalar_t* py = y ? y + r * C : px;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-              auto v = op(static_cast<opmath_t>(px[c]), static_cast<opmath_t>(py[c]), sh[c]);
+              auto v = op(load(px, c), load(py, c), sh[c]);
               p1[c] += v.first;
               p2[c] += v.second;
             }
@@ -203,10 +231,10 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
           const scalar_t* py = y + i * g.R;
 #pragma omp simd
           for (int64_t j = 0; j < g.R; ++j)
-            po[j] = static_cast<scalar_t>(a * static_cast<opmath_t>(py[j]) + c * static_cast<opmath_t>(px[j]) + b);
+            store(po, j, a * load(py, j) + c * load(px, j) + b);
         } else {
 #pragma omp simd
-          for (int64_t j = 0; j < g.R; ++j) po[j] = static_cast<scalar_t>(a * static_cast<opmath_t>(px[j]) + b);
+          for (int64_t j = 0; j < g.R; ++j) store(po, j, a * load(px, j) + b);
         }
       }
     });
@@ -233,10 +261,10 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
         const scalar_t* py = y + r * g.C;
 #pragma omp simd
         for (int64_t j = 0; j < g.C; ++j)
-          po[j] = static_cast<scalar_t>(a[j] * static_cast<opmath_t>(py[j]) + c[j] * static_cast<opmath_t>(px[j]) + b[j]);
+          store(po, j, a[j] * load(py, j) + c[j] * load(px, j) + b[j]);
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < g.C; ++j) po[j] = static_cast<scalar_t>(a[j] * static_cast<opmath_t>(px[j]) + b[j]);
+        for (int64_t j = 0; j < g.C; ++j) store(po, j, a[j] * load(px, j) + b[j]);
       }
     }
   });
