@@ -10,8 +10,9 @@
 // (N, S, C) rows, and element (n, p, c) belongs to cell c * k + p / R.
 //
 // Passes over the activation (as nn.BatchNorm2d): forward = 1 read for the statistics (shifted
-// sums in double) + 1 read and 1 write to normalize; backward = 1 read of (dy, x) for the cell
-// sums + 1 read of (dy, x) and 1 write for dx. Everything else is O(U) scalar work.
+// sums: short float runs, added in double) + 1 read and 1 write to normalize; backward = 1 read of
+// (dy, x) for the cell sums + 1 read of (dy, x) and 1 write for dx. Everything else is O(U) scalar
+// work, so small inputs pay no per-op overhead.
 
 #include <torch/extension.h>
 
@@ -312,10 +313,10 @@ void group_moments(const Geometry& g, const scalar_t* x, std::vector<double>& me
   }
 }
 
-// Running statistics: lerp towards the batch mean and unbiased variance (in place).
 // A 0-element tensor stands for an absent weight or bias inside the autograd function.
 Tensor optional_param(const Tensor& t) { return t.numel() == 0 ? Tensor() : t; }
 
+// Running statistics: lerp towards the batch mean and unbiased variance (in place).
 void update_running(const Tensor& running_mean, const Tensor& running_var, const std::vector<double>& mean,
                     const std::vector<double>& var, double factor, double count) {
   const double unbias = count / (count - 1.0);
