@@ -103,6 +103,30 @@ def test_second_order_maml_differs_from_first_order():
     assert not torch.allclose(grads[0], grads[1])
 
 
+def test_second_order_maml_meta_gradient_of_bgn_at_g_equal_c_is_batchnorms():
+    # MAML differentiates through the inner gradient (BGN's double backward): with G = C the
+    # meta-gradient must be BatchNorm's, on whichever BGN path runs here.
+    torch.manual_seed(0)
+
+    def net(norm):
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), norm(4), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).double()
+
+    bn = net(lambda c: nn.BatchNorm2d(c, track_running_stats=False))
+    bgn = net(lambda c: BatchGroupNorm2d(c, c, track_running_stats=False))
+    bgn.load_state_dict(bn.state_dict())
+    support, support_labels = torch.randn(6, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2])
+    query, query_labels = torch.randn(9, 1, 6, 6, dtype=torch.float64), torch.arange(3).repeat_interleave(3)
+    grads = []
+    for model in (bn, bgn):
+        maml = learn2learn().algorithms.MAML(model, lr=0.4, first_order=False)
+        logits = maml_episode(maml, support, support_labels, query, steps=2)
+        loss = nn.functional.cross_entropy(logits, query_labels)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 # -- the LightningModule -----------------------------------------------------------------------
 def test_mean_ci95():
     values = torch.tensor([0.5, 0.7, 0.9, 0.7])
