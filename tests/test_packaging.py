@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.resources
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,3 +44,18 @@ def test_configs_ship_as_package_data() -> None:
 
 def test_console_script() -> None:
     assert _pyproject()["project"]["scripts"]["bgn-task"] == "tasks.cli:main"
+
+
+def test_ruff_is_clean() -> None:
+    # The lint gate runs with the tests, so CI (which runs `make test`) keeps the tree ruff-clean.
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it comes with the dev extra)")
+    done = subprocess.run([ruff, "check", "--quiet", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
+
+
+def test_kernel_source_is_package_data() -> None:
+    # bgn_lightning._ext compiles csrc/*.cpp at run time: a non-editable install must ship it.
+    data = _pyproject()["tool"]["setuptools"]["package-data"]["bgn_lightning"]
+    assert "csrc/*.cpp" in data and (ROOT / "bgn_lightning" / "csrc" / "batch_group_norm_cpu.cpp").is_file()
