@@ -277,8 +277,23 @@ class SyncBatchGroupNorm(BatchGroupNorm):
         )
 
 
-def _copy_state(source: BatchGroupNorm, target: BatchGroupNorm) -> None:
-    """Share parameters and buffers (no copies, like torch's SyncBatchNorm conversion)."""
+def _rebuild(source: BatchGroupNorm, cls: type[BatchGroupNorm], *extra: Any) -> BatchGroupNorm:
+    """A ``cls`` layer with ``source``'s settings, sharing its parameters, buffers, ``G`` and hooks.
+
+    Nothing is copied, like torch's SyncBatchNorm conversion; ``extra`` follows the common
+    constructor arguments (the process group of a ``SyncBatchGroupNorm``).
+    """
+    target = cls(
+        source.num_features,
+        "auto" if source.auto_groups else source.num_groups,
+        source.eps,
+        source.momentum,
+        source.affine,
+        source.track_running_stats,
+        source.reference_batch_size,
+        *extra,
+    )
+    target.auto_groups = source.auto_groups
     target.num_groups = source.num_groups
     target.feature_numel = source.feature_numel
     if source.affine:
@@ -293,6 +308,7 @@ def _copy_state(source: BatchGroupNorm, target: BatchGroupNorm) -> None:
         target._forward_pre_hooks[hook_id] = hook
     if hasattr(source, "qconfig"):
         target.qconfig = source.qconfig
+    return target
 
 
 def convert_sync_batchgroupnorm(module: nn.Module, process_group: ProcessGroup | None = None) -> nn.Module:
@@ -311,19 +327,8 @@ def convert_sync_batchgroupnorm(module: nn.Module, process_group: ProcessGroup |
         ``module`` itself, or the new layer when ``module`` is a ``BatchGroupNorm``.
     """
     if isinstance(module, BatchGroupNorm) and not isinstance(module, SyncBatchGroupNorm):
-        converted = SyncBatchGroupNorm(
-            module.num_features,
-            "auto" if module.auto_groups else module.num_groups,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            module.reference_batch_size,
-            process_group,
-        )
-        converted.auto_groups = module.auto_groups
+        converted = _rebuild(module, SyncBatchGroupNorm, process_group)
         converted.original_class = type(module)
-        _copy_state(module, converted)
         return converted
     for name, child in module.named_children():
         new = convert_sync_batchgroupnorm(child, process_group)
@@ -345,19 +350,7 @@ def revert_sync_batchgroupnorm(module: nn.Module) -> nn.Module:
         ``module`` itself, or the new layer when ``module`` is a ``SyncBatchGroupNorm``.
     """
     if isinstance(module, SyncBatchGroupNorm):
-        cls = module.original_class
-        reverted = cls(
-            module.num_features,
-            "auto" if module.auto_groups else module.num_groups,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            module.reference_batch_size,
-        )
-        reverted.auto_groups = module.auto_groups
-        _copy_state(module, reverted)
-        return reverted
+        return _rebuild(module, module.original_class)
     for name, child in module.named_children():
         new = revert_sync_batchgroupnorm(child)
         if new is not child:

@@ -162,6 +162,11 @@ def _expected_running(x, groups, rm0, rv0, momentum):
             (1 - momentum) * rv0.double() + momentum * unbiased)
 
 
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """assert_close tolerances: float64 to ~1e-10, float32 to ~1e-5."""
+    return {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+
+
 # -- 2. training and eval against the float64 reference and the native-op path ---------------------
 
 
@@ -177,7 +182,7 @@ def test_train_matches_reference_and_native_path(
     want = _run(lambda x, w, b: reference_bgn(x, groups, w, b, EPS)[0],
                 x.double(), dy.double(), *(None if t is None else t.double() for t in (w, b)))
     native = _run(lambda x, w, b: batch_group_norm_train(x, groups, w, b, EPS)[0], x, dy, w, b)
-    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    tol = _tolerance(dtype)
     assert got[0].dtype == dtype and got[1].dtype == dtype
     _assert_all_close(got, want, **tol)
     _assert_all_close(got, native, **tol)
@@ -199,7 +204,7 @@ def test_eval_matches_reference_and_native_path(
     x, _, w, b, rm, rv = _case(shape, groups, memory, dtype, affine)
     versions = rm._version, rv._version
     y = KERNELS.eval(x, w, b, groups, EPS, rm, rv)
-    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    tol = _tolerance(dtype)
     assert y.dtype == dtype and not y.requires_grad
     torch.testing.assert_close(y.double(), _reference_eval(x, groups, rm, rv, w, b, EPS), **tol)
     torch.testing.assert_close(y, batch_group_norm_eval(x, groups, rm, rv, w, b, EPS), **tol)
@@ -612,7 +617,7 @@ def test_layer_kernels_on_equals_off(monkeypatch: pytest.MonkeyPatch, channels: 
     off_layer.load_state_dict(state)
     off = _layer_run(off_layer, xs, dys, x_eval)
 
-    tol = {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    tol = _tolerance(dtype)
     assert on.keys() == off.keys()
     _assert_all_close(list(on.values()), list(off.values()), **tol, names=list(on))
 
