@@ -19,7 +19,7 @@ from a registry name through :func:`build_norm` or :func:`norm_layer`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from torch import nn
@@ -51,20 +51,54 @@ _NORM_TYPES: set[type[nn.Module]] = {
 }
 
 
-def register_norm(name: str, *, overwrite: bool = False) -> Callable[[F], F]:
+def register_norm(
+    name: str, *, overwrite: bool = False, norm_types: Iterable[type[nn.Module]] = ()
+) -> Callable[[F], F]:
     """Decorator registering ``factory(num_features, dim, **kwargs) -> nn.Module`` as ``name``.
 
     A decorated ``nn.Module`` subclass is called as ``cls(num_features, **kwargs)`` (``dim`` is
-    dropped) and is recognised by :func:`is_norm_layer` from then on.
+    dropped). Which modules :func:`is_norm_layer` recognises is decided by class, never by what a
+    factory happens to return:
+
+    * the registry's own layers and torch's norm layers are always recognised;
+    * a decorated class is recognised from then on (and so are its subclasses);
+    * a decorated factory *function* adds no type: what it returns counts as a norm layer only
+      if its class is already recognised (e.g. a function returning ``nn.GroupNorm`` or a
+      registered class). Name the classes of the layers it builds in ``norm_types`` to have
+      them recognised too.
+
+    Recognised types are never forgotten (``overwrite=True`` replaces only the factory).
+
+    Args:
+        name: the registry name.
+        overwrite: replace a factory already registered as ``name`` instead of raising.
+        norm_types: extra ``nn.Module`` subclasses that :func:`is_norm_layer` should recognise,
+            typically the classes a factory function builds.
+
+    Raises:
+        ValueError: for an empty or non-str ``name``, or (when applied) a ``name`` already
+            registered without ``overwrite=True``.
+        TypeError: for a ``norm_types`` entry that is not an ``nn.Module`` subclass.
 
     Example::
 
         @register_norm("my_norm")
         class MyNorm(nn.Module):
             def __init__(self, num_features: int, eps: float = 1e-5): ...
+
+        @register_norm("my_nd_norm", norm_types=(MyNdNorm,))   # a function: name its class
+        def my_nd_norm(num_features: int, dim: int, **kwargs) -> nn.Module:
+            return MyNdNorm(num_features, spatial_dims=dim, **kwargs)
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_norm: name must be a non-empty str, got {name!r}")
+    types = tuple(norm_types)
+    for norm_type in types:
+        if not (isinstance(norm_type, type) and issubclass(norm_type, nn.Module)):
+            raise TypeError(
+                f"register_norm({name!r}): norm_types entries must be nn.Module subclasses, "
+                f"got {norm_type!r}"
+            )
 
     def decorator(factory: F) -> F:
         if name in _REGISTRY and not overwrite:
@@ -77,6 +111,7 @@ def register_norm(name: str, *, overwrite: bool = False) -> Callable[[F], F]:
             _REGISTRY[name] = lambda num_features, dim, **kw: cls(num_features, **kw)
         else:
             _REGISTRY[name] = factory
+        _NORM_TYPES.update(types)
         return factory
 
     return decorator
@@ -113,10 +148,7 @@ def build_norm(name: str, num_features: int, dim: int = 2, **kwargs: Any) -> nn.
         raise ValueError(f"build_norm: dim must be 1, 2 or 3, got {dim!r}")
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"build_norm: num_features must be a positive int, got {num_features!r}")
-    module = factory(num_features, dim, **kwargs)
-    if not isinstance(module, nn.Identity):
-        _NORM_TYPES.add(type(module))
-    return module
+    return factory(num_features, dim, **kwargs)
 
 
 def norm_layer(name: str, dim: int = 2, **kwargs: Any) -> Callable[[int], nn.Module]:
@@ -132,8 +164,13 @@ def norm_layer(name: str, dim: int = 2, **kwargs: Any) -> Callable[[int], nn.Mod
 def is_norm_layer(module: nn.Module) -> bool:
     """True for every normalization layer the project knows (registry layers and torch's).
 
+    The known classes are torch's norm layers (BatchNorm, SyncBatchNorm, InstanceNorm and their
+    lazy variants, GroupNorm, LayerNorm, LocalResponseNorm), the registry's (BatchGroupNorm and
+    its subclasses, PositionalNorm) and the classes users declared with :func:`register_norm`
+    (see there); subclasses count too. ``nn.Identity`` (the ``none`` norm) is not a norm layer.
+
     Use this instead of ``isinstance(m, _BatchNorm)`` or class-name matching when a piece of
-    code must treat all norm layers alike (freezing, attack modes, AdaBN).
+    code must treat all norm layers alike (freezing, attack modes, AdaBN, SWA).
     """
     return isinstance(module, tuple(_NORM_TYPES))
 

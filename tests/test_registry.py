@@ -124,3 +124,60 @@ def test_is_norm_layer_rejects_other_modules() -> None:
     assert not is_norm_layer(nn.Identity())
     assert is_norm_layer(nn.SyncBatchNorm(4))
     assert is_norm_layer(nn.LayerNorm(4))
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registrations made by a test are undone after it (names and recognised norm types)."""
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+    monkeypatch.setattr(registry_module, "_NORM_TYPES", set(registry_module._NORM_TYPES))
+
+
+@pytest.mark.usefixtures("scratch_registry")
+def test_factory_function_records_no_norm_type() -> None:
+    """A factory returning a container must not make every such container a norm layer."""
+
+    @register_norm("test_seq_norm")
+    def make(num_features: int, dim: int, **kwargs: object) -> nn.Module:
+        return nn.Sequential(nn.BatchNorm2d(num_features), nn.ReLU())
+
+    block = build_norm("test_seq_norm", 4)
+    assert not is_norm_layer(block)
+    assert not is_norm_layer(nn.Sequential())
+    assert is_norm_layer(block[0])  # the BatchNorm inside still is one
+
+
+@pytest.mark.usefixtures("scratch_registry")
+def test_factory_function_types_recognised_by_class() -> None:
+    class Unregistered(nn.Module):
+        def __init__(self, num_features: int) -> None:
+            super().__init__()
+            self.num_features = num_features
+
+    class Declared(Unregistered):
+        pass
+
+    @register_norm("test_known_class")  # returns a class the registry already owns
+    def make_gn(num_features: int, dim: int, **kwargs: object) -> nn.Module:
+        return nn.GroupNorm(1, num_features)
+
+    @register_norm("test_unknown_class")
+    def make_unregistered(num_features: int, dim: int, **kwargs: object) -> nn.Module:
+        return Unregistered(num_features)
+
+    @register_norm("test_declared_class", norm_types=[Declared])
+    def make_declared(num_features: int, dim: int, **kwargs: object) -> nn.Module:
+        return Declared(num_features)
+
+    assert is_norm_layer(build_norm("test_known_class", 4))
+    assert not is_norm_layer(build_norm("test_unknown_class", 4))
+    assert is_norm_layer(build_norm("test_declared_class", 4))
+    assert not is_norm_layer(Unregistered(4))  # declaring a subclass does not cover its base
+
+
+def test_norm_types_must_be_module_classes() -> None:
+    with pytest.raises(TypeError, match=r"norm_types entries must be nn.Module subclasses, got 'x'"):
+        register_norm("test_bad_types", norm_types=("x",))
+    with pytest.raises(TypeError, match="got <class 'int'>"):
+        register_norm("test_bad_types", norm_types=(int,))
+    assert "test_bad_types" not in available_norms()
