@@ -1,13 +1,15 @@
 """Batch Group Normalization (BGN) for PyTorch Lightning.
 
-Public API: the BGN op and layers, the normalization registry, model conversion and the
-:class:`NormSwap` Lightning callback.
+Public API: the BGN op and layers, the normalization registry, model conversion, the
+:class:`NormSwap` Lightning callback and helpers that make other tools (torchattacks, Lightning's
+SWA) treat BGN as a norm layer.
 """
 
 from ._ext import cpu_kernels_available
 from .callback import NormSwap
 from .convert import convert_norm_layer, convert_norms
 from .functional import auto_num_groups, batch_group_norm
+from .interop import NormAwareSWA, norm_aware_attack, norm_mode, set_norm_mode
 from .layers import (
     BatchGroupNorm,
     BatchGroupNorm1d,
@@ -26,6 +28,7 @@ __all__ = [
     "BatchGroupNorm1d",
     "BatchGroupNorm2d",
     "BatchGroupNorm3d",
+    "NormAwareSWA",
     "NormSwap",
     "PositionalNorm",
     "SyncBatchGroupNorm",
@@ -38,7 +41,10 @@ __all__ = [
     "convert_sync_batchgroupnorm",
     "cpu_kernels_available",
     "is_norm_layer",
+    "norm_aware_attack",
     "norm_layer",
+    "norm_mode",
     "register_norm",
     "revert_sync_batchgroupnorm",
+    "set_norm_mode",
 ]
