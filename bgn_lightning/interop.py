@@ -160,12 +160,16 @@ def norm_aware_attack(attack: AttackT) -> AttackT:
 
 
 def _patch_attack_modes(atk: Attack) -> None:
-    """Replace ``atk``'s three mode-switching methods with norm-aware, per-module-restoring ones."""
-    saved: list[_Modes] = []
+    """Replace ``atk``'s three mode-switching methods with norm-aware, per-module-restoring ones.
+
+    The replacements keep torchattacks' signatures (``given_training`` is not needed: the modes
+    saved on entry say more).
+    """
+    entry: dict[str, _Modes] = {}  # the modes on entry to the current call
 
     def change_model_mode(given_training: bool) -> None:
         model = atk.model
-        saved[:] = [_module_modes(model)]
+        entry["modes"] = _module_modes(model)
         if not atk._model_training:
             model.eval()
             return
@@ -177,8 +181,8 @@ def _patch_attack_modes(atk: Attack) -> None:
                     module.eval()
 
     def recover_model_mode(given_training: bool) -> None:
-        if saved:
-            _restore_modes(saved.pop())
+        if "modes" in entry:
+            _restore_modes(entry.pop("modes"))
 
     def get_output_with_eval_nograd(inputs: Tensor) -> Tensor:
         modes = _module_modes(atk.model)
