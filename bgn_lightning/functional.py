@@ -6,14 +6,17 @@ flattened ``(C, *S)`` vector. Each group is normalized with the mean and biased 
 ``N * D / G`` values across the whole batch, then a per-channel affine transform is applied.
 
 On CPU the computation runs on fused C++ kernels (``csrc/batch_group_norm_cpu.cpp``, built on first
-use by :mod:`bgn_lightning._ext`); elsewhere, or where they cannot be built, on native PyTorch ops
-(:mod:`bgn_lightning._autograd`). Both have a closed-form backward and float32 statistics under
-autocast; ``docs/performance.md`` describes them and their cost.
+use by :mod:`bgn_lightning._ext`); on CUDA on fused Triton kernels (:mod:`bgn_lightning._triton`;
+``G = C`` in float32 is BatchNorm and runs cuDNN's batch norm); elsewhere, or where the kernels
+are unavailable or switched off, on native PyTorch ops (:mod:`bgn_lightning._autograd`). All
+have a closed-form backward and float32 statistics under autocast; ``docs/performance.md``
+describes them and their cost.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,7 @@ from torch import Tensor
 
 from ._autograd import batch_group_norm_eval, batch_group_norm_train, composite_only
 from ._ext import cpu_kernels
+from ._triton import KernelFailure, cuda_kernels, disable
 
 __all__ = ["auto_num_groups", "batch_group_norm", "check_num_groups", "valid_num_groups"]
 
@@ -109,10 +113,13 @@ def _batch_group_norm(
 ) -> Tensor:
     """:func:`batch_group_norm` for callers that already checked the rank and ``num_groups``."""
     c = x.shape[1]
-    kernels = cpu_kernels() if x.device.type == "cpu" and not composite_only() else None
+    kernels = _fused_kernels(x, num_groups, weight, bias, running_mean, running_var)
     if not (training or running_mean is None or running_var is None):
         if kernels is not None and not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
-            return kernels.eval(x, weight, bias, num_groups, eps, running_mean, running_var)
+            try:
+                return kernels.eval(x, weight, bias, num_groups, eps, running_mean, running_var)
+            except KernelFailure as err:  # a Triton kernel that does not compile: the native path
+                disable(err)
         if num_groups == c and x.dtype == running_mean.dtype:
             return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
                                     torch.backends.cudnn.enabled)
@@ -132,9 +139,13 @@ def _batch_group_norm(
             factor = 1.0 / float(num_batches_tracked)
         else:
             factor = momentum
-    if kernels is not None:  # every G, G = C included (faster than the native batch norm on CPU)
-        return kernels.train(x, weight, bias, num_groups, eps, running_mean if update else None,
-                             running_var if update else None, factor)
+    if kernels is not None:  # every G on CPU, G = C included (faster than the native batch norm there)
+        try:
+            return kernels.train(x, weight, bias, num_groups, eps, running_mean if update else None,
+                                 running_var if update else None, factor)
+        except KernelFailure as err:  # a Triton kernel that does not compile: the native path
+            disable(err)
+            update = update and not err.running_updated
     if num_groups == c and x.dtype in (torch.float32, torch.float64):
         # G = C is BatchNorm: the native kernel, running statistics included.
         return F.batch_norm(x, running_mean if update else None, running_var if update else None,
@@ -149,6 +160,24 @@ def _batch_group_norm(
                 running_mean.lerp_(mean.to(running_mean.dtype), factor)
                 running_var.lerp_(unbiased.to(running_var.dtype), factor)
     return y
+
+
+def _fused_kernels(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None,
+) -> Any:
+    """The fused kernels for this call: C++ on CPU, Triton on CUDA, ``None`` for the native path.
+
+    Traced (``torch.compile``) and ``torch.func`` calls take the composite path. On CUDA, ``G = C``
+    in float32 stays on cuDNN's batch norm, which is BatchNorm's math.
+    """
+    if composite_only():
+        return None
+    if x.device.type == "cpu":
+        return cpu_kernels()
+    if num_groups == x.shape[1] and x.dtype == torch.float32:
+        return None
+    return cuda_kernels(x, weight, bias, running_mean, running_var)
 
 
 def _any_requires_grad(*tensors: Tensor | None) -> bool:

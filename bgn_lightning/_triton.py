@@ -1,0 +1,641 @@
+"""Fused Triton kernels for BGN on CUDA: the algorithm of the C++ CPU kernels, on the GPU.
+
+Notation as in :mod:`bgn_lightning._autograd` and ``csrc/batch_group_norm_cpu.cpp``: ``x`` is
+``(N, C, *S)`` with ``S = prod(spatial)``, ``D = C * S``, ``G`` groups of ``L = D / G`` consecutive
+features. Cells are runs of ``R = gcd(L, S)`` features, each inside one group and one channel:
+channel ``c`` has ``k = S / R`` cells, group ``g`` has ``L / R``, and there are ``U = C * k``. Both
+supported memory formats are row-major matrices: a contiguous ``x`` is ``(N * U, R)`` (row ``r`` is
+cell ``r % U``), a channels-last one ``(N * S, C)`` (element ``(r, c)`` is cell ``c * k + (r % S) / R``).
+Other strides are made contiguous first; the output has the input's memory format.
+
+Launches (statistics and parameters in float32, whatever the input dtype):
+
+* training forward: per-cell shifted sums ``sum(x - s)``, ``sum((x - s)^2)`` (``s`` = the group's
+  first value, so ``1e4 + randn`` keeps its variance) in ``SPLIT`` partial sums per cell; one small
+  kernel pools them per group (in float64), updates the running statistics in place (unbiased
+  variance, as BatchNorm) and writes ``(mean, var, rstd)``; one pass ``y = a * x + b`` per cell;
+* backward (closed form): per-cell ``sum(dy)``, ``sum(dy * (x - mean))``; one small kernel gives the
+  weight and bias gradients and per-group coefficients; one pass ``dx = A * dy + B * x + D``;
+* eval: one pass with ``a, b`` from the running statistics.
+
+Double backward (``create_graph=True``) differentiates the composite graph of
+:func:`bgn_lightning._autograd.composite_batch_group_norm`; ``torch.compile`` and ``torch.func``
+never reach this module (``functional`` sends them to the composite path).
+
+:func:`cuda_kernels` gives the kernels for a CUDA input they serve (float32, float16, bfloat16; the
+parameters and buffers on the same device), or ``None``: Triton missing, no GPU,
+``BGN_LIGHTNING_CUDA_KERNELS=0``, or a kernel that failed to compile earlier in this process (one
+warning, then the native-op path). Under ``TRITON_INTERPRET=1`` (set before Triton is imported)
+:class:`TritonKernels` runs on CPU tensors in Triton's interpreter, which is how the tests check the
+kernels on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._autograd import _composite_backward
+
+__all__ = ["ENV_SWITCH", "KernelFailure", "TritonKernels", "cuda_kernels", "cuda_kernels_available",
+           "disable"]
+
+ENV_SWITCH = "BGN_LIGHTNING_CUDA_KERNELS"
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TILE = 2048  # elements per program and loop iteration of the reductions
+_AFFINE_TILE = 4096  # elements per program of the elementwise passes
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+class KernelFailure(RuntimeError):
+    """A Triton kernel could not be compiled or launched; the caller runs the native-op path.
+
+    Attributes:
+        running_updated: whether the running statistics were already updated by this call.
+    """
+
+    def __init__(self, message: str, running_updated: bool) -> None:
+        super().__init__(message)
+        self.running_updated = running_updated
+
+
+# -- the kernels ---------------------------------------------------------------------------------
+
+
+def _define_kernels() -> SimpleNamespace:
+    """Define the ``@triton.jit`` kernels (Triton reads ``TRITON_INTERPRET`` at definition time)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cell_sums(x_ptr, dy_ptr, mean_ptr, part_ptr, N, U, R, S, C, K, CPG, L, D, SPLIT,
+                  CL: tl.constexpr, BWD: tl.constexpr, BIG: tl.constexpr,
+                  BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Partial per-cell sums: (x - s, (x - s)^2), or (dy, dy * (x - mean)) when BWD."""
+        pid_q = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        split = pid_s % SPLIT
+        acc1 = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
+        if CL:
+            # Program (channel block, segment, split): rows (n, seg * R + j) of C values.
+            seg = pid_s // SPLIT
+            qmask = q < C
+            cell = q * K + seg
+            grp = cell // CPG
+            if BWD:
+                shift = tl.load(mean_ptr + grp, mask=qmask, other=0.0)
+            else:
+                f = grp * L
+                shift = tl.load(x_ptr + (f % S) * C + f // S, mask=qmask, other=0.0).to(tl.float32)
+            m_all = N * R
+            for m0 in range(split * BLOCK_M, m_all, SPLIT * BLOCK_M):
+                m = m0 + tl.arange(0, BLOCK_M)
+                if BIG:
+                    m = m.to(tl.int64)
+                row = (m // R) * D + (seg * R + m % R) * C
+                offs = row[None, :] + q[:, None]
+                mask = (m < m_all)[None, :] & qmask[:, None]
+                v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift[:, None]
+                if BWD:
+                    d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    acc1 += d
+                    acc2 += tl.where(mask, d * v, 0.0)
+                else:
+                    v = tl.where(mask, v, 0.0)
+                    acc1 += v
+                    acc2 += v * v
+        else:
+            # Program (cell block, split): chunks (n, j0) of BLOCK_M values of every cell's run.
+            qmask = q < U
+            cell = q
+            grp = q // CPG
+            if BWD:
+                shift = tl.load(mean_ptr + grp, mask=qmask, other=0.0)
+            else:
+                shift = tl.load(x_ptr + grp * L, mask=qmask, other=0.0).to(tl.float32)
+            q_off = q * R
+            if BIG:
+                q_off = q_off.to(tl.int64)
+            nj = tl.cdiv(R, BLOCK_M)
+            for t in range(split, N * nj, SPLIT):
+                n = t // nj
+                j = (t % nj) * BLOCK_M + tl.arange(0, BLOCK_M)
+                if BIG:
+                    n = n.to(tl.int64)
+                offs = n * D + q_off[:, None] + j[None, :]
+                mask = qmask[:, None] & (j < R)[None, :]
+                v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift[:, None]
+                if BWD:
+                    d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    acc1 += d
+                    acc2 += tl.where(mask, d * v, 0.0)
+                else:
+                    v = tl.where(mask, v, 0.0)
+                    acc1 += v
+                    acc2 += v * v
+        s1 = tl.sum(acc1, axis=1)
+        s2 = tl.sum(acc2, axis=1)
+        out = split * U + cell
+        tl.store(part_ptr + out, s1, mask=qmask)
+        tl.store(part_ptr + SPLIT * U + out, s2, mask=qmask)
+
+    @triton.jit
+    def group_stats(x_ptr, part_ptr, stats_ptr, rm_ptr, rv_ptr, G, U, S, C, CPG, L, SPLIT, count,
+                    eps, factor, CL: tl.constexpr, UPDATE: tl.constexpr,
+                    BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Pool the partial sums per group: (mean, var, rstd) and the running statistics."""
+        grp = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+        gmask = grp < G
+        s1 = tl.zeros((BLOCK_G, BLOCK_T), dtype=tl.float64)
+        s2 = tl.zeros((BLOCK_G, BLOCK_T), dtype=tl.float64)
+        for t0 in range(0, CPG, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            cell = grp[:, None] * CPG + t[None, :]
+            mask = gmask[:, None] & (t < CPG)[None, :]
+            for s in range(0, SPLIT):
+                s1 += tl.load(part_ptr + s * U + cell, mask=mask, other=0.0).to(tl.float64)
+                s2 += tl.load(part_ptr + (SPLIT + s) * U + cell, mask=mask, other=0.0).to(tl.float64)
+        f = grp * L
+        first = (f % S) * C + f // S if CL else f
+        shift = tl.load(x_ptr + first, mask=gmask, other=0.0).to(tl.float32).to(tl.float64)
+        m = tl.sum(s1, axis=1) / count
+        var = tl.maximum(tl.sum(s2, axis=1) / count - m * m, 0.0)
+        mean = shift + m
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(stats_ptr + grp, mean.to(tl.float32), mask=gmask)
+        tl.store(stats_ptr + G + grp, var.to(tl.float32), mask=gmask)
+        tl.store(stats_ptr + 2 * G + grp, rstd.to(tl.float32), mask=gmask)
+        if UPDATE:
+            rm = tl.load(rm_ptr + grp, mask=gmask, other=0.0).to(tl.float32).to(tl.float64)
+            rv = tl.load(rv_ptr + grp, mask=gmask, other=0.0).to(tl.float32).to(tl.float64)
+            rm = rm + factor * (mean - rm)
+            rv = rv + factor * (var * (count / (count - 1.0)) - rv)
+            tl.store(rm_ptr + grp, rm.to(tl.float32).to(rm_ptr.dtype.element_ty), mask=gmask)
+            tl.store(rv_ptr + grp, rv.to(tl.float32).to(rv_ptr.dtype.element_ty), mask=gmask)
+
+    @triton.jit
+    def backward_coefficients(part_ptr, stats_ptr, w_ptr, coef_ptr, dw_ptr, db_ptr, G, U, C, K, CPG,
+                              SPLIT, count, HAS_W: tl.constexpr, NEED_X: tl.constexpr,
+                              NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                              BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Weight / bias gradients per channel, and per group (rstd, B, D) of dx = rstd*w*dy + B*x + D."""
+        pid = tl.program_id(0)
+        if NEED_X:
+            grp = pid * BLOCK_G + tl.arange(0, BLOCK_G)
+            gmask = grp < G
+            mean = tl.load(stats_ptr + grp, mask=gmask, other=0.0).to(tl.float64)
+            rstd = tl.load(stats_ptr + 2 * G + grp, mask=gmask, other=0.0).to(tl.float64)
+            a1 = tl.zeros((BLOCK_G, BLOCK_T), dtype=tl.float64)
+            a2 = tl.zeros((BLOCK_G, BLOCK_T), dtype=tl.float64)
+            for t0 in range(0, CPG, BLOCK_T):
+                t = t0 + tl.arange(0, BLOCK_T)
+                cell = grp[:, None] * CPG + t[None, :]
+                mask = gmask[:, None] & (t < CPG)[None, :]
+                if HAS_W:
+                    w = tl.load(w_ptr + cell // K, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
+                else:
+                    w = tl.where(mask, 1.0, 0.0).to(tl.float64)
+                for s in range(0, SPLIT):
+                    a1 += w * tl.load(part_ptr + s * U + cell, mask=mask, other=0.0).to(tl.float64)
+                    a2 += w * tl.load(part_ptr + (SPLIT + s) * U + cell, mask=mask, other=0.0).to(tl.float64)
+            k1 = rstd * tl.sum(a1, axis=1) / count  # rstd * mean(w * dy)
+            k2 = rstd * rstd * tl.sum(a2, axis=1) / count  # rstd * mean(w * dy * x_hat)
+            coef_x = -rstd * k2
+            tl.store(coef_ptr + grp, rstd.to(tl.float32), mask=gmask)
+            tl.store(coef_ptr + G + grp, coef_x.to(tl.float32), mask=gmask)
+            tl.store(coef_ptr + 2 * G + grp, (-k1 - coef_x * mean).to(tl.float32), mask=gmask)
+        if NEED_W or NEED_B:
+            ch = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+            cmask = ch < C
+            gw = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float64)
+            gb = tl.zeros((BLOCK_C, BLOCK_K), dtype=tl.float64)
+            for t0 in range(0, K, BLOCK_K):
+                t = t0 + tl.arange(0, BLOCK_K)
+                cell = ch[:, None] * K + t[None, :]
+                mask = cmask[:, None] & (t < K)[None, :]
+                r = tl.load(stats_ptr + 2 * G + cell // CPG, mask=mask, other=0.0).to(tl.float64)
+                for s in range(0, SPLIT):
+                    gb += tl.load(part_ptr + s * U + cell, mask=mask, other=0.0).to(tl.float64)
+                    gw += r * tl.load(part_ptr + (SPLIT + s) * U + cell, mask=mask, other=0.0).to(tl.float64)
+            if NEED_W:
+                dw = tl.sum(gw, axis=1).to(tl.float32)  # float64 -> bfloat16 directly is not portable
+                tl.store(dw_ptr + ch, dw.to(dw_ptr.dtype.element_ty), mask=cmask)
+            if NEED_B:
+                db = tl.sum(gb, axis=1).to(tl.float32)
+                tl.store(db_ptr + ch, db.to(db_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def cell_affine(x_ptr, dy_ptr, out_ptr, p0_ptr, p1_ptr, p2_ptr, w_ptr, b_ptr, ROWS, COLS, U, S, R,
+                    K, CPG, eps, CL: tl.constexpr, SEGMENTED: tl.constexpr, MODE: tl.constexpr,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BIG: tl.constexpr,
+                    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """One elementwise pass over x seen as (ROWS, COLS), per cell.
+
+        MODE 0 (train) and 1 (eval): out = x * (w * rstd) + (b - mean * w * rstd) with per-group
+        (mean, rstd) = (p0, p2) or (p0, 1 / sqrt(p1 + eps)). MODE 2 (backward): out = dy * (w * p0)
+        + x * p1 + p2 with per-group (rstd, B, D).
+        """
+        r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        if BIG:
+            r = r.to(tl.int64)
+        mask = (r < ROWS)[:, None] & (c < COLS)[None, :]
+        offs = r[:, None] * COLS + c[None, :]
+        if CL:
+            cell = c[None, :] * K + ((r % S) // R)[:, None] if SEGMENTED else c[None, :]
+            ch = c[None, :]
+        else:
+            cell = (r % U)[:, None]
+            ch = cell // K
+        grp = cell // CPG
+        pmask = cell < U  # lanes past the last channel (channels-last) have no cell
+        if MODE == 2:
+            scale = tl.load(p0_ptr + grp, mask=pmask, other=0.0).to(tl.float32)
+            if HAS_W:
+                scale = scale * tl.load(w_ptr + ch, mask=pmask, other=0.0).to(tl.float32)
+            coef_x = tl.load(p1_ptr + grp, mask=pmask, other=0.0).to(tl.float32)
+            shift = tl.load(p2_ptr + grp, mask=pmask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            out = d * scale + x * coef_x + shift
+        else:
+            mean = tl.load(p0_ptr + grp, mask=pmask, other=0.0).to(tl.float32)
+            if MODE == 0:
+                scale = tl.load(p2_ptr + grp, mask=pmask, other=0.0).to(tl.float32)
+            else:
+                var = tl.load(p1_ptr + grp, mask=pmask, other=1.0).to(tl.float32)
+                scale = 1.0 / tl.sqrt(var + eps)
+            if HAS_W:
+                scale = scale * tl.load(w_ptr + ch, mask=pmask, other=0.0).to(tl.float32)
+            shift = -mean * scale
+            if HAS_B:
+                shift += tl.load(b_ptr + ch, mask=pmask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            out = x * scale + shift
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return SimpleNamespace(cell_sums=cell_sums, group_stats=group_stats,
+                           backward_coefficients=backward_coefficients, cell_affine=cell_affine)
+
+
+# -- host side -----------------------------------------------------------------------------------
+
+
+def _pow2(n: int, cap: int) -> int:
+    """The power of two at least ``n`` (and at least 2), at most ``cap``."""
+    return max(2, min(cap, 1 << max(0, n - 1).bit_length()))
+
+
+class _Geometry:
+    """Sizes of one call; see the module docstring for the names."""
+
+    def __init__(self, x: Tensor, groups: int, channels_last: bool) -> None:
+        self.N, self.C = x.shape[0], x.shape[1]
+        self.S = math.prod(x.shape[2:])
+        self.G = groups
+        self.L = self.C * self.S // groups
+        self.R = math.gcd(self.L, self.S)
+        self.K = self.S // self.R
+        self.U = self.C * self.K
+        self.CPG = self.L // self.R
+        self.D = self.C * self.S
+        self.CL = channels_last
+        self.BIG = x.numel() >= 2**31 - _AFFINE_TILE
+        self.count = float(self.N * self.L)
+
+
+def _channels_last(x: Tensor) -> bool:
+    if x.dim() == 4:
+        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _prepare(x: Tensor) -> tuple[Tensor, bool]:
+    """``x`` in a layout the kernels read (itself unless oddly strided) and whether it is channels-last."""
+    if x.is_contiguous():
+        return x, False
+    if _channels_last(x):
+        return x, True
+    return x.contiguous(), False
+
+
+def _vector(t: Tensor | None, size: int, what: str, copy: bool = True) -> Tensor | None:
+    """A per-channel or per-group tensor checked to be 1-D of ``size`` (stride 1 if ``copy``)."""
+    if t is None:
+        return None
+    if t.dim() != 1 or t.numel() != size:
+        raise ValueError(f"batch_group_norm: {what} must be a 1-D tensor of {size} elements, "
+                         f"got shape {tuple(t.shape)}")
+    return t if t.stride(0) == 1 or not copy else t.contiguous()
+
+
+class TritonKernels:
+    """The fused BGN kernels: ``train`` (autograd-aware) and ``eval``, as the C++ CPU module.
+
+    Works on CUDA tensors, and on CPU tensors when Triton's interpreter is on
+    (``TRITON_INTERPRET=1`` before Triton is imported).
+    """
+
+    def __init__(self) -> None:
+        self.kernels = _define_kernels()
+        self._programs: dict[Any, int] = {}
+
+    # -- launches --
+
+    def _target_programs(self, device: torch.device) -> int:
+        """About four programs per streaming multiprocessor (4 in the interpreter)."""
+        if device.type != "cuda":
+            return 4
+        if device not in self._programs:
+            props = torch.cuda.get_device_properties(device)
+            self._programs[device] = 4 * props.multi_processor_count
+        return self._programs[device]
+
+    def _cell_sums(self, geo: _Geometry, x: Tensor, dy: Tensor | None,
+                   mean: Tensor | None) -> tuple[Tensor, int]:
+        """Partial per-cell sums ``(2, SPLIT, U)`` in float32, and ``SPLIT``."""
+        if geo.CL:
+            block_q = _pow2(geo.C, 256)
+            block_m = _pow2(geo.N * geo.R, max(2, _TILE // block_q))
+            q_blocks, segments = _cdiv(geo.C, block_q), geo.K
+            chunks = _cdiv(geo.N * geo.R, block_m)
+        else:
+            block_m = _pow2(geo.R, 1024)
+            block_q = _pow2(geo.U, max(2, _TILE // block_m))
+            q_blocks, segments = _cdiv(geo.U, block_q), 1
+            chunks = geo.N * _cdiv(geo.R, block_m)
+        split = max(1, min(chunks, self._target_programs(x.device) // (q_blocks * segments)))
+        part = torch.empty((2, split, geo.U), dtype=torch.float32, device=x.device)
+        self.kernels.cell_sums[(q_blocks, segments * split)](
+            x, x if dy is None else dy, part if mean is None else mean, part,
+            geo.N, geo.U, geo.R, geo.S, geo.C, geo.K, geo.CPG, geo.L, geo.D, split,
+            CL=geo.CL, BWD=dy is not None, BIG=geo.BIG, BLOCK_Q=block_q, BLOCK_M=block_m,
+        )
+        return part, split
+
+    def _affine(self, geo: _Geometry, x: Tensor, dy: Tensor | None, p0: Tensor, p1: Tensor, p2: Tensor,
+                weight: Tensor | None, bias: Tensor | None, eps: float, mode: int) -> Tensor:
+        out = torch.empty_like(x)
+        rows, cols = (geo.N * geo.S, geo.C) if geo.CL else (geo.N * geo.U, geo.R)
+        block_cols = _pow2(cols, 256 if geo.CL else 1024)
+        block_rows = _pow2(rows, max(2, _AFFINE_TILE // block_cols))
+        grid = (_cdiv(rows, block_rows), _cdiv(cols, block_cols))
+        self.kernels.cell_affine[grid](
+            x, x if dy is None else dy, out, p0, p1, p2,
+            x if weight is None else weight, x if bias is None else bias,
+            rows, cols, geo.U, geo.S, geo.R, geo.K, geo.CPG, eps,
+            CL=geo.CL, SEGMENTED=geo.K > 1, MODE=mode, HAS_W=weight is not None,
+            HAS_B=bias is not None, BIG=geo.BIG, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        )
+        return out
+
+    def forward_train(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+                      running_mean: Tensor | None, running_var: Tensor | None,
+                      factor: float) -> tuple[Tensor, Tensor]:
+        """Training-mode output and the per-group ``(mean, var, rstd)`` float32 table, no autograd.
+
+        ``x`` must be contiguous or channels-last; the running statistics (both or neither) are
+        updated in place.
+
+        Raises:
+            KernelFailure: a kernel failed to compile or launch.
+        """
+        geo = _Geometry(x, groups, _channels_last(x))
+        stats = torch.empty((3, groups), dtype=torch.float32, device=x.device)
+        update = running_mean is not None and running_var is not None
+        rm, rv = (running_mean, running_var) if update else (stats, stats)
+        rm_k, rv_k = (t if t.is_contiguous() else t.contiguous() for t in (rm, rv))
+        try:
+            part, split = self._cell_sums(geo, x, None, None)
+            block_t = _pow2(geo.CPG, 64)
+            block_g = _pow2(groups, max(2, 1024 // block_t))
+            self.kernels.group_stats[(_cdiv(groups, block_g),)](
+                x, part, stats, rm_k, rv_k, groups, geo.U, geo.S, geo.C, geo.CPG, geo.L, split, geo.count,
+                eps, factor, CL=geo.CL, UPDATE=update, BLOCK_G=block_g, BLOCK_T=block_t,
+            )
+        except Exception as err:  # compile or launch failure: the caller falls back
+            raise KernelFailure(f"{type(err).__name__}: {err}", running_updated=False) from err
+        if update:
+            for buffer, written in ((running_mean, rm_k), (running_var, rv_k)):
+                if written is not buffer:
+                    buffer.copy_(written)
+                elif not buffer.is_inference():  # an in-place update, as lerp_ would record
+                    torch.autograd.graph.increment_version(buffer)
+        try:
+            y = self._affine(geo, x, None, stats[0], stats[1], stats[2], weight, bias, eps, 0)
+        except Exception as err:
+            raise KernelFailure(f"{type(err).__name__}: {err}", running_updated=update) from err
+        return y, stats
+
+    def backward(self, x: Tensor, weight: Tensor | None, stats: Tensor, dy: Tensor, groups: int,
+                 needs: tuple[bool, bool, bool],
+                 dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[Tensor | None, ...]:
+        """Closed-form gradients ``(dx, dw, db)`` of :meth:`forward_train` (``None`` where not needed).
+
+        Args:
+            x: the forward's input (contiguous or channels-last).
+            weight: the forward's weight or ``None``.
+            stats: the forward's ``(mean, var, rstd)`` table.
+            dy: gradient of the output, in ``x``'s dtype and memory format.
+            groups: ``G``.
+            needs: whether x, weight and bias need a gradient.
+            dtypes: the dtypes of the weight and bias gradients.
+
+        Raises:
+            KernelFailure: a kernel failed to compile or launch.
+        """
+        need_x, need_w, need_b = needs
+        geo = _Geometry(x, groups, _channels_last(x))
+        try:
+            part, split = self._cell_sums(geo, x, dy, stats[0])
+            coef = torch.empty((3, groups), dtype=torch.float32, device=x.device) if need_x else stats
+            dw = torch.empty(geo.C, dtype=dtypes[0], device=x.device) if need_w else stats
+            db = torch.empty(geo.C, dtype=dtypes[1], device=x.device) if need_b else stats
+            block_t = _pow2(geo.CPG, 64)
+            block_g = _pow2(groups, max(2, 1024 // block_t))
+            block_k = _pow2(geo.K, 64)
+            block_c = _pow2(geo.C, max(2, 1024 // block_k))
+            programs = max(_cdiv(groups, block_g) if need_x else 1,
+                           _cdiv(geo.C, block_c) if need_w or need_b else 1)
+            self.kernels.backward_coefficients[(programs,)](
+                part, stats, stats if weight is None else weight, coef, dw, db, groups, geo.U, geo.C, geo.K,
+                geo.CPG, split, geo.count, HAS_W=weight is not None, NEED_X=need_x, NEED_W=need_w,
+                NEED_B=need_b, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_K=block_k,
+            )
+            dx = self._affine(geo, x, dy, coef[0], coef[1], coef[2], weight, None, 0.0, 2) if need_x else None
+        except Exception as err:
+            raise KernelFailure(f"{type(err).__name__}: {err}", running_updated=False) from err
+        return dx, dw if need_w else None, db if need_b else None
+
+    # -- the C++ module's interface --
+
+    def train(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+              running_mean: Tensor | None, running_var: Tensor | None, factor: float) -> Tensor:
+        """Training-mode BGN with batch statistics (autograd-aware); updates the running statistics.
+
+        Args:
+            x: ``(N, C, *S)`` float32 / float16 / bfloat16 input with more than one value per group.
+            weight: per-channel scale ``(C,)`` or ``None``.
+            bias: per-channel shift ``(C,)`` or ``None``.
+            groups: a valid ``G`` for ``x`` (the caller validates it).
+            eps: added to the variance.
+            running_mean: ``(G,)`` buffer lerped towards the batch mean in place, or ``None``.
+            running_var: ``(G,)`` buffer lerped towards the unbiased batch variance, or ``None``.
+            factor: the lerp factor (momentum, or ``1 / num_batches_tracked``).
+
+        Returns:
+            The output in ``x``'s dtype and memory format (contiguous for other strides).
+
+        Raises:
+            KernelFailure: a kernel failed to compile or launch.
+        """
+        xp, _ = _prepare(x)
+        c = x.shape[1]
+        weight, bias = _vector(weight, c, "weight"), _vector(bias, c, "bias")
+        running_mean = _vector(running_mean, groups, "running_mean", copy=False)  # updated in place
+        running_var = _vector(running_var, groups, "running_var", copy=False)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xp, weight, bias)):
+            return _TritonFunction.apply(xp, weight, bias, self, groups, eps, running_mean, running_var,
+                                         factor)
+        return self.forward_train(xp, weight, bias, groups, eps, running_mean, running_var, factor)[0]
+
+    def eval(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+             mean: Tensor, var: Tensor) -> Tensor:
+        """Eval-mode BGN with given per-group statistics; not differentiable (the caller checks).
+
+        Raises:
+            KernelFailure: the kernel failed to compile or launch.
+        """
+        xp, channels_last = _prepare(x)
+        c = x.shape[1]
+        geo = _Geometry(xp, groups, channels_last)
+        weight, bias = _vector(weight, c, "weight"), _vector(bias, c, "bias")
+        mean, var = _vector(mean, groups, "running_mean"), _vector(var, groups, "running_var")
+        try:
+            return self._affine(geo, xp, None, mean, var, mean, weight, bias, eps, 1)
+        except Exception as err:
+            raise KernelFailure(f"{type(err).__name__}: {err}", running_updated=False) from err
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints."""
+    return -(-a // b)
+
+
+class _TritonFunction(torch.autograd.Function):
+    """Training-mode BGN on the Triton kernels, with the closed-form backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        kernels: TritonKernels,
+        groups: int,
+        eps: float,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        factor: float,
+    ) -> Tensor:
+        y, stats = kernels.forward_train(x, weight, bias, groups, eps, running_mean, running_var, factor)
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.kernels, ctx.num_groups, ctx.eps = kernels, groups, eps
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, stats = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+            dx, dw, db = _composite_backward(ctx, x, weight, bias, dy)
+        else:
+            fmt = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if _channels_last(x) \
+                else torch.contiguous_format
+            dy = dy.to(x.dtype).contiguous(memory_format=fmt)
+            dtypes = (x.dtype if weight is None else weight.dtype, x.dtype if bias is None else bias.dtype)
+            try:
+                dx, dw, db = ctx.kernels.backward(x, weight, stats, dy, ctx.num_groups, needs, dtypes)
+            except KernelFailure as err:
+                disable(err)
+                with torch.no_grad():
+                    dx, dw, db = _composite_backward(ctx, x, weight, bias, dy)
+        return (dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None,
+                None, None, None, None, None, None)
+
+
+# -- availability and dispatch -------------------------------------------------------------------
+
+
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _load() -> TritonKernels | None:
+    if _switched_off() or not torch.cuda.is_available():
+        return None
+    try:
+        return TritonKernels()
+    except ImportError:  # torch without Triton (CPU or ROCm builds without it): the native path
+        return None
+
+
+def _kernels() -> TritonKernels | None:
+    try:
+        return _state["kernels"]
+    except KeyError:
+        with _lock:
+            if "kernels" not in _state:
+                _state["kernels"] = _load()
+        return _state["kernels"]
+
+
+def cuda_kernels(x: Tensor, *tensors: Tensor | None) -> TritonKernels | None:
+    """The Triton kernels if they serve ``x`` (and the parameters and buffers in ``tensors``), else ``None``.
+
+    They serve float32, float16 and bfloat16 CUDA inputs whose other tensors are on the same
+    device, where Triton and a GPU are available, ``BGN_LIGHTNING_CUDA_KERNELS`` is not ``0`` and
+    no kernel failed to compile earlier in this process.
+    """
+    if x.device.type != "cuda" or x.dtype not in SUPPORTED_DTYPES:
+        return None
+    if any(t is not None and t.device != x.device for t in tensors):
+        return None  # the native path raises torch's device-mismatch error
+    return _kernels()
+
+
+def cuda_kernels_available() -> bool:
+    """Whether BGN on CUDA runs on the fused Triton kernels.
+
+    ``False`` means the native-op path (same results, more kernel launches): no GPU, Triton is not
+    installed, ``BGN_LIGHTNING_CUDA_KERNELS=0``, or a kernel failed to compile in this process.
+    """
+    return _kernels() is not None
+
+
+def disable(err: KernelFailure) -> None:
+    """Switch the kernels off for this process after a failure, warning once."""
+    with _lock:
+        already = "failed" in _state
+        _state["kernels"] = None
+        _state["failed"] = str(err)
+    if not already:
+        warnings.warn(
+            f"bgn_lightning: a BGN Triton kernel failed to compile or run ({err}); using the native-op "
+            f"path on CUDA from now on. Set {ENV_SWITCH}=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,476 @@
+"""The fused Triton kernels (``bgn_lightning/_triton.py``) against the float64 reference.
+
+Where a GPU is present the kernel tests run compiled, on CUDA tensors. Without one they run in
+Triton's interpreter on CPU tensors: Triton reads ``TRITON_INTERPRET`` when it is imported, which
+this process did long ago (Lightning imports it), so ``test_interpreter_suite`` runs this module
+again in a child process with ``TRITON_INTERPRET=1`` and small shapes. Every layout the CPU kernels
+serve (G | C, C | G, groups straddling channels, channels-last 2-D/3-D, other strides), float32 /
+float16 / bfloat16 inputs with float32 statistics, running statistics, the layer's routing, a
+kernel that fails to compile, and the env switch.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import bgn_lightning._triton as triton_kernels
+import bgn_lightning.functional as functional
+from bgn_lightning import BatchGroupNorm2d
+from bgn_lightning._autograd import batch_group_norm_train
+from tests.reference import reference_bgn
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ON_GPU = torch.cuda.is_available() and not INTERPRET
+DEVICE = "cuda" if ON_GPU else "cpu"
+EPS = 1e-5
+MOMENTUM = 0.3
+
+kernel_test = pytest.mark.skipif(
+    not (HAS_TRITON and (INTERPRET or ON_GPU)),
+    reason="no GPU: runs in Triton's interpreter in a child process (test_interpreter_suite)",
+)
+gpu_test = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+
+# (shape, G, memory), as the CPU kernel tests: G | C, G = k * C, groups straddling channels, (N, C),
+# 3-D and 5-D inputs, N = 1, G = 1, G = C; contiguous, channels-last and other strides.
+LAYOUTS = [
+    ((4, 8, 3, 3), 2, "contiguous"),
+    ((4, 8, 3, 3), 2, "channels_last"),
+    ((4, 8, 3, 3), 2, "sliced"),
+    ((4, 8, 3, 3), 8, "channels_last"),
+    ((3, 4, 4, 4), 8, "contiguous"),
+    ((3, 4, 4, 4), 16, "channels_last"),
+    ((3, 6, 4, 4), 4, "contiguous"),
+    ((3, 6, 4, 4), 4, "channels_last"),
+    ((3, 6, 4, 4), 4, "transposed"),
+    ((5, 12), 4, "contiguous"),
+    ((4, 6, 10), 3, "contiguous"),
+    ((4, 6, 10), 12, "sliced"),
+    ((2, 4, 3, 2, 2), 2, "channels_last"),
+    ((2, 4, 3, 2, 2), 24, "channels_last"),
+    ((2, 6, 2, 2, 2), 4, "channels_last"),
+    ((1, 6, 3, 3), 3, "contiguous"),
+    ((2, 6, 3, 3), 1, "channels_last"),
+    ((6, 40, 5, 7), 10, "contiguous"),  # several blocks of cells and several partial sums
+    ((6, 40, 5, 7), 10, "channels_last"),
+]
+LAYOUT_IDS = [f"{'x'.join(map(str, s))}-G{g}-{m}" for s, g, m in LAYOUTS]
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+# (y, dx) tolerances against float64 on the same low-precision values: the output's rounding.
+TOLERANCE = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.bfloat16: {"rtol": 1 / 128, "atol": 1e-2},
+    torch.float16: {"rtol": 1 / 1024, "atol": 2e-3},
+}
+
+
+@pytest.fixture(scope="module")
+def kernels() -> triton_kernels.TritonKernels:
+    return triton_kernels.TritonKernels()
+
+
+def _fmt(dim: int) -> torch.memory_format:
+    return torch.channels_last if dim == 4 else torch.channels_last_3d
+
+
+def _make(shape: tuple[int, ...], memory: str, gen: torch.Generator) -> torch.Tensor:
+    """A float32 ``shape`` tensor of ``randn * 3 + 2`` laid out as ``memory`` says, on DEVICE."""
+    if memory == "sliced":
+        x = (torch.randn(*shape[:-1], 2 * shape[-1], generator=gen) * 3 + 2)[..., ::2]
+    elif memory == "transposed":
+        swapped = list(shape)
+        swapped[1], swapped[-1] = swapped[-1], swapped[1]
+        x = (torch.randn(swapped, generator=gen) * 3 + 2).transpose(1, -1)
+    else:
+        x = torch.randn(shape, generator=gen) * 3 + 2
+        if memory == "channels_last":
+            x = x.contiguous(memory_format=_fmt(len(shape)))
+    return x.to(DEVICE)
+
+
+def _case(shape: tuple[int, ...], groups: int, memory: str, dtype: torch.dtype, affine: bool):
+    """Input (in ``dtype``, laid out as ``memory``), output gradient, float32 parameters and buffers."""
+    gen = torch.Generator().manual_seed(sum(shape) + 7 * groups)
+    x = _make(shape, memory, gen).to(dtype)
+    dy = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    c = shape[1]
+    w = torch.randn(c, generator=gen).to(DEVICE) if affine else None
+    b = torch.randn(c, generator=gen).to(DEVICE) if affine else None
+    rm = torch.randn(groups, generator=gen).to(DEVICE)
+    rv = (torch.rand(groups, generator=gen) + 0.5).to(DEVICE)
+    return x, dy, w, b, rm, rv
+
+
+def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().clone().requires_grad_()
+
+
+def _run(fn, x, dy, w, b):
+    """``fn(x, w, b)`` on fresh leaves, then backward ``dy``: ``(y, dx, dw, db)``."""
+    x, w, b = _leaf(x), _leaf(w), _leaf(b)
+    y = fn(x, w, b)
+    y.backward(dy)
+    return y.detach(), x.grad, None if w is None else w.grad, None if b is None else b.grad
+
+
+def _reference(x, dy, w, b, groups):
+    """Float64 reference ``(y, dx, dw, db)`` on the same (possibly low-precision) values."""
+    def to64(t):
+        return None if t is None else t.detach().double().cpu()
+
+    return _run(lambda x, w, b: reference_bgn(x, groups, w, b, EPS)[0], to64(x), to64(dy), to64(w), to64(b))
+
+
+def _expected_running(x, groups, rm0, rv0, momentum):
+    _, mean, var = reference_bgn(x.double().cpu(), groups, None, None, EPS)
+    count = x.numel() // groups
+    return ((1 - momentum) * rm0.double().cpu() + momentum * mean,
+            (1 - momentum) * rv0.double().cpu() + momentum * var * count / (count - 1))
+
+
+def _assert_same_format(out: torch.Tensor, x: torch.Tensor) -> None:
+    """Channels-last in, channels-last out; anything else gives a contiguous output."""
+    if x.dim() in (4, 5) and not x.is_contiguous() and x.is_contiguous(memory_format=_fmt(x.dim())):
+        assert out.is_contiguous(memory_format=_fmt(x.dim())) and not out.is_contiguous()
+    else:
+        assert out.is_contiguous()
+
+
+def _reference_eval(x, groups, mean, var, weight, bias):
+    n, c = x.shape[:2]
+    xg = x.double().cpu().reshape(n, groups, -1)
+    y = ((xg - mean.double().cpu()[:, None]) / torch.sqrt(var.double().cpu()[:, None] + EPS)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.double().cpu().view(shape)
+    if bias is not None:
+        y = y + bias.double().cpu().view(shape)
+    return y
+
+
+# -- the kernels against the float64 reference ----------------------------------------------------
+
+
+@kernel_test
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize(("shape", "groups", "memory"), LAYOUTS, ids=LAYOUT_IDS)
+def test_train_matches_reference(kernels, shape, groups, memory, dtype, affine) -> None:
+    x, dy, w, b, rm0, rv0 = _case(shape, groups, memory, dtype, affine)
+    rm, rv = rm0.clone(), rv0.clone()
+    versions = rm._version, rv._version
+    got = _run(lambda x, w, b: kernels.train(x, w, b, groups, EPS, rm, rv, MOMENTUM), x, dy, w, b)
+    want = _reference(x, dy, w, b, groups)
+    y, dx, dw, db = got
+    assert y.dtype == dtype and dx.dtype == dtype and y.device == x.device
+    _assert_same_format(y, x)
+    if memory == "channels_last":
+        _assert_same_format(dx, x)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(y.double().cpu(), want[0], **tol)
+    torch.testing.assert_close(dx.double().cpu(), want[1], rtol=2 * tol["rtol"], atol=2 * tol["atol"])
+    if affine:  # float32 gradients of float32 parameters, from float32 sums
+        assert dw.dtype == db.dtype == torch.float32
+        torch.testing.assert_close(dw.double().cpu(), want[2], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(db.double().cpu(), want[3], rtol=1e-4, atol=1e-4)
+    exp_m, exp_v = _expected_running(x, groups, rm0, rv0, MOMENTUM)
+    assert rm.dtype == rv.dtype == torch.float32
+    assert rm._version > versions[0] and rv._version > versions[1]
+    torch.testing.assert_close(rm.double().cpu(), exp_m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rv.double().cpu(), exp_v, rtol=1e-5, atol=1e-5)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize(("shape", "groups", "memory"), LAYOUTS, ids=LAYOUT_IDS)
+def test_eval_matches_reference(kernels, shape, groups, memory, dtype) -> None:
+    x, _, w, b, rm, rv = _case(shape, groups, memory, dtype, True)
+    versions = rm._version, rv._version
+    y = kernels.eval(x, w, b, groups, EPS, rm, rv)
+    assert y.dtype == dtype and not y.requires_grad
+    _assert_same_format(y, x)
+    torch.testing.assert_close(y.double().cpu(), _reference_eval(x, groups, rm, rv, w, b), **TOLERANCE[dtype])
+    assert (rm._version, rv._version) == versions
+
+
+@kernel_test
+@pytest.mark.parametrize(("groups", "memory"),
+                         [(4, "contiguous"), (4, "channels_last"), (32, "channels_last"), (6, "contiguous")])
+def test_large_mean_is_stable(kernels, groups: int, memory: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = (1e4 + torch.randn(8, 8, 6, 6, generator=gen)).to(DEVICE)
+    if memory == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, generator=gen).to(DEVICE)
+    rm, rv = torch.zeros(groups, device=DEVICE), torch.ones(groups, device=DEVICE)
+    y, dx, _, _ = _run(lambda x, w, b: kernels.train(x, None, None, groups, EPS, rm, rv, 1.0),
+                       x, dy, None, None)
+    want = _reference(x, dy, None, None, groups)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    # float32 resolves 1e4 + randn to ~1e-3
+    torch.testing.assert_close(y.double().cpu(), want[0], rtol=0, atol=2e-3)
+    torch.testing.assert_close(dx.double().cpu(), want[1], rtol=0, atol=2e-3)
+    exp_m, exp_v = _expected_running(x, groups, torch.zeros(groups), torch.ones(groups), 1.0)
+    torch.testing.assert_close(rm.double().cpu(), exp_m, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rv.double().cpu(), exp_v, rtol=1e-4, atol=0)
+
+
+@kernel_test
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
+def test_double_backward_matches_reference(kernels, memory: str) -> None:
+    """create_graph=True differentiates the composite graph: second-order gradients are right."""
+    x, dy, w, b, _, _ = _case((3, 6, 4, 4), 4, memory, torch.float32, True)
+    inputs = [t.requires_grad_() for t in (x.clone(), w.clone(), b.clone())]
+    y = kernels.train(*inputs, 4, EPS, None, None, 0.0)
+    grads = torch.autograd.grad(y, inputs, dy, create_graph=True)
+    # db = sum(dy) does not depend on the inputs: second order for x and w
+    second = torch.autograd.grad(sum((g * g).sum() for g in grads[:2]), inputs[:2])
+    ref = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    y64 = reference_bgn(ref[0], 4, ref[1], ref[2], EPS)[0]
+    grads64 = torch.autograd.grad(y64, ref, dy.double().cpu(), create_graph=True)
+    second64 = torch.autograd.grad(sum((g * g).sum() for g in grads64[:2]), ref[:2])
+    for got, want in zip([*grads, *second], [*grads64, *second64], strict=True):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+@kernel_test
+def test_partial_affine_frozen_input_and_in_place_op_after(kernels) -> None:
+    x, dy, w, _, _, _ = _case((3, 6, 4, 4), 4, "channels_last", torch.float32, True)
+    w = w.requires_grad_()
+    y = kernels.train(x, w, None, 4, EPS, None, None, 0.0)  # x takes no gradient, no bias
+    y_ref = reference_bgn(x.double().cpu(), 4, w.detach().double().cpu().requires_grad_(), None, EPS)[0]
+    torch.testing.assert_close(y.detach().double().cpu(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+    dw = torch.autograd.grad(y.relu_(), w, dy)[0]
+    w64 = w.detach().double().cpu().requires_grad_()
+    dw64 = torch.autograd.grad(reference_bgn(x.double().cpu(), 4, w64, None, EPS)[0].relu(), w64,
+                               dy.double().cpu())[0]
+    torch.testing.assert_close(dw.double().cpu(), dw64, rtol=1e-4, atol=1e-4)
+
+
+@kernel_test
+def test_low_precision_buffers_and_parameters(kernels) -> None:
+    """A model cast to bfloat16: parameters, buffers and gradients all in bfloat16."""
+    x, dy, w, b, rm, rv = _case((4, 8, 4, 4), 16, "channels_last", torch.bfloat16, True)
+    w, b, rm, rv = w.bfloat16(), b.bfloat16(), rm.bfloat16(), rv.bfloat16()
+    rm0, rv0 = rm.clone(), rv.clone()
+    y, _, dw, db = _run(lambda x, w, b: kernels.train(x, w, b, 16, EPS, rm, rv, MOMENTUM), x, dy, w, b)
+    assert dw.dtype == db.dtype == rm.dtype == torch.bfloat16
+    want = _reference(x, dy, w, b, 16)
+    torch.testing.assert_close(y.double().cpu(), want[0], rtol=1 / 64, atol=2e-2)
+    torch.testing.assert_close(dw.double().cpu(), want[2], rtol=1 / 64, atol=2e-2)
+    exp_m, exp_v = _expected_running(x, 16, rm0, rv0, MOMENTUM)
+    torch.testing.assert_close(rm.double().cpu(), exp_m, rtol=1 / 128, atol=1e-2)
+    torch.testing.assert_close(rv.double().cpu(), exp_v, rtol=1 / 128, atol=1e-2)
+
+
+# -- the layer on the kernels ---------------------------------------------------------------------
+
+
+class _Spy:
+    """The kernels, counting the calls that reach them."""
+
+    def __init__(self, kernels: triton_kernels.TritonKernels) -> None:
+        self.kernels = kernels
+        self.calls = {"train": 0, "eval": 0}
+
+    def train(self, *args):
+        self.calls["train"] += 1
+        return self.kernels.train(*args)
+
+    def eval(self, *args):
+        self.calls["eval"] += 1
+        return self.kernels.eval(*args)
+
+
+def _layer_steps(layer: BatchGroupNorm2d, xs, dys, x_eval) -> list[torch.Tensor]:
+    out = []
+    layer.train()
+    for x, dy in zip(xs, dys, strict=True):
+        x = x.clone().requires_grad_()
+        y = layer(x)
+        y.backward(dy)
+        out += [y.detach(), x.grad]
+    out += [layer.weight.grad, layer.bias.grad, layer.running_mean.clone(), layer.running_var.clone()]
+    layer.eval()
+    with torch.no_grad():
+        out.append(layer(x_eval))
+    return out
+
+
+@kernel_test
+@pytest.mark.parametrize(("groups", "channels_last", "momentum"),
+                         [(2, False, 0.1), (16, True, None), (3, True, 0.1)])
+def test_layer_on_the_kernels_equals_native_path(kernels, monkeypatch, groups, channels_last,
+                                                 momentum) -> None:
+    gen = torch.Generator().manual_seed(groups)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shape = (6, 6 if groups == 3 else 8, 4, 4)
+    xs = [(torch.randn(shape, generator=gen) * (i + 2) + i).to(DEVICE).contiguous(memory_format=fmt)
+          for i in range(2)]
+    dys = [torch.randn(shape, generator=gen).to(DEVICE).contiguous(memory_format=fmt) for _ in range(2)]
+    x_eval = torch.randn((3, *shape[1:]), generator=gen).to(DEVICE).contiguous(memory_format=fmt)
+    base = BatchGroupNorm2d(shape[1], num_groups=groups, momentum=momentum).to(DEVICE)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(shape[1], generator=gen))
+        base.bias.copy_(torch.randn(shape[1], generator=gen))
+    spy = _Spy(kernels)
+    monkeypatch.setattr(functional, "_fused_kernels", lambda *args: spy)
+    on = _layer_steps(copy.deepcopy(base), xs, dys, x_eval)
+    assert spy.calls == {"train": 2, "eval": 1}
+    monkeypatch.setattr(functional, "_fused_kernels", lambda *args: None)
+    off = _layer_steps(copy.deepcopy(base), xs, dys, x_eval)
+    for a, e in zip(on, off, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    want = reference_bgn(xs[0].cpu(), groups, base.weight.detach().cpu(), base.bias.detach().cpu(), EPS)[0]
+    torch.testing.assert_close(on[0].double().cpu(), want, rtol=1e-5, atol=1e-5)
+    _assert_same_format(on[0], xs[0])
+
+
+class _Broken:
+    """A kernel whose compilation fails (as a missing ptxas or an unsupported GPU would)."""
+
+    def __getitem__(self, grid):
+        raise RuntimeError("PTX assembly failed (simulated)")
+
+
+@kernel_test
+@pytest.mark.parametrize("broken", ["cell_sums", "cell_affine"])
+def test_a_kernel_that_fails_to_compile_falls_back_with_one_warning(monkeypatch, broken: str) -> None:
+    failing = triton_kernels.TritonKernels()
+    monkeypatch.setattr(failing.kernels, broken, _Broken())
+    monkeypatch.setattr(triton_kernels, "_state", {"kernels": failing})
+    monkeypatch.setattr(functional, "_fused_kernels", lambda *args: triton_kernels._kernels())
+    x = _case((4, 8, 3, 3), 2, "contiguous", torch.float32, True)[0]
+    layer = BatchGroupNorm2d(8, num_groups=2, momentum=0.5).to(DEVICE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ys = [layer(x) for _ in range(2)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "simulated" in messages[0] and triton_kernels.ENV_SWITCH in messages[0]
+    assert not triton_kernels.cuda_kernels_available()
+    want = reference_bgn(x.cpu(), 2, layer.weight.detach().cpu(), layer.bias.detach().cpu(), EPS)
+    for y in ys:
+        torch.testing.assert_close(y.detach().double().cpu(), want[0], rtol=1e-5, atol=1e-5)
+    # two steps of momentum 0.5 on the same batch: the statistics were updated exactly twice
+    count = x.numel() // 2
+    torch.testing.assert_close(layer.running_mean.double().cpu(), 0.75 * want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.running_var.double().cpu(), 0.25 + 0.75 * want[2] * count / (count - 1),
+                               rtol=1e-5, atol=1e-5)
+
+
+@kernel_test
+def test_a_backward_kernel_that_fails_falls_back_to_the_composite_gradient(kernels, monkeypatch) -> None:
+    failing = triton_kernels.TritonKernels()
+    monkeypatch.setattr(triton_kernels, "_state", {"kernels": failing})
+    x, dy, w, b, _, _ = _case((3, 6, 4, 4), 4, "channels_last", torch.float32, True)
+    x, w, b = x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    y = failing.train(x, w, b, 4, EPS, None, None, 0.0)
+    monkeypatch.setattr(failing.kernels, "backward_coefficients", _Broken())
+    with pytest.warns(RuntimeWarning, match="simulated"):
+        y.backward(dy)
+    want = _reference(x, dy, w, b, 4)
+    for got, e in zip((x.grad, w.grad, b.grad), want[1:], strict=True):
+        torch.testing.assert_close(got.double().cpu(), e, rtol=1e-4, atol=1e-4)
+
+
+# -- availability and dispatch (no kernel runs: these stay in this process) ---------------------------
+
+
+def test_cpu_inputs_never_reach_the_triton_kernels() -> None:
+    x = torch.randn(2, 4, 3, 3)
+    assert triton_kernels.cuda_kernels(x) is None
+    assert functional._fused_kernels(x, 2, None, None, None, None) is functional.cpu_kernels()
+    meta = torch.empty(2, 4, 3, 3, device="meta")
+    assert functional._fused_kernels(meta, 2, None, None, None, None) is None
+
+
+def test_env_switch_and_missing_gpu_mean_the_native_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_kernels, "_state", {})
+    monkeypatch.setenv(triton_kernels.ENV_SWITCH, "0")
+    assert not triton_kernels.cuda_kernels_available()
+    monkeypatch.setattr(triton_kernels, "_state", {})
+    monkeypatch.delenv(triton_kernels.ENV_SWITCH)
+    assert triton_kernels.cuda_kernels_available() == (torch.cuda.is_available() and HAS_TRITON)
+
+
+@pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="the child process itself, or no Triton")
+def test_interpreter_suite() -> None:
+    """This module's kernel tests in Triton's interpreter, on CPU tensors (a child process)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    argv = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore::UserWarning",
+            str(Path(__file__).relative_to(ROOT)), "-k", "not test_interpreter_suite"]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+# -- GPU only --------------------------------------------------------------------------------------
+
+
+@gpu_test
+def test_layer_on_cuda_runs_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert triton_kernels.cuda_kernels_available()
+    spy = _Spy(triton_kernels._kernels())
+    monkeypatch.setattr(triton_kernels, "_kernels", lambda: spy)
+    layer = BatchGroupNorm2d(8, num_groups=2).cuda()
+    x = torch.randn(4, 8, 6, 6, device="cuda").requires_grad_()
+    layer(x).sum().backward()
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert spy.calls == {"train": 1, "eval": 1}
+    # G = C in float32 is BatchNorm: cuDNN's kernel, not ours
+    bn_like = BatchGroupNorm2d(8, num_groups=8).cuda()
+    bn_like(x)
+    assert spy.calls["train"] == 1
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
+def test_cuda_dtypes_the_kernels_do_not_serve_take_the_native_path(dtype: torch.dtype) -> None:
+    assert triton_kernels.cuda_kernels(torch.ones(2, 4, 3, 3, device="cuda", dtype=dtype)) is None
+    if dtype == torch.float64:
+        x = torch.randn(4, 8, 3, 3, device="cuda", dtype=dtype)
+        y = functional.batch_group_norm(x, 2)
+        torch.testing.assert_close(y.cpu(), reference_bgn(x.cpu(), 2, None, None, EPS)[0])
+
+
+@gpu_test
+def test_cuda_layer_matches_native_path_at_resnet_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for shape, groups in [((2, 64, 56, 56), 16), ((8, 256, 14, 14), 1024), ((4, 512, 7, 7), 32)]:
+        x = (torch.randn(shape, generator=gen) * 2 + 1).cuda()
+        dy = torch.randn(shape, generator=gen).cuda()
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xf, dyf = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+            w, b = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
+            fused = _run(lambda x, w, b, g=groups: functional.batch_group_norm(x, g, weight=w, bias=b),
+                         xf, dyf, w, b)
+            native = _run(lambda x, w, b, g=groups: batch_group_norm_train(x, g, w, b, EPS)[0], xf, dyf, w, b)
+            for a, e in zip(fused, native, strict=True):
+                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@gpu_test
+def test_torch_compile_on_cuda_matches_eager() -> None:
+    torch.manual_seed(3)
+    layer = BatchGroupNorm2d(8, num_groups=2).cuda()
+    eager = copy.deepcopy(layer)
+    compiled = torch.compile(layer)
+    x = (torch.randn(4, 8, 6, 6, device="cuda") * 2 + 1)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    compiled(x1).square().sum().backward()
+    eager(x2).square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.running_var, eager.running_var, rtol=1e-6, atol=1e-6)
