@@ -29,7 +29,7 @@ TARGET_S, TARGET_ACC = 120.0, 0.95
 def one_run(extra: list[str], threads: int | None) -> dict[str, float]:
     """Run ``bgn-task classification --norm bgn`` once; wall time, fit time and metrics."""
     with tempfile.TemporaryDirectory() as out:
-        argv = [sys.executable, "-m", "tasks.cli", "classification", "--norm", "bgn", "--output", out,
+        argv = [sys.executable, "-m", "tasks.runner.cli", "classification", "--norm", "bgn", "--output", out,
                 "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
         if threads is not None:
             argv += ["--threads", str(threads)]

@@ -34,7 +34,7 @@ def one_run(extra: list[str], threads: int | None, data_dir: str | None) -> dict
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as out:
-        argv = [sys.executable, "-m", "tasks.cli", "fsl", "--norm", "bgn", "--output", out,
+        argv = [sys.executable, "-m", "tasks.runner.cli", "fsl", "--norm", "bgn", "--output", out,
                 "--trainer.enable_progress_bar", "false"]  # fmt: skip
         if data_dir is not None:
             argv += ["--data-dir", data_dir]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.cli import main
-from tasks.common.sweep import Cell, Grid, parse_epochs
+from tasks.runner.cli import main
+from tasks.runner.sweep import Cell, Grid, args_hash, parse_epochs
 
 RUN_ARGS = [
     "--accelerator", "cpu", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -48,7 +48,7 @@ def test_killed_grid_resumes_and_writes_reports(tmp_path: Path, caplog) -> None:
     out = tmp_path / "sweep"
     done, victim = (out / "classification" / "bn" / f"bs{b}" / "seed0" for b in (4, 8))
     # 1. The bench in its own process; its second run (bn, B=8, 500 epochs) is killed with it.
-    argv = [sys.executable, "-m", "tasks.cli", *_bench(out, epochs="4:1,8:500")]
+    argv = [sys.executable, "-m", "tasks.runner.cli", *_bench(out, epochs="4:1,8:500")]
     bench = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: (done / "results.json").is_file() and "[pid " in _read(victim / "run.log"))
@@ -66,7 +66,9 @@ def test_killed_grid_resumes_and_writes_reports(tmp_path: Path, caplog) -> None:
     lines = [r.getMessage() for r in caplog.records if "bs=" in r.getMessage()]
     assert len(lines) == 4 and [line for line in lines if "skipped" in line] == [
         "[1/4] bn bs=4 seed=0: test/acc="
-        + f"{json.loads(finished)['metrics']['test/acc']:.4f} (done before, skipped)"
+        + f"{json.loads(finished)['metrics']['test/acc']:.4f}, test/acc_top5="
+        + f"{json.loads(finished)['metrics']['test/acc_top5']:.4f} "
+        + "(done before with the same arguments, skipped)"
     ]
     assert (done / "results.json").read_text() == finished
     record = json.loads((victim / "results.json").read_text())
@@ -85,6 +87,16 @@ def test_killed_grid_resumes_and_writes_reports(tmp_path: Path, caplog) -> None:
         "| norm | B = 4 | B = 8 |" in md and "| bgn |" in md and "bgn-task bench --task classification" in md
     )
     assert (out / "accuracy_vs_batch_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "`test/acc_top5`" in md  # every metric the task declares gets its table
+
+    # 3. Other arguments: the stored results are not reused; the old cells are kept aside.
+    caplog.clear()
+    assert main([*_bench(out, epochs="1"), "--trainer.limit_test_batches", "1"]) == 0
+    lines = [r.getMessage() for r in caplog.records if "bs=" in r.getMessage()]
+    assert len(lines) == 4 and all("arguments changed since the stored result" in line for line in lines)
+    kept = list(done.parent.glob("seed0.previous-*"))
+    assert len(kept) == 1 and (kept[0] / "results.json").read_text() == finished
+    assert json.loads((done / "results.json").read_text())["config"]["trainer"]["limit_test_batches"] == 1
 
 
 def _read(path: Path) -> str:
@@ -160,3 +172,41 @@ def test_parse_epochs_forms() -> None:
     assert parse_epochs("2:3,64:15") == {2: 3, 64: 15} == parse_epochs({2: "3", "64": 15})
     with pytest.raises(ValueError, match="batch:epochs"):
         parse_epochs("2-3")
+
+
+def test_extra_axis_cells_rows_and_argv() -> None:
+    axes = {"model.backbone": ["small_cnn", "resnet20"]}
+    grid = Grid("classification", ["bn", "bgn"], [4], [0], Path("o"), axes=axes)
+    cells = grid.cells()
+    assert len(cells) == 4 and grid.rows() == [
+        "bn, backbone=small_cnn", "bn, backbone=resnet20",
+        "bgn, backbone=small_cnn", "bgn, backbone=resnet20",
+    ]  # fmt: skip
+    argv = grid.run_argv(cells[1])
+    assert argv[argv.index("--model.backbone") + 1] == "resnet20"
+    expected = Path("o/classification/bn/backbone=resnet20/bs4/seed0")
+    assert cells[1].directory(Path("o"), "classification") == expected
+
+
+def test_args_hash_ignores_output_threads_and_debug() -> None:
+    base = ["classification", "--norm", "bn", "--output", "a", "--threads", "1"]
+    assert args_hash(base) == args_hash([*base[:3], "--output", "b", "--threads", "2", "--debug"])
+    assert args_hash(base) != args_hash([*base, "--max-epochs", "3"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--metrics", "test/nope"],
+     "task classification reports no metric 'test/nope'; choose from: test/acc, test/acc_top5"),
+    (["--vary", "model.nope=1,2"], "axis 'model.nope': ClassificationModule takes no 'nope'; it takes: norm"),
+    (["--vary", "optimizer.lr=1"], "axis 'optimizer.lr' must be model.<arg>, data.<arg> or trainer.<arg>"),
+    (["--vary", "model.lr"], "--vary takes KEY=V1,V2"),
+    (["--norms", "bn,batchnorm"], "unknown norm 'batchnorm'; choose from: bn, bgn"),
+    (["--jobs", "two"], "argument --jobs: invalid int value: 'two'"),
+])  # fmt: skip
+def test_bad_bench_values_are_one_line_and_write_nothing(tmp_path, capsys, extra, message) -> None:
+    out = tmp_path / "sweep"
+    argv = ["bench", "--task", "classification", "--norms", "bn", "--batch-sizes", "4", "--output", str(out)]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torchvision.datasets import cifar, svhn
 
-from tasks.classification.datamodule import ClassificationDataModule
-from tasks.cli import main
+from tasks.common.vision import VisionDataModule
+from tasks.runner.cli import main
 
 TINY_RUN = [
     "--max-epochs", "1", "--batch-size", "4", "--accelerator", "cpu",
@@ -112,7 +112,7 @@ MAKERS = {
 def test_torchvision_formats_load_with_a_fixed_val_split(name: str, tmp_path: Path, no_md5: None) -> None:
     make, num_classes, channels, size = MAKERS[name]
     make(tmp_path)
-    dm = ClassificationDataModule(name, str(tmp_path), batch_size=4, val_fraction=0.25)
+    dm = VisionDataModule(name, str(tmp_path), batch_size=4, val_fraction=0.25)
     dm.setup("fit")
     n_train = len(dm.train_set) + len(dm.val_set)
     assert len(dm.val_set) == pytest.approx(0.25 * n_train, abs=1)
@@ -122,7 +122,7 @@ def test_torchvision_formats_load_with_a_fixed_val_split(name: str, tmp_path: Pa
     assert x.shape == (4, channels, size, size) and x.dtype == torch.float32 and y.dtype == torch.long
     xv, _ = next(iter(dm.val_dataloader()))
     assert abs(float(xv.mean())) < 1.5  # normalised, not raw [0, 255]
-    again = ClassificationDataModule(name, str(tmp_path), batch_size=4, val_fraction=0.25)
+    again = VisionDataModule(name, str(tmp_path), batch_size=4, val_fraction=0.25)
     again.setup("fit")
     assert np.array_equal(again.val_set.indices, dm.val_set.indices)
 
@@ -152,7 +152,7 @@ def test_one_epoch_run_per_torchvision_format(name: str, tmp_path: Path, no_md5:
 
 def test_imagefolder_carves_val_from_train_and_tests_on_val(tmp_path: Path) -> None:
     make_imagefolder(tmp_path, ("train", "val"), size=16, n=8)
-    dm = ClassificationDataModule("imagefolder", str(tmp_path), batch_size=4, val_fraction=0.25)
+    dm = VisionDataModule("imagefolder", str(tmp_path), batch_size=4, val_fraction=0.25)
     assert (dm.num_classes, dm.image_size) == (3, 16)  # small images keep their size
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (18, 6, 24)
@@ -163,13 +163,13 @@ def test_imagefolder_carves_val_from_train_and_tests_on_val(tmp_path: Path) -> N
 
 def test_imagefolder_with_val_and_test_uses_both(tmp_path: Path) -> None:
     make_imagefolder(tmp_path, ("train", "val", "test"), size=80, n=4)
-    dm = ClassificationDataModule("imagefolder", str(tmp_path), batch_size=2, image_size=64)
+    dm = VisionDataModule("imagefolder", str(tmp_path), batch_size=2, image_size=64)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (12, 12, 12)
     assert dm.val_set.dataset.root.endswith("val") and dm.test_set.dataset.root.endswith("test")
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 3, 64, 64)  # random-resized crops for large images
-    assert ClassificationDataModule("imagefolder", str(tmp_path)).image_size == 224
+    assert VisionDataModule("imagefolder", str(tmp_path)).image_size == 224
 
 
 def test_imagefolder_one_epoch_run(tmp_path: Path) -> None:
@@ -191,7 +191,7 @@ def test_imagefolder_missing_tree_is_a_one_line_error(tmp_path: Path, capsys) ->
 
 
 def test_digits_split_is_fixed_and_stratified() -> None:
-    dm = ClassificationDataModule("digits", batch_size=16)
+    dm = VisionDataModule("digits", batch_size=16)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1293, 144, 360)
     test_labels = np.array([int(dm.test_set.dataset.tensors[1][i]) for i in dm.test_set.indices])
@@ -205,8 +205,8 @@ def test_digits_split_is_fixed_and_stratified() -> None:
 
 def test_datamodule_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'; choose from: digits, cifar10"):
-        ClassificationDataModule("imagenet")
+        VisionDataModule("imagenet")
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
-        ClassificationDataModule("digits", batch_size=0)
+        VisionDataModule("digits", batch_size=0)
     with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\)"):
-        ClassificationDataModule("digits", val_fraction=0.0)
+        VisionDataModule("digits", val_fraction=0.0)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from bgn_lightning import BatchGroupNorm2d, is_norm_layer
-from tasks.classification import ARGUMENT_LINKS, DATAMODULE_CLASS, MODEL_CLASS
-from tasks.classification.datamodule import ClassificationDataModule
+from tasks.classification import TASK
 from tasks.classification.model import ClassificationModule
+from tasks.common.vision import VisionDataModule
 
 
 class LrTrace(pl.Callback):
@@ -30,14 +30,14 @@ def _fit(model: ClassificationModule, batch_size: int, **trainer_kwargs) -> tupl
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[trace], **kwargs,
     )  # fmt: skip
-    trainer.fit(model, datamodule=ClassificationDataModule("digits", batch_size=batch_size))
+    trainer.fit(model, datamodule=VisionDataModule("digits", batch_size=batch_size))
     return trainer, trace
 
 
 def test_task_contract_exports() -> None:
-    assert MODEL_CLASS is ClassificationModule and DATAMODULE_CLASS is ClassificationDataModule
-    dm = ClassificationDataModule("digits")
-    for source, target in ARGUMENT_LINKS:
+    assert TASK.model_class is ClassificationModule and TASK.datamodule_class is VisionDataModule
+    dm = VisionDataModule("digits")
+    for source, target in TASK.links:
         assert hasattr(dm, source.split(".", 1)[1]) and target.startswith("model.")
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from tasks import cli
-from tasks.cli import UsageError, available_tasks, main, translate_shortcuts
+from tasks.runner import cli
+from tasks.runner.cli import UsageError, available_tasks, main, translate_shortcuts
 
 QUICK = [
     "--max-epochs", "1", "--accelerator", "cpu", "--trainer.limit_train_batches", "3",
@@ -78,11 +78,11 @@ def test_usage_errors_are_one_line_with_exit_code_2(argv: list[str], message: st
     assert not list(tmp_path.iterdir())  # nothing was trained or written
 
 
-def test_task_package_without_the_contract_is_not_installed(monkeypatch, capsys) -> None:
+def test_task_package_without_the_contract_is_a_bug_not_a_usage_error(monkeypatch) -> None:
     monkeypatch.setattr(cli, "available_tasks", lambda: ["classification", "stub"])
     monkeypatch.setitem(sys.modules, "tasks.stub", types.ModuleType("tasks.stub"))
-    assert main(["stub"]) == 2
-    assert "task 'stub' is not installed" in capsys.readouterr().err
+    with pytest.raises(TypeError, match=r"tasks.stub must export TASK = Task\(name='stub'"):
+        main(["stub"])
 
 
 def test_print_config_shows_shortcuts_over_the_packaged_defaults(capsys) -> None:

@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from bgn_lightning import BatchGroupNorm2d
 from tasks.common.backbones import small_cnn
+from tasks.common.contract import Metric
 from tasks.common.data import (
     DatasetNotFoundError,
     TransformSubset,
@@ -24,9 +25,10 @@ from tasks.common.data import (
     stratified_split,
 )
 from tasks.common.metrics import classification_metrics
+from tasks.common.norms import norm_factory
 from tasks.common.optim import lr_multiplier, param_groups, scaled_lr, warmup_scheduler
-from tasks.common.report import markdown_table, summarize, write_report
 from tasks.common.results import RESULTS_FILE, read_results, resolved_groups, results_record, write_results
+from tasks.runner.report import markdown_table, summarize, write_report
 
 # -- data -----------------------------------------------------------------------------------------
 
@@ -134,7 +136,7 @@ def test_warmup_scheduler_steps_the_optimizer_rate() -> None:
 
 
 def test_param_groups_exempt_norms_and_biases_from_weight_decay() -> None:
-    net = small_cnn(10, 1, "bgn", width=4)
+    net = small_cnn(10, 1, norm_factory("bgn"), width=4)
     decay, rest = param_groups(net, 5e-4)
     assert decay["weight_decay"] == 5e-4 and rest["weight_decay"] == 0.0
     norm_params = {id(p) for m in net.modules() if isinstance(m, BatchGroupNorm2d) for p in m.parameters()}
@@ -147,7 +149,7 @@ def test_param_groups_exempt_norms_and_biases_from_weight_decay() -> None:
 
 
 def _record(tmp_path, norm="bgn", batch_size=4, seed=0, acc=0.9, **metrics):
-    net = small_cnn(10, 1, norm, width=4)
+    net = small_cnn(10, 1, norm_factory(norm), width=4)
     net.train()
     net(torch.randn(batch_size, 1, 8, 8))  # fixes auto-G
     config = {
@@ -219,20 +221,27 @@ def _records(tmp_path):
     ]
 
 
+ACC = Metric("test/acc", "top-1 accuracy", ci="test/acc_ci95")
+
+
+def _rows(records):
+    return [(r["norm"], r) for r in records]
+
+
 def test_summarize_mean_and_std_over_seeds(tmp_path) -> None:
-    summary = summarize(_records(tmp_path))
+    summary = summarize(_rows(_records(tmp_path)), ACC)
     assert summary[("bn", 2)].mean == pytest.approx(82.0)
     assert summary[("bn", 2)].spread == pytest.approx(math.sqrt(8.0))  # sample std of 80, 84
     assert summary[("bn", 2)].spread_kind == "std" and summary[("bn", 2)].n == 2
 
 
 def test_summarize_uses_ci95_for_single_runs(tmp_path) -> None:
-    summary = summarize([_record(tmp_path, "bgn", 4, 0, 0.5, **{"test/acc_ci95": 0.02})])
+    summary = summarize(_rows([_record(tmp_path, "bgn", 4, 0, 0.5, **{"test/acc_ci95": 0.02})]), ACC)
     assert (summary[("bgn", 4)].spread, summary[("bgn", 4)].spread_kind) == (pytest.approx(2.0), "ci95")
 
 
 def test_markdown_table_bolds_the_best_per_column(tmp_path) -> None:
-    table = markdown_table(summarize(_records(tmp_path)), ["bn", "bgn"], [2, 8])
+    table = markdown_table(summarize(_rows(_records(tmp_path)), ACC), ["bn", "bgn"], [2, 8], ACC)
     lines = table.splitlines()
     assert lines[0] == "| norm | B = 2 | B = 8 |"
     assert lines[2] == "| bn | 82.00 ± 2.83 | 95.50 ± 0.71 |"
@@ -240,13 +249,37 @@ def test_markdown_table_bolds_the_best_per_column(tmp_path) -> None:
 
 
 def test_write_report_makes_csv_markdown_and_png(tmp_path) -> None:
-    records = _records(tmp_path)
-    paths = write_report(records, tmp_path / "out", ["bn", "bgn"], [2, 8], "digits", command="bgn-task bench")
+    rows = _rows(_records(tmp_path))
+    paths = write_report(rows, tmp_path / "out", [ACC], ["bn", "bgn"], [2, 8], "digits",
+                         command="bgn-task bench")
     with paths["csv"].open() as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 8 and {"norm", "batch_size", "seed", "test/acc"} <= set(rows[0])
+        lines = list(csv.DictReader(f))
+    assert len(lines) == 8 and {"norm", "row", "batch_size", "seed", "test/acc"} <= set(lines[0])
     md = paths["md"].read_text()
     assert "bgn-task bench" in md and "mean ± std over seeds (2 seeds: 0, 1)" in md
     assert "| bgn | **91.00 ± 1.41** | **96.00 ± 0.00** |" in md
     with Image.open(paths["png"]) as im:
         assert im.format == "PNG" and im.size[0] > 400
+
+
+def test_report_has_a_table_per_metric_and_follows_its_direction(tmp_path) -> None:
+    """Several metrics (clean and robust accuracy; a loss to minimise): one table each, bold by direction."""
+    loss = Metric("test/loss", "test loss", direction="min", unit="")
+    rows = [(r["norm"], r) for r in _records(tmp_path)]
+    for (_, r), value in zip(rows, [1.0, 1.2, 0.5, 0.4, 0.9, 0.8, 0.6, 0.7], strict=True):
+        r["metrics"]["test/loss"] = value
+    paths = write_report(rows, tmp_path / "out", [ACC, loss], ["bn", "bgn"], [2, 8], "t")
+    md = paths["md"].read_text()
+    assert "## top-1 accuracy (%): `test/acc` (primary)" in md and "## test loss: `test/loss`" in md
+    assert "| bn | 1.10 ± 0.14 | **0.45 ± 0.07** |" in md  # lowest loss in bold
+    assert "| bgn | **0.85 ± 0.07** | 0.65 ± 0.07 |" in md
+    with Image.open(paths["png"]) as im:
+        assert im.size[0] > 1500  # two panels side by side
+
+
+def test_metric_declarations_are_checked() -> None:
+    with pytest.raises(ValueError, match="direction must be 'max' or 'min'"):
+        Metric("test/acc", "acc", direction="up")
+    with pytest.raises(ValueError, match="name must be a logged key"):
+        Metric("acc", "acc")
+    assert Metric("test/acc", "acc").shown(0.5) == 50.0 and Metric("test/x", "x", unit="").shown(0.5) == 0.5

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.cli import main, run_task
 from tasks.fsl import FewShotModule
+from tasks.runner.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = [
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_tiny_fsl_run_writes_accuracy_and_ci(tmp_path, glyph_root, algorithm, extra):
     out = tmp_path / "run"
     argv = [*extra, "--norm", "bgn", "--data-dir", str(glyph_root), "--output", str(out), *TINY]
-    assert run_task("fsl", argv) == 0
+    assert main(["fsl", *argv]) == 0
     results = json.loads((out / "results.json").read_text())
     metrics = results["metrics"]
     for shots in (1, 5):
@@ -68,6 +68,6 @@ def test_default_config_at_full_width_runs_a_step_of_everything(tmp_path, glyph_
     argv = ["--norm", norm, "--data-dir", str(glyph_root), "--output", str(tmp_path),
             "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false",
             "--data.val_episodes", "2", "--data.test_episodes", "2"]
-    assert run_task("fsl", argv) == 0
+    assert main(["fsl", *argv]) == 0
     metrics = json.loads((tmp_path / "results.json").read_text())["metrics"]
     assert 0.0 <= metrics["test/acc"] <= 1.0

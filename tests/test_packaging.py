@@ -43,7 +43,7 @@ def test_configs_ship_as_package_data() -> None:
 
 
 def test_console_script() -> None:
-    assert _pyproject()["project"]["scripts"]["bgn-task"] == "tasks.cli:main"
+    assert _pyproject()["project"]["scripts"]["bgn-task"] == "tasks.runner.cli:main"
 
 
 def test_ruff_is_clean() -> None:

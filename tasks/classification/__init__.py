@@ -1,20 +1,21 @@
 """The classification task suite: ``bgn-task classification``.
 
-Exports the task contract: :data:`MODEL_CLASS`, :data:`DATAMODULE_CLASS`, and
-:data:`ARGUMENT_LINKS` (DataModule attributes the CLI passes to the model's init args).
+A registry-norm backbone (:mod:`tasks.common.backbones`) on the shared vision data
+(:class:`tasks.common.vision.VisionDataModule`), SGD with the linear-scaling rule. See
+``docs/classification.md``.
 """
 
-from .datamodule import ClassificationDataModule
+from tasks.common.contract import Metric, Task
+from tasks.common.vision import VisionDataModule
+
 from .model import ClassificationModule
 
-MODEL_CLASS = ClassificationModule
-DATAMODULE_CLASS = ClassificationDataModule
-ARGUMENT_LINKS = (("data.num_classes", "model.num_classes"), ("data.in_channels", "model.in_channels"))
+TASK = Task(
+    name="classification",
+    model_class=ClassificationModule,
+    datamodule_class=VisionDataModule,
+    metrics=(Metric("test/acc", "top-1 accuracy"), Metric("test/acc_top5", "top-5 accuracy")),
+    links=(("data.num_classes", "model.num_classes"), ("data.in_channels", "model.in_channels")),
+)
 
-__all__ = [
-    "ARGUMENT_LINKS",
-    "DATAMODULE_CLASS",
-    "MODEL_CLASS",
-    "ClassificationDataModule",
-    "ClassificationModule",
-]
+__all__ = ["TASK", "ClassificationModule"]

@@ -11,7 +11,9 @@ from torch import Tensor
 
 from tasks.common.backbones import build_backbone
 from tasks.common.metrics import classification_metrics
+from tasks.common.norms import norm_factory
 from tasks.common.optim import Schedule, param_groups, scaled_lr, warmup_scheduler
+from tasks.common.training import global_batch_size
 
 __all__ = ["ClassificationModule"]
 
@@ -72,12 +74,11 @@ class ClassificationModule(pl.LightningModule):
         norm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if groups != "auto" and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
-            raise ValueError(f"groups must be a positive int or 'auto', got {groups!r}")
+        norm_layer = norm_factory(norm, groups, norm_kwargs)
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
         self.save_hyperparameters()
-        self.net = build_backbone(backbone, num_classes, in_channels, norm, groups, norm_kwargs)
+        self.net = build_backbone(backbone, num_classes, in_channels, norm_layer)
         self.train_metrics = classification_metrics(num_classes, "train/")
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
@@ -110,28 +111,10 @@ class ClassificationModule(pl.LightningModule):
         """Loss and accuracies on one test batch."""
         self._step(batch, "test")
 
-    def effective_batch_size(self) -> int:
-        """The ``B`` of the linear-scaling rule (see the class docstring).
-
-        Raises:
-            ValueError: when ``global_batch_size`` is ``None`` and there is no DataModule to read
-                the batch size from.
-        """
-        if self.hparams.global_batch_size is not None:
-            return int(self.hparams.global_batch_size)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        per_device = getattr(datamodule, "batch_size", None)
-        if per_device is None:
-            raise ValueError(
-                "ClassificationModule: global_batch_size=None needs a DataModule with a batch_size "
-                "attribute; pass global_batch_size= explicitly"
-            )
-        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD on the linearly scaled rate with a per-step warm-up + decay schedule."""
         hp = self.hparams
-        lr = scaled_lr(hp.lr, self.effective_batch_size(), hp.base_batch_size)
+        lr = scaled_lr(hp.lr, global_batch_size(self.trainer, hp.global_batch_size), hp.base_batch_size)
         optimizer = torch.optim.SGD(
             param_groups(self, hp.weight_decay), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov
         )

@@ -1,1 +1,1 @@
-"""What the task suites share: backbones from a norm name, data helpers, results writing."""
+"""What the task suites share: the task contract, norm arguments, backbones, data, metrics, results."""

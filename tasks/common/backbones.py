@@ -1,9 +1,11 @@
-"""Backbones built from a registry norm name.
+"""Backbones whose every norm layer comes from one ``norm_layer`` factory.
 
-Every network here takes ``norm`` (a :func:`bgn_lightning.available_norms` name) and ``groups``
-(``int`` or ``"auto"``, passed to every norm layer as ``num_groups``) and builds each
-normalization layer through :func:`bgn_lightning.norm_layer`, never from a hard-coded
-``nn.BatchNorm2d``.
+Every network here takes ``norm_layer``, a ``num_features -> nn.Module`` factory (torchvision's
+``norm_layer=`` convention; build one from a registry name with
+:func:`tasks.common.norms.norm_factory` or :func:`bgn_lightning.norm_layer`), never a hard-coded
+``nn.BatchNorm2d``. Every network has a ``feature_dim`` attribute (features before the classifier)
+and, as in timm, ``num_classes=0`` builds it **features-only**: the classifier is ``nn.Identity``
+and the output is the ``(N, feature_dim)`` pooled features (a DANN feature extractor, a DARTS stem).
 
 ========== ================================================================ ===============
 name       network                                                          inputs
@@ -12,6 +14,7 @@ small_cnn  3 stages of conv-norm-ReLU (x2, x2, x1), max-pool, global pool    8-3
 resnet20   CIFAR ResNet (He et al. 2016, Sec. 4.2), 3 x 3 basic blocks        32 px
 resnet32   same, 3 x 5 blocks                                                32 px
 resnet56   same, 3 x 9 blocks                                                32 px
+preact18   PreAct ResNet-18 (He et al. 2016b; the adversarial-training model) 32 px
 resnet18   torchvision ResNet-18 (``norm_layer=``)                           >= 64 px
 resnet50   torchvision ResNet-50 (``norm_layer=``)                           >= 64 px
 ========== ================================================================ ===============
@@ -22,53 +25,44 @@ resnet50   torchvision ResNet-50 (``norm_layer=``)                           >= 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from bgn_lightning import norm_layer
+from .norms import NormFactory, norm_factory
 
 __all__ = [
     "CifarResNet",
+    "PreActResNet18",
     "available_backbones",
     "build_backbone",
     "conv4",
-    "make_norm_layer",
     "small_cnn",
     "torchvision_resnet",
 ]
 
-NormFactory = Callable[[int], nn.Module]
+
+def _default_norm() -> NormFactory:
+    return norm_factory("bgn")
 
 
-def make_norm_layer(
-    norm: str, groups: int | str = "auto", norm_kwargs: dict[str, Any] | None = None
-) -> NormFactory:
-    """A ``num_features -> nn.Module`` factory for the registry norm ``norm`` with ``num_groups=groups``.
-
-    Args:
-        norm: registry name (``bn``, ``bgn``, ``gn``, ``ln``, ``in``, ``pn``, ``none`` or a user's).
-        groups: ``num_groups`` for every layer (``"auto"`` is accepted by every registry norm).
-        norm_kwargs: extra keyword arguments for the layer (e.g. ``eps``, ``momentum``,
-            ``track_running_stats``).
-
-    Raises:
-        ValueError: for an unknown norm name.
-    """
-    return norm_layer(norm, dim=2, num_groups=groups, **(norm_kwargs or {}))
+def _conv_bias(norm_layer: NormFactory) -> bool:
+    """A conv followed by a norm layer has no use for a bias, except when the "norm" is an identity."""
+    return isinstance(norm_layer(1), nn.Identity)
 
 
-def _conv_bias(norm: str) -> bool:
-    """A conv followed by a norm layer has no use for a bias, except when the norm is ``none``."""
-    return norm == "none"
+def _head(features: int, num_classes: int) -> nn.Module:
+    """The classifier, or ``nn.Identity`` for ``num_classes=0`` (features only, timm's convention)."""
+    return nn.Linear(features, num_classes) if num_classes else nn.Identity()
 
 
-def _check_positive(fn: str, **values: int) -> None:
+def _check_positive(fn: str, allow_zero: tuple[str, ...] = (), **values: int) -> None:
     for arg, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{fn}: {arg} must be a positive int, got {value!r}")
+        low = 0 if arg in allow_zero else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            kind = "an int >= 0" if low == 0 else "a positive int"
+            raise ValueError(f"{fn}: {arg} must be {kind}, got {value!r}")
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -81,12 +75,7 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def conv4(
-    norm: str = "bgn",
-    groups: int | str = "auto",
-    in_channels: int = 1,
-    hidden: int = 64,
-    depth: int = 4,
-    norm_kwargs: dict[str, Any] | None = None,
+    norm_layer: NormFactory | None = None, in_channels: int = 1, hidden: int = 64, depth: int = 4
 ) -> nn.Sequential:
     """The standard few-shot Conv-4 feature extractor (Vinyals et al. 2016; Finn et al. 2017).
 
@@ -95,23 +84,22 @@ def conv4(
     inputs ``hidden * 1 * 1 = 64``.
 
     Args:
-        norm: registry norm name.
-        groups: ``num_groups`` for every norm layer (int or ``"auto"``).
+        norm_layer: ``num_features -> norm layer`` (default: BGN with auto-G).
         in_channels: input channels (1 for Omniglot, 3 for miniImageNet).
         hidden: channels of every conv layer.
         depth: number of blocks.
-        norm_kwargs: extra keyword arguments for every norm layer.
 
     Raises:
-        ValueError: for an unknown norm, or a non-positive ``in_channels``, ``hidden`` or ``depth``.
+        ValueError: for a non-positive ``in_channels``, ``hidden`` or ``depth``.
     """
     _check_positive("conv4", in_channels=in_channels, hidden=hidden, depth=depth)
-    make_norm = make_norm_layer(norm, groups, norm_kwargs)
+    make_norm = norm_layer or _default_norm()
+    bias = _conv_bias(make_norm)
     layers: list[nn.Module] = []
     channels = in_channels
     for _ in range(depth):
         layers += [
-            nn.Conv2d(channels, hidden, 3, padding=1, bias=_conv_bias(norm)),
+            nn.Conv2d(channels, hidden, 3, padding=1, bias=bias),
             make_norm(hidden),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
@@ -121,46 +109,47 @@ def conv4(
     return nn.Sequential(*layers)
 
 
+class SmallCNN(nn.Sequential):
+    """A small VGG-style CNN for 8-32 px inputs (digits, MNIST, CIFAR, SVHN); see :func:`small_cnn`."""
+
+    feature_dim: int
+
+
 def small_cnn(
-    num_classes: int,
-    in_channels: int = 3,
-    norm: str = "bgn",
-    groups: int | str = "auto",
-    width: int = 32,
-    norm_kwargs: dict[str, Any] | None = None,
-) -> nn.Sequential:
+    num_classes: int, in_channels: int = 3, norm_layer: NormFactory | None = None, width: int = 32
+) -> SmallCNN:
     """A small VGG-style CNN for 8-32 px inputs (digits, MNIST, CIFAR, SVHN).
 
     Stages of ``[conv3x3 -> norm -> ReLU] x 2`` with ``width`` and ``2 * width`` channels, each
     followed by a 2x2 max-pool, then ``conv3x3(4 * width) -> norm -> ReLU``, global average
-    pooling and a linear classifier. An 8x8 input reaches the last conv at 2x2, so instance and
-    positional norms still see more than one value.
+    pooling and a linear classifier (``feature_dim = 4 * width`` features). An 8x8 input reaches
+    the last conv at 2x2, so instance and positional norms still see more than one value.
 
     Args:
-        num_classes: classifier outputs.
+        num_classes: classifier outputs; 0 for features only.
         in_channels: input channels.
-        norm: registry norm name.
-        groups: ``num_groups`` for every norm layer.
+        norm_layer: ``num_features -> norm layer`` (default: BGN with auto-G).
         width: channels of the first stage.
-        norm_kwargs: extra keyword arguments for every norm layer.
 
     Raises:
-        ValueError: for an unknown norm or a non-positive size.
+        ValueError: for a negative ``num_classes`` or a non-positive size.
     """
-    _check_positive("small_cnn", num_classes=num_classes, in_channels=in_channels, width=width)
-    make_norm = make_norm_layer(norm, groups, norm_kwargs)
-    bias = _conv_bias(norm)
+    _check_positive("small_cnn", ("num_classes",), num_classes=num_classes, in_channels=in_channels,
+                    width=width)
+    make_norm = norm_layer or _default_norm()
+    bias = _conv_bias(make_norm)
 
     def block(c_in: int, c_out: int) -> list[nn.Module]:
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias), make_norm(c_out), nn.ReLU(inplace=True)]
 
     w1, w2, w3 = width, 2 * width, 4 * width
-    net = nn.Sequential(
+    net = SmallCNN(
         *block(in_channels, w1), *block(w1, w1), nn.MaxPool2d(2),
         *block(w1, w2), *block(w2, w2), nn.MaxPool2d(2),
         *block(w2, w3),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w3, num_classes),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), _head(w3, num_classes),
     )  # fmt: skip
+    net.feature_dim = w3
     _init_weights(net)
     return net
 
@@ -168,36 +157,28 @@ def small_cnn(
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs (He et al. 2016, Sec. 4.2): 16/32/64 channels, n blocks each.
 
-    Built from torchvision's ``BasicBlock`` with the registry norm; shortcuts that change shape
-    are ``conv1x1 -> norm`` projections (option B).
+    Built from torchvision's ``BasicBlock`` with the given norm; shortcuts that change shape
+    are ``conv1x1 -> norm`` projections (option B). ``feature_dim`` is 64.
 
     Args:
         depth: ``6n + 2`` (20, 32, 44, 56, 110, ...).
-        num_classes: classifier outputs.
+        num_classes: classifier outputs; 0 for features only.
         in_channels: input channels.
-        norm: registry norm name.
-        groups: ``num_groups`` for every norm layer.
-        norm_kwargs: extra keyword arguments for every norm layer.
+        norm_layer: ``num_features -> norm layer`` (default: BGN with auto-G).
 
     Raises:
-        ValueError: when ``depth`` is not ``6n + 2`` with ``n >= 1``, or for an unknown norm.
+        ValueError: when ``depth`` is not ``6n + 2`` with ``n >= 1``, or for a bad size.
     """
 
     def __init__(
-        self,
-        depth: int,
-        num_classes: int,
-        in_channels: int = 3,
-        norm: str = "bgn",
-        groups: int | str = "auto",
-        norm_kwargs: dict[str, Any] | None = None,
+        self, depth: int, num_classes: int, in_channels: int = 3, norm_layer: NormFactory | None = None
     ) -> None:
         super().__init__()
-        _check_positive("CifarResNet", num_classes=num_classes, in_channels=in_channels)
+        _check_positive("CifarResNet", ("num_classes",), num_classes=num_classes, in_channels=in_channels)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CifarResNet: depth must be 6n + 2 with n >= 1 (20, 32, 56), got {depth!r}")
         blocks = (depth - 2) // 6
-        make_norm = make_norm_layer(norm, groups, norm_kwargs)
+        make_norm = norm_layer or _default_norm()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), make_norm(16), nn.ReLU(inplace=True)
         )
@@ -217,43 +198,96 @@ class CifarResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.feature_dim = channels
+        self.fc = _head(channels, num_classes)
         _init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits of shape ``(N, num_classes)`` for images ``(N, in_channels, H, W)``."""
+        """Logits ``(N, num_classes)`` (or features ``(N, 64)``) for images ``(N, in_channels, H, W)``."""
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         return self.fc(self.pool(x).flatten(1))
 
 
+class _PreActBlock(nn.Module):
+    """norm -> ReLU -> conv3x3 -> norm -> ReLU -> conv3x3, identity or 1x1-conv shortcut (pre-activation)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, make_norm: NormFactory) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = make_norm(c_in), make_norm(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.shortcut = (
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if stride != 1 or c_in != c_out else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn1(x).relu()
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(self.bn2(out).relu())
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """PreAct ResNet-18 for 32x32 inputs (He et al. 2016b), the standard adversarial-training model.
+
+    4 stages of 2 pre-activation blocks with 64/128/256/512 channels (Madry et al.'s and Rice et
+    al.'s CIFAR-10 model). ``feature_dim`` is 512.
+
+    Args:
+        num_classes: classifier outputs; 0 for features only.
+        in_channels: input channels.
+        norm_layer: ``num_features -> norm layer`` (default: BGN with auto-G).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, norm_layer: NormFactory | None = None) -> None:
+        super().__init__()
+        _check_positive("PreActResNet18", ("num_classes",), num_classes=num_classes, in_channels=in_channels)
+        make_norm = norm_layer or _default_norm()
+        self.stem = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
+        blocks: list[nn.Module] = []
+        channels = 64
+        for i, width in enumerate((64, 128, 256, 512)):
+            for j in range(2):
+                blocks.append(_PreActBlock(channels, width, 2 if i > 0 and j == 0 else 1, make_norm))
+                channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.final_norm = make_norm(channels)
+        self.feature_dim = channels
+        self.fc = _head(channels, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(N, num_classes)`` (or features ``(N, 512)``) for images ``(N, in_channels, H, W)``."""
+        out = self.final_norm(self.blocks(self.stem(x))).relu()
+        return self.fc(out.mean(dim=(2, 3)))
+
+
 def torchvision_resnet(
-    arch: str,
-    num_classes: int,
-    in_channels: int = 3,
-    norm: str = "bgn",
-    groups: int | str = "auto",
-    norm_kwargs: dict[str, Any] | None = None,
+    arch: str, num_classes: int, in_channels: int = 3, norm_layer: NormFactory | None = None
 ) -> nn.Module:
-    """A torchvision ImageNet ResNet (randomly initialised) whose norm layers come from the registry.
+    """A torchvision ImageNet ResNet (randomly initialised) with the given norm layers.
+
+    ``feature_dim`` is the width before ``fc`` (512 for ResNet-18, 2048 for ResNet-50).
 
     Args:
         arch: a ``torchvision.models`` ResNet builder name, e.g. ``resnet18`` or ``resnet50``.
-        num_classes: classifier outputs.
+        num_classes: classifier outputs; 0 for features only.
         in_channels: input channels; the stem conv is rebuilt when it is not 3.
-        norm: registry norm name.
-        groups: ``num_groups`` for every norm layer.
-        norm_kwargs: extra keyword arguments for every norm layer.
+        norm_layer: ``num_features -> norm layer`` (default: BGN with auto-G).
 
     Raises:
-        ValueError: for an unknown ``arch`` or norm.
+        ValueError: for an unknown ``arch`` or a bad size.
     """
     known = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
     if arch not in known:
         raise ValueError(f"torchvision_resnet: unknown arch {arch!r}; choose from: {', '.join(known)}")
-    _check_positive("torchvision_resnet", num_classes=num_classes, in_channels=in_channels)
+    _check_positive("torchvision_resnet", ("num_classes",), num_classes=num_classes, in_channels=in_channels)
     builder = getattr(torchvision.models, arch)
-    make_norm = make_norm_layer(norm, groups, norm_kwargs)
-    net = builder(weights=None, num_classes=num_classes, norm_layer=make_norm)
+    net = builder(weights=None, num_classes=max(num_classes, 1), norm_layer=norm_layer or _default_norm())
+    net.feature_dim = net.fc.in_features
+    if not num_classes:
+        net.fc = nn.Identity()
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -265,6 +299,7 @@ _BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda **kw: CifarResNet(20, **kw),
     "resnet32": lambda **kw: CifarResNet(32, **kw),
     "resnet56": lambda **kw: CifarResNet(56, **kw),
+    "preact18": PreActResNet18,
     "resnet18": lambda **kw: torchvision_resnet("resnet18", **kw),
     "resnet50": lambda **kw: torchvision_resnet("resnet50", **kw),
 }
@@ -276,28 +311,23 @@ def available_backbones() -> list[str]:
 
 
 def build_backbone(
-    name: str,
-    num_classes: int,
-    in_channels: int = 3,
-    norm: str = "bgn",
-    groups: int | str = "auto",
-    norm_kwargs: dict[str, Any] | None = None,
+    name: str, num_classes: int, in_channels: int = 3, norm_layer: NormFactory | None = None
 ) -> nn.Module:
-    """Build the classifier ``name`` (see :func:`available_backbones`) with registry norm layers.
+    """Build the network ``name`` (see :func:`available_backbones`) with ``norm_layer`` norm layers.
 
     Args:
         name: backbone name.
-        num_classes: classifier outputs.
+        num_classes: classifier outputs; 0 for a features-only network (output ``(N, feature_dim)``).
         in_channels: input channels.
-        norm: registry norm name.
-        groups: ``num_groups`` for every norm layer (int or ``"auto"``).
-        norm_kwargs: extra keyword arguments for every norm layer.
+        norm_layer: ``num_features -> norm layer``, e.g. ``norm_factory("bgn", groups=8)``
+            (default: BGN with auto-G).
+
+    Returns:
+        The network; its ``feature_dim`` attribute is the width of the features the classifier sees.
 
     Raises:
-        ValueError: for an unknown backbone or norm name.
+        ValueError: for an unknown backbone name or a bad size.
     """
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from: {', '.join(_BACKBONES)}")
-    return _BACKBONES[name](
-        num_classes=num_classes, in_channels=in_channels, norm=norm, groups=groups, norm_kwargs=norm_kwargs
-    )
+    return _BACKBONES[name](num_classes=num_classes, in_channels=in_channels, norm_layer=norm_layer)

@@ -1,15 +1,16 @@
-"""Datamodule helpers shared by the task suites: a base DataModule, splits and clear data errors."""
+"""Datamodule helpers shared by the task suites: a base DataModule, paired loaders, splits, data errors."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
@@ -21,6 +22,7 @@ __all__ = [
     "check_choice",
     "dataset_not_found",
     "default_data_dir",
+    "paired_loader",
     "stratified_split",
 ]
 
@@ -125,11 +127,12 @@ class TransformSubset(Dataset):
 
 
 class TaskDataModule(pl.LightningDataModule):
-    """Base DataModule with the contract's common arguments and the three dataloaders.
+    """Base DataModule of every task: the common arguments, their checks and the three dataloaders.
 
-    Subclasses set ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``.
-    Training batches drop the last incomplete batch, so batch-statistics norms never see a
-    batch of one sample.
+    Subclasses set ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``, or
+    override the ``*_dataloader`` hooks and build their loaders with :meth:`_loader` (few-shot
+    episodes) or :func:`paired_loader` (two streams stepped together). Training batches drop the
+    last incomplete batch, so batch-statistics norms never see a batch of one sample.
 
     Args:
         dataset: dataset name (validated by the subclass).
@@ -190,3 +193,30 @@ class TaskDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test batches in a fixed order."""
         return self._loader(self.test_set, train=False)
+
+
+PairMode = Literal["max_size_cycle", "min_size", "max_size"]
+
+
+def paired_loader(loaders: Mapping[str, DataLoader], mode: PairMode = "max_size_cycle") -> CombinedLoader:
+    """Step several loaders together: each batch is ``{name: batch of that loader}``.
+
+    A thin use of Lightning's :class:`~lightning.pytorch.utilities.CombinedLoader` (which also
+    counts the epoch's length and restarts exhausted loaders) for tasks that train on two streams:
+    labelled source + unlabelled target (domain adaptation), weight half + architecture half of
+    the training split (DARTS).
+
+    Args:
+        loaders: at least two named loaders.
+        mode: ``max_size_cycle`` (epoch = the longest loader, shorter ones restart),
+            ``min_size`` (stop with the shortest) or ``max_size`` (exhausted ones yield ``None``).
+
+    Raises:
+        ValueError: for fewer than two loaders or an unknown mode.
+    """
+    if len(loaders) < 2:
+        raise ValueError(f"paired_loader: needs at least two loaders, got {list(loaders)}")
+    modes = ("max_size_cycle", "min_size", "max_size")
+    if mode not in modes:
+        raise ValueError(f"paired_loader: unknown mode {mode!r}; choose from: {', '.join(modes)}")
+    return CombinedLoader(dict(loaders), mode=mode)

@@ -25,6 +25,8 @@ command         the argument list of the run
 config          the full resolved LightningCLI config (dict)
 hparams         the model's hyper-parameters, including values linked from the datamodule
 created         ISO-8601 UTC time
+...             task-specific fields (:attr:`Task.extra_results <tasks.common.contract.Task>`),
+                e.g. NAS's ``genotype``
 =============== =========================================================================
 
 The file is written atomically (temporary file + rename), so a killed run never leaves a
@@ -107,6 +109,7 @@ def results_record(
     times: dict[str, float],
     command: list[str],
     hparams: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the ``results.json`` record (see the module docstring for the schema).
 
@@ -122,9 +125,14 @@ def results_record(
         times: ``wall_time_s``, ``fit_time_s``, ``test_time_s`` (seconds).
         command: the run's argument list.
         hparams: the model's hyper-parameters.
+        extra: task-specific fields (a task's ``extra_results`` hook), added after the others; they
+            may not replace a schema key.
+
+    Raises:
+        ValueError: when ``extra`` names a schema key.
     """
     model_cfg, data_cfg = config.get("model") or {}, config.get("data") or {}
-    return {
+    record = {
         "schema": SCHEMA_VERSION,
         "task": task,
         "dataset": data_cfg.get("dataset"),
@@ -145,6 +153,11 @@ def results_record(
         "hparams": json.loads(json.dumps(hparams or {}, default=str)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    clash = sorted(set(extra or {}) & set(record))
+    if clash:
+        raise ValueError(f"results_record: extra fields {clash} would replace schema keys")
+    record.update(json.loads(json.dumps(extra or {}, default=str)))
+    return record
 
 
 def write_results(directory: str | os.PathLike[str], record: dict[str, Any]) -> Path:

@@ -5,10 +5,19 @@ reports 5-way 1-shot and 5-shot accuracy with 95 % confidence intervals over 600
 episodes. See ``docs/fsl.md``.
 """
 
+from tasks.common.contract import Metric, Task
+
 from .datamodule import FewShotDataModule
 from .module import FewShotModule
 
-MODEL_CLASS = FewShotModule
-DATAMODULE_CLASS = FewShotDataModule
+TASK = Task(
+    name="fsl",
+    model_class=FewShotModule,
+    datamodule_class=FewShotDataModule,
+    metrics=(
+        Metric("test/acc", "few-shot accuracy (configured shots)", ci="test/acc_ci95"),
+        Metric("test/acc_5shot", "5-shot accuracy", ci="test/acc_5shot_ci95"),
+    ),
+)
 
-__all__ = ["DATAMODULE_CLASS", "MODEL_CLASS", "FewShotDataModule", "FewShotModule"]
+__all__ = ["TASK", "FewShotDataModule", "FewShotModule"]

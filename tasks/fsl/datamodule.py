@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from tasks.common.data import check_choice, default_data_dir
+from tasks.common.data import TaskDataModule, check_choice
 
 from .datasets import DATASETS, FewShotData, load_fewshot_data, prepare_fewshot_data
 from .episodes import Episodes, EpisodeSpec, check_spec, meta_dataset
@@ -30,7 +28,7 @@ def _seed(data_seed: int, split: str, spec: EpisodeSpec) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-class FewShotDataModule(LightningDataModule):
+class FewShotDataModule(TaskDataModule):
     """N-way K-shot episodes of a few-shot dataset, with fixed evaluation episodes.
 
     A *training epoch* is ``episodes_per_epoch`` random episodes; ``batch_size`` is the
@@ -86,20 +84,17 @@ class FewShotDataModule(LightningDataModule):
         rotations: bool | None = None,
         data_seed: int = 0,
     ) -> None:
-        super().__init__()
-        name = type(self).__name__
         check_choice("dataset", dataset, self.DATASETS)
-        for arg, value in (("batch_size", batch_size), ("episodes_per_epoch", episodes_per_epoch),
-                           ("val_episodes", val_episodes), ("test_episodes", test_episodes)):
+        super().__init__(dataset, data_dir, batch_size, num_workers, download)
+        name = type(self).__name__
+        for arg, value in (("episodes_per_epoch", episodes_per_epoch), ("val_episodes", val_episodes),
+                           ("test_episodes", test_episodes)):
             _positive_int(name, arg, value)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"{name}: num_workers must be an int >= 0, got {num_workers!r}")
         self.save_hyperparameters()
         self.train_spec = EpisodeSpec(train_ways or ways, shots, train_queries or queries)
         self.eval_specs = [EpisodeSpec(ways, s, queries)
                            for s in dict.fromkeys([shots, *(_positive_int(name, "test_shots", k)
                                                             for k in test_shots)])]
-        self.root = Path(data_dir).expanduser() if data_dir else default_data_dir()
         self.data: FewShotData | None = None
         self._meta: dict[str, Any] = {}
 
@@ -120,7 +115,8 @@ class FewShotDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download (``download=True``) or render the glyph cache, once per node."""
-        prepare_fewshot_data(self.hparams.dataset, self.root, self.hparams.data_seed, self.hparams.download)
+        hp = self.hparams
+        prepare_fewshot_data(hp.dataset, self.data_dir, hp.data_seed, hp.download)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the class splits and index them for episode sampling (once).
@@ -132,7 +128,7 @@ class FewShotDataModule(LightningDataModule):
         if self.data is not None:
             return
         hp = self.hparams
-        self.data = load_fewshot_data(hp.dataset, self.root, seed=hp.data_seed, image_size=hp.image_size,
+        self.data = load_fewshot_data(hp.dataset, self.data_dir, seed=hp.data_seed, image_size=hp.image_size,
                                       download=False, rotations=hp.rotations)
         self._meta = {split: meta_dataset(ds) for split, ds in self.data.splits.items()}
         # Before any training: a setting the data cannot serve fails now, not after an epoch.
@@ -141,29 +137,21 @@ class FewShotDataModule(LightningDataModule):
             for spec in self.eval_specs:
                 check_spec(self._meta[split], spec, split)
 
-    def _loader(self, episodes: Episodes, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            episodes,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
     def train_dataloader(self) -> DataLoader:
         """``episodes_per_epoch`` fresh random training episodes."""
-        return self._loader(Episodes(self._meta["train"], self.train_spec, self.hparams.episodes_per_epoch))
+        episodes = Episodes(self._meta["train"], self.train_spec, self.hparams.episodes_per_epoch)
+        return self._loader(episodes, train=False)  # fresh random episodes: no shuffling, none dropped
 
     def val_dataloader(self) -> DataLoader:
         """``val_episodes`` fixed episodes of the primary spec."""
         hp = self.hparams
         spec = self.eval_specs[0]
         seed = _seed(hp.data_seed, "val", spec)
-        return self._loader(Episodes(self._meta["val"], spec, hp.val_episodes, seed=seed))
+        return self._loader(Episodes(self._meta["val"], spec, hp.val_episodes, seed=seed), train=False)
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader of ``test_episodes`` fixed episodes per shot count, the configured shots first."""
         hp = self.hparams
         return [self._loader(Episodes(self._meta["test"], spec, hp.test_episodes,
-                                      seed=_seed(hp.data_seed, "test", spec)))
+                                      seed=_seed(hp.data_seed, "test", spec)), train=False)
                 for spec in self.eval_specs]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Literal
 
@@ -15,6 +14,8 @@ from torchmetrics.aggregation import CatMetric
 
 from tasks.common.backbones import conv4
 from tasks.common.data import TaskConfigError
+from tasks.common.norms import check_norm_args, norm_factory
+from tasks.common.training import feature_dim, grad_enabled
 
 from .episodes import Episode, learn2learn
 from .maml import maml_episode
@@ -98,6 +99,7 @@ class FewShotModule(LightningModule):
         for arg, value in (("adapt_steps", adapt_steps), ("eval_adapt_steps", eval_adapt_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: {arg} must be an int >= 0, got {value!r}")
+        check_norm_args(norm, groups, norm_kwargs)
         self.save_hyperparameters()
         self.encoder: nn.Module | None = None  # protonet: the backbone
         self.learner: nn.Module | None = None  # maml: learn2learn MAML around backbone + linear head
@@ -115,12 +117,12 @@ class FewShotModule(LightningModule):
         norm_kwargs = dict(hp.norm_kwargs or {})
         if hp.algorithm == "maml":
             norm_kwargs.setdefault("track_running_stats", False)
-        backbone = conv4(hp.norm, hp.groups, in_channels=in_channels, hidden=hp.hidden, depth=hp.depth,
-                         norm_kwargs=norm_kwargs)
+        backbone = conv4(norm_factory(hp.norm, hp.groups, norm_kwargs), in_channels=in_channels,
+                         hidden=hp.hidden, depth=hp.depth)
         if hp.algorithm == "protonet":
             self.encoder = backbone
         else:
-            head = nn.Linear(_feature_dim(backbone, in_channels, input_size), num_classes)
+            head = nn.Linear(feature_dim(backbone, (in_channels, input_size, input_size)), num_classes)
             self.learner = learn2learn().algorithms.MAML(
                 nn.Sequential(backbone, head), lr=hp.adapt_lr, first_order=hp.first_order
             )
@@ -183,7 +185,7 @@ class FewShotModule(LightningModule):
         if training:
             return maml_episode(self.learner, support, support_labels, query, hp.adapt_steps)
         # Evaluation adapts too: leave Lightning's inference mode and adapt first-order.
-        with torch.inference_mode(False), torch.enable_grad():
+        with grad_enabled():
             support, query = support.clone(), query.clone()
             logits = maml_episode(self.learner, support, support_labels.clone(), query, hp.eval_adapt_steps,
                                   first_order=True)
@@ -254,14 +256,3 @@ class FewShotModule(LightningModule):
                 f"{100 * acc:.2f} ± {100 * ci95:.2f} % (95 % CI over {accs.numel()} meta-test episodes)"
             )
 
-
-def _feature_dim(backbone: nn.Module, in_channels: int, input_size: int) -> int:
-    """Output features of ``backbone`` for one image, from a no-grad forward of a throw-away copy.
-
-    A copy, because a forward may fix lazy layer state (BGN's auto-G, from the batch size) even in
-    eval mode when the layer keeps no running statistics.
-    """
-    probe = copy.deepcopy(backbone).eval()
-    with torch.no_grad():
-        features = probe(torch.zeros(2, in_channels, input_size, input_size))
-    return features.shape[-1]

@@ -1,9 +1,12 @@
-"""Run a grid of ``bgn-task`` runs (norms x batch sizes x seeds), resumably.
+"""Run a grid of ``bgn-task`` runs (norms x batch sizes x seeds x the task's axes), resumably.
 
-Each cell runs ``bgn-task <task> --norm N --batch-size B --seed S --output <cell dir>`` in its own
-process, writing ``<output>/<task>/<norm>/bs<B>/seed<S>/results.json`` and its log ``run.log``.
-A cell whose ``results.json`` exists is skipped, so re-running a killed sweep resumes it; the
-leftovers of an interrupted cell (no ``results.json``) are removed and the cell runs again.
+Each cell runs ``bgn-task <task> --norm N --batch-size B --seed S [--<axis> V ...] --output <cell>``
+in its own process, writing ``<output>/<task>/<norm>[/<axis>=<V>...]/bs<B>/seed<S>/results.json``,
+its log ``run.log`` and ``bench_args.json``: the cell's full argument list and its hash. A cell
+whose ``results.json`` exists **with the same hash** is skipped, so re-running a killed sweep
+resumes it; one whose arguments changed (other epochs, extra run arguments, another config) runs
+again, and the old cell is kept beside it as ``seed<S>.previous-<hash>``; the leftovers of an
+interrupted cell (no ``results.json``) are removed and the cell runs again.
 
 Cells run in processes forked from a ``forkserver`` that has imported torch, Lightning and the
 task once: a crash (or an out-of-memory kill) takes down only its cell, and the ~10 s import
@@ -13,6 +16,8 @@ runs cells concurrently, each with ``threads`` intra-op threads.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -27,31 +32,56 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .results import RESULTS_FILE, read_results
+from tasks.common.results import RESULTS_FILE, read_results
 
-__all__ = ["Cell", "CellOutcome", "Grid", "format_outcome", "parse_epochs", "parse_list", "run_grid"]
+__all__ = [
+    "Cell",
+    "CellOutcome",
+    "Grid",
+    "args_hash",
+    "format_outcome",
+    "parse_epochs",
+    "parse_list",
+    "run_grid",
+]
 
 log = logging.getLogger(__name__)
 
 RUN_LOG = "run.log"
+ARGS_FILE = "bench_args.json"
+_NOT_HASHED = frozenset(
+    {"--output", "--threads", "--trainer.enable_progress_bar", "--trainer.enable_model_summary"}
+)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid."""
+    """One run of the grid: a norm, a batch size, a seed and a value of each extra axis."""
 
     norm: str
     batch_size: int
     seed: int
+    variant: tuple[tuple[str, str], ...] = ()
 
     def directory(self, root: Path, task: str) -> Path:
-        """``<root>/<task>/<norm>/bs<B>/seed<S>``."""
-        return root / task / self.norm / f"bs{self.batch_size}" / f"seed{self.seed}"
+        """``<root>/<task>/<norm>[/<axis>=<value>...]/bs<B>/seed<S>``."""
+        path = root / task / self.norm
+        for key, value in self.variant:
+            path = path / f"{key.split('.')[-1]}={value}"
+        return path / f"bs{self.batch_size}" / f"seed{self.seed}"
+
+    @property
+    def row(self) -> str:
+        """The report row it belongs to: the norm, and its axis values (``bgn, method=dann``)."""
+        return ", ".join([self.norm, *(f"{k.split('.')[-1]}={v}" for k, v in self.variant)])
 
 
 @dataclass(frozen=True)
 class CellOutcome:
-    """What happened to a cell: ``status`` is ``done``, ``skipped`` or ``failed``."""
+    """What happened to a cell: ``status`` is ``done``, ``skipped`` or ``failed``.
+
+    ``note`` says why a cell with results ran again (its arguments changed).
+    """
 
     cell: Cell
     status: str
@@ -59,11 +89,36 @@ class CellOutcome:
     seconds: float = 0.0
     returncode: int = 0
     record: dict[str, Any] | None = None
+    note: str = ""
+
+
+def args_hash(argv: Sequence[str]) -> str:
+    """A short hash of a run's arguments, leaving out those that do not change its result."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--debug":
+            continue
+        if arg.split("=", 1)[0] in _NOT_HASHED:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:12]
+
+
+def _stored_hash(directory: Path) -> str | None:
+    try:
+        return json.loads((directory / ARGS_FILE).read_text())["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass
 class Grid:
-    """A sweep: every ``(norm, batch size, seed)`` of one task.
+    """A sweep: every ``(norm, batch size, seed, axis values...)`` of one task.
 
     Attributes:
         task: task suite name.
@@ -71,6 +126,8 @@ class Grid:
         batch_sizes: per-device batch sizes.
         seeds: ``seed_everything`` values.
         output: sweep root; cells live under ``<output>/<task>/``.
+        axes: extra axes, LightningCLI key -> values (``{"model.method": ["dann", "source_only"]}``),
+            each cell runs with ``--<key> <value>``.
         max_epochs: ``--max-epochs`` of every run, or a ``{batch size: epochs}`` mapping (e.g. to
             give large batches enough optimizer steps); ``None``: the task's default.
         run_args: extra ``bgn-task <task>`` arguments for every run (e.g. ``--data mnist``);
@@ -84,6 +141,7 @@ class Grid:
     batch_sizes: list[int]
     seeds: list[int]
     output: Path
+    axes: dict[str, list[str]] = field(default_factory=dict)
     max_epochs: int | dict[int, int] | None = None
     run_args: list[str] = field(default_factory=list)
     jobs: int = 1
@@ -106,17 +164,41 @@ class Grid:
         epochs = self.max_epochs.values() if isinstance(self.max_epochs, dict) else [self.max_epochs]
         if any(e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1) for e in epochs):
             raise ValueError(f"Grid: max_epochs must be positive ints, got {self.max_epochs}")
+        for key, values in self.axes.items():
+            if key.split(".")[0] not in ("model", "data", "trainer") or len(key.split(".")) < 2:
+                raise ValueError(f"axis {key!r} must be a model./data./trainer. argument, e.g. model.method")
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"axis {key!r} needs distinct values, got {values}")
         if self.jobs < 1 or (self.threads is not None and self.threads < 1):
             raise ValueError(f"Grid: jobs and threads must be >= 1, got {self.jobs} and {self.threads}")
 
+    def variants(self) -> list[tuple[tuple[str, str], ...]]:
+        """Every combination of the extra axes' values (one empty variant without axes)."""
+        combos: list[tuple[tuple[str, str], ...]] = [()]
+        for key, values in self.axes.items():
+            combos = [(*c, (key, str(v))) for c in combos for v in values]
+        return combos
+
     def cells(self) -> list[Cell]:
-        """All cells, norm-major (then batch size, then seed)."""
-        return [Cell(n, b, s) for n in self.norms for b in self.batch_sizes for s in self.seeds]
+        """All cells, norm-major (then axis values, batch size, seed)."""
+        return [
+            Cell(n, b, s, v)
+            for n in self.norms
+            for v in self.variants()
+            for b in self.batch_sizes
+            for s in self.seeds
+        ]
+
+    def rows(self) -> list[str]:
+        """Report rows in grid order (:attr:`Cell.row`)."""
+        return list(dict.fromkeys(c.row for c in self.cells()))
 
     def run_argv(self, cell: Cell) -> list[str]:
         """The ``bgn-task`` argument list of ``cell`` (without the program name)."""
         argv = [self.task, *self.run_args]
         argv += ["--norm", cell.norm, "--batch-size", str(cell.batch_size), "--seed", str(cell.seed)]
+        for key, value in cell.variant:
+            argv += [f"--{key}", value]
         epochs = self.max_epochs
         if isinstance(epochs, dict):
             epochs = epochs[cell.batch_size]
@@ -150,7 +232,7 @@ def _run_in_child(argv: list[str], log_path: str, bench_pid: int) -> None:
     The run ends itself when the bench process ``bench_pid`` is killed, so a killed sweep
     leaves no run behind (its cell has no results.json and runs again on resume).
     """
-    from tasks.cli import main
+    from tasks.runner.cli import main
 
     threading.Thread(target=_exit_when_gone, args=(bench_pid,), daemon=True).start()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -172,12 +254,14 @@ def _context(task: str) -> mp.context.BaseContext:
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "lightning.pytorch", "tasks.cli", f"tasks.{task}"])
+    ctx.set_forkserver_preload(["torch", "lightning.pytorch", "tasks.runner.run", f"tasks.{task}"])
     return ctx
 
 
 def run_grid(
-    grid: Grid, on_outcome: Callable[[int, int, CellOutcome], None] | None = None
+    grid: Grid,
+    on_outcome: Callable[[int, int, CellOutcome], None] | None = None,
+    metrics: Sequence[str] = ("test/acc",),
 ) -> list[CellOutcome]:
     """Run every cell of ``grid`` that has no ``results.json`` yet; return one outcome per cell.
 
@@ -189,31 +273,43 @@ def run_grid(
     cells = grid.cells()
     total = len(cells)
     ctx = _context(grid.task)
-    report = on_outcome or _log_outcome
+
+    def log_line(index: int, total: int, outcome: CellOutcome) -> None:
+        log.info(format_outcome(index, total, outcome, metrics))
+
+    report = on_outcome or log_line
     outcomes: dict[Cell, CellOutcome] = {}
     lock = threading.Lock()
 
     def run(cell: Cell) -> CellOutcome:
         directory = cell.directory(grid.output, grid.task)
+        argv = grid.run_argv(cell)
+        digest = args_hash(argv)
+        note = ""
         if (directory / RESULTS_FILE).is_file():
-            outcome = CellOutcome(cell, "skipped", directory, record=read_results(directory))
+            stored = _stored_hash(directory)
+            if stored == digest:
+                outcome = CellOutcome(cell, "skipped", directory, record=read_results(directory))
+                with lock:
+                    outcomes[cell] = outcome
+                    report(len(outcomes), total, outcome)
+                return outcome
+            kept = _keep_aside(directory, stored or "unknown")
+            note = f"arguments changed since the stored result (kept in {kept.name}), re-running"
+        elif directory.exists():  # an interrupted run: start it again from scratch
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        (directory / ARGS_FILE).write_text(json.dumps({"hash": digest, "argv": argv}, indent=2) + "\n")
+        start = time.perf_counter()
+        process = ctx.Process(target=_run_in_child, args=(argv, str(directory / RUN_LOG), os.getpid()))
+        process.start()
+        process.join()
+        seconds = time.perf_counter() - start
+        code = process.exitcode if process.exitcode is not None else -1
+        if code == 0 and (directory / RESULTS_FILE).is_file():
+            outcome = CellOutcome(cell, "done", directory, seconds, 0, read_results(directory), note)
         else:
-            if directory.exists():  # an interrupted run: start it again from scratch
-                shutil.rmtree(directory)
-            directory.mkdir(parents=True)
-            start = time.perf_counter()
-            process = ctx.Process(
-                target=_run_in_child,
-                args=(grid.run_argv(cell), str(directory / RUN_LOG), os.getpid()),
-            )
-            process.start()
-            process.join()
-            seconds = time.perf_counter() - start
-            code = process.exitcode if process.exitcode is not None else -1
-            if code == 0 and (directory / RESULTS_FILE).is_file():
-                outcome = CellOutcome(cell, "done", directory, seconds, 0, read_results(directory))
-            else:
-                outcome = CellOutcome(cell, "failed", directory, seconds, code or 1)
+            outcome = CellOutcome(cell, "failed", directory, seconds, code or 1, note=note)
         with lock:
             outcomes[cell] = outcome
             report(len(outcomes), total, outcome)
@@ -228,21 +324,38 @@ def run_grid(
     return [outcomes[c] for c in cells]
 
 
-def format_outcome(index: int, total: int, outcome: CellOutcome) -> str:
-    """One line per run: ``[ 3/72] bgn bs=2 seed=0: test/acc=0.9722 (41.2 s)``."""
+def _keep_aside(directory: Path, stored: str) -> Path:
+    """Move a finished cell whose arguments changed to ``<dir>.previous-<hash>[-k]``; the new path."""
+    target = directory.with_name(f"{directory.name}.previous-{stored}")
+    k = 1
+    while target.exists():
+        k += 1
+        target = directory.with_name(f"{directory.name}.previous-{stored}-{k}")
+    directory.rename(target)
+    return target
+
+
+def format_outcome(
+    index: int, total: int, outcome: CellOutcome, metrics: Sequence[str] = ("test/acc",)
+) -> str:
+    """One line per run: ``[ 3/72] bgn bs=2 seed=0: test/acc=0.9722 (41.2 s)``.
+
+    Args:
+        index: 1-based position among finished cells.
+        total: number of cells.
+        outcome: the cell's outcome.
+        metrics: the metric keys to show (the task's declared metrics).
+    """
     cell = outcome.cell
-    head = f"[{index:>{len(str(total))}}/{total}] {cell.norm} bs={cell.batch_size} seed={cell.seed}:"
+    head = f"[{index:>{len(str(total))}}/{total}] {cell.row} bs={cell.batch_size} seed={cell.seed}:"
+    note = f" [{outcome.note}]" if outcome.note else ""
     if outcome.status == "failed":
-        return f"{head} FAILED (exit {outcome.returncode}), see {outcome.directory / RUN_LOG}"
-    metrics = (outcome.record or {}).get("metrics", {})
-    shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("test/acc", "test/acc_ci95") if k in metrics)
+        return f"{head} FAILED (exit {outcome.returncode}), see {outcome.directory / RUN_LOG}{note}"
+    values = (outcome.record or {}).get("metrics", {})
+    shown = ", ".join(f"{k}={values[k]:.4f}" for k in metrics if k in values)
     if outcome.status == "skipped":
-        return f"{head} {shown} (done before, skipped)"
-    return f"{head} {shown} ({outcome.seconds:.1f} s)"
-
-
-def _log_outcome(index: int, total: int, outcome: CellOutcome) -> None:
-    log.info(format_outcome(index, total, outcome))
+        return f"{head} {shown} (done before with the same arguments, skipped)"
+    return f"{head} {shown} ({outcome.seconds:.1f} s){note}"
 
 
 def parse_epochs(value: int | str | dict[Any, Any] | None) -> int | dict[int, int] | None:

@@ -1,0 +1,189 @@
+"""The task contract: what a task suite declares so that the runner can run, sweep and report it.
+
+A task is its package ``tasks/<name>/`` and one default config ``configs/<name>.yaml``. The
+package's ``__init__.py`` exports ``TASK``, a :class:`Task`; nothing else in the project names the
+task. ``bgn-task <name>`` builds it with LightningCLI from the default config, fits, tests and
+writes ``results.json``; ``bgn-task bench --task <name>`` sweeps norms x batch sizes x seeds (and
+the task's own :attr:`Task.bench_axes`) and tables and plots each of its :attr:`Task.metrics`.
+
+Example (a whole task's ``__init__.py``)::
+
+    from tasks.common.contract import Metric, Task
+    from tasks.common.vision import VisionDataModule
+    from .module import MyModule
+
+    TASK = Task(
+        name="mytask",
+        model_class=MyModule,
+        datamodule_class=VisionDataModule,
+        metrics=(Metric("test/acc", "top-1 accuracy"),),
+        links=(("data.num_classes", "model.num_classes"),),
+    )
+
+Multi-stage tasks (NAS: search -> derive -> retrain) give :attr:`Task.run`, which replaces the
+runner's single fit + test and gets a :class:`TaskRun`; :attr:`Task.extra_results` adds fields to
+``results.json`` (and may write files beside it, such as ``genotype.json``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+
+__all__ = ["Metric", "Task", "TaskRun"]
+
+Direction = Literal["max", "min"]
+Unit = Literal["%", "", "s"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric a task reports in ``results.json`` (``metrics[name]``).
+
+    Attributes:
+        name: the logged key, e.g. ``test/pgd_acc``.
+        label: what it is, for tables and plot axes, e.g. ``PGD-20 accuracy``.
+        direction: ``max`` (higher is better) or ``min``.
+        unit: ``%`` (logged as a fraction in [0, 1], shown in percent), ``""`` (shown as logged)
+            or ``s`` (seconds).
+        ci: the key of its 95 % confidence half-width in the same unit (few-shot episodes), if any.
+    """
+
+    name: str
+    label: str
+    direction: Direction = "max"
+    unit: Unit = "%"
+    ci: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" not in self.name:
+            raise ValueError(f"Metric: name must be a logged key such as 'test/acc', got {self.name!r}")
+        if self.direction not in ("max", "min"):
+            raise ValueError(f"Metric {self.name}: direction must be 'max' or 'min', got {self.direction!r}")
+        if self.unit not in ("%", "", "s"):
+            raise ValueError(f"Metric {self.name}: unit must be '%', '' or 's', got {self.unit!r}")
+
+    def shown(self, value: float) -> float:
+        """``value`` in the unit it is shown in (percent for ``%``)."""
+        return 100.0 * value if self.unit == "%" else value
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is at least as good as ``b`` (ties count)."""
+        return math.isclose(a, b) or (a > b if self.direction == "max" else a < b)
+
+    @property
+    def heading(self) -> str:
+        """``"PGD-20 accuracy (%)"``: the label with its unit."""
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+
+class TaskRun(Protocol):
+    """What a multi-stage hook (:attr:`Task.run`) gets from the runner for one ``bgn-task`` run.
+
+    The hook sets :attr:`metrics` (the ``test/*`` values of the final model, at least the task's
+    metrics), :attr:`model` (the final model, for the G it used) and :attr:`checkpoint`.
+    """
+
+    config: dict[str, Any]
+    """The full resolved config (``model``, ``data``, ``trainer``, ``seed_everything``)."""
+    output: Path
+    """The run's output directory (``results.json`` goes here)."""
+    model: LightningModule
+    datamodule: LightningDataModule
+    trainer: Trainer
+    metrics: dict[str, float]
+    checkpoint: str | None
+
+    def fit_and_test(
+        self, model: LightningModule, trainer: Trainer, datamodule: LightningDataModule | None = None
+    ) -> dict[str, float]:
+        """Fit ``model``, test its best (or last) checkpoint; the ``val/*`` and ``test/*`` metrics."""
+
+    def make_trainer(self, stage: str) -> Trainer:
+        """A new Trainer from the run's config, logging and checkpointing under ``<output>/<stage>``."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task suite's declaration (see the module docstring).
+
+    Attributes:
+        name: the CLI name (``bgn-task <name>``); the package is ``tasks.<name>``.
+        model_class: its LightningModule; init args ``norm``, ``groups`` and ``norm_kwargs`` are
+            the shared norm arguments (:mod:`tasks.common.norms`).
+        datamodule_class: its LightningDataModule (a :class:`~tasks.common.data.TaskDataModule`);
+            its ``DATASETS`` class attribute names the accepted ``--data`` values.
+        metrics: what it reports, the **primary metric first**; every name must be in
+            ``results.json`` after a run.
+        links: ``(source, target)`` LightningCLI argument links applied at instantiation, e.g.
+            ``("data.num_classes", "model.num_classes")``.
+        config: file name of its default config in ``configs/`` (default ``<name>.yaml``).
+        bench_axes: axes ``bgn-task bench`` sweeps by default beside norm x batch size x seed:
+            ``{"model.method": ("dann", "source_only")}`` (LightningCLI keys -> values).
+        shortcuts: the task's own value shortcuts, flag -> LightningCLI argument, e.g.
+            ``{"--method": "--model.method"}`` (beside the shared ``--norm``, ``--batch-size``...).
+        flags: the task's own value-less shortcuts, flag -> (argument, value), e.g.
+            ``{"--eval-only": ("--model.eval_only", "true")}``.
+        run: multi-stage hook replacing the single fit + test; gets a :class:`TaskRun`.
+        extra_results: ``hook(run) -> dict`` of extra ``results.json`` fields (it may also write
+            files into ``run.output``).
+        smoke_args: run arguments that keep the contract test's 2-batch fit + test tiny (it
+            already limits every loop to 2 batches and 1 epoch), e.g. fewer meta-test episodes.
+    """
+
+    name: str
+    model_class: type
+    datamodule_class: type
+    metrics: tuple[Metric, ...]
+    links: tuple[tuple[str, str], ...] = ()
+    config: str | None = None
+    bench_axes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    shortcuts: Mapping[str, str] = field(default_factory=dict)
+    flags: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    run: Callable[[TaskRun], None] | None = None
+    extra_results: Callable[[TaskRun], dict[str, Any]] | None = None
+    smoke_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"Task: name must be a Python identifier (its package name), got {self.name!r}")
+        if not self.metrics:
+            raise ValueError(f"Task {self.name}: declare at least one metric (the primary one first)")
+        names = [m.name for m in self.metrics]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Task {self.name}: duplicate metric names in {names}")
+        for key, values in self.bench_axes.items():
+            if key.split(".")[0] not in ("model", "data", "trainer") or not values:
+                raise ValueError(
+                    f"Task {self.name}: bench axis {key!r} must be a model./data./trainer. key with values"
+                )
+        for flag in (*self.shortcuts, *self.flags):
+            if not flag.startswith("--") or "." in flag:
+                raise ValueError(f"Task {self.name}: shortcut {flag!r} must be a --flag without dots")
+        if self.config is None:
+            object.__setattr__(self, "config", f"{self.name}.yaml")
+
+    @property
+    def primary(self) -> Metric:
+        """The metric a run is judged by (the first one)."""
+        return self.metrics[0]
+
+    def metric(self, name: str) -> Metric:
+        """The declared metric ``name``.
+
+        Raises:
+            ValueError: listing the declared metrics.
+        """
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        raise ValueError(
+            f"task {self.name} reports no metric {name!r}; "
+            f"choose from: {', '.join(m.name for m in self.metrics)}"
+        )

@@ -1,0 +1,215 @@
+"""Sweep reports: ``results.csv``, ``results.md`` (mean ± spread per row x batch size) and a plot.
+
+Works on ``results.json`` records of any task, for the metrics the task declares
+(:class:`tasks.common.contract.Metric`): one table per metric (the primary one first) and one
+panel per metric in ``accuracy_vs_batch_size.png``. Rows are the norms, split by the values of the
+sweep's extra axes (``bgn, method=dann``). The spread is the standard deviation over seeds
+(``ddof=1``) when a cell has two or more runs, else the run's own 95 % confidence half-width when
+the metric has one (few-shot episodes), else nothing. The best mean per column, by the metric's
+direction, is in bold.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tasks.common.contract import Metric
+
+__all__ = [
+    "CellSummary",
+    "flatten_record",
+    "markdown_table",
+    "plot_metrics",
+    "summarize",
+    "write_csv",
+    "write_report",
+]
+
+CSV_FILE, MD_FILE, PLOT_FILE = "results.csv", "results.md", "accuracy_vs_batch_size.png"
+_FIRST_COLUMNS = (
+    "task", "dataset", "row", "norm", "groups", "batch_size", "seed", "epochs", "global_step", "wall_time_s",
+)  # fmt: skip
+
+Row = tuple[str, int]
+"""``(row label, batch size)``."""
+
+
+@dataclass(frozen=True)
+class CellSummary:
+    """One metric of one (row, batch size) over its runs, in the metric's shown unit.
+
+    Attributes:
+        mean: mean value.
+        spread: std over seeds, or the single run's 95 % CI half-width, or ``None``.
+        spread_kind: ``std``, ``ci95`` or ``None``.
+        n: number of runs.
+    """
+
+    mean: float
+    spread: float | None
+    spread_kind: str | None
+    n: int
+
+    def text(self) -> str:
+        """``"97.22 ± 0.31"`` (or just the mean when there is no spread)."""
+        return f"{self.mean:.2f}" + (f" ± {self.spread:.2f}" if self.spread is not None else "")
+
+
+def flatten_record(record: dict[str, Any], row: str | None = None) -> dict[str, Any]:
+    """One CSV row: identifying fields, then every metric (``test/acc`` -> column ``test/acc``)."""
+    out = {key: record.get(key) for key in _FIRST_COLUMNS}
+    out["row"] = row if row is not None else record.get("norm")
+    out.update(record.get("metrics", {}))
+    return out
+
+
+def write_csv(rows: Iterable[tuple[str, dict[str, Any]]], path: Path) -> Path:
+    """Write one line per run (``(row label, record)`` pairs); metric columns are the union, sorted."""
+    lines = [flatten_record(record, row) for row, record in rows]
+    metric_columns = sorted({k for line in lines for k in line} - set(_FIRST_COLUMNS))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*_FIRST_COLUMNS, *metric_columns])
+        writer.writeheader()
+        writer.writerows(lines)
+    return path
+
+
+def summarize(rows: Iterable[tuple[str, dict[str, Any]]], metric: Metric) -> dict[Row, CellSummary]:
+    """Group ``(row label, record)`` pairs by (row, batch size) and summarise ``metric``."""
+    groups: dict[Row, list[dict[str, float]]] = {}
+    for row, record in rows:
+        metrics = record.get("metrics", {})
+        if metric.name in metrics and math.isfinite(metrics[metric.name]):
+            groups.setdefault((row, int(record["batch_size"])), []).append(metrics)
+    out = {}
+    for key, runs in groups.items():
+        values = [metric.shown(m[metric.name]) for m in runs]
+        if len(values) >= 2:
+            out[key] = CellSummary(statistics.fmean(values), statistics.stdev(values), "std", len(values))
+        elif metric.ci is not None and metric.ci in runs[0]:
+            out[key] = CellSummary(values[0], metric.shown(runs[0][metric.ci]), "ci95", 1)
+        else:
+            out[key] = CellSummary(values[0], None, None, 1)
+    return out
+
+
+def markdown_table(
+    summary: dict[Row, CellSummary], rows: Sequence[str], batch_sizes: Sequence[int], metric: Metric
+) -> str:
+    """Rows x batch sizes, cells ``mean ± spread``; the best mean per column (by direction) in bold."""
+    header = "| norm | " + " | ".join(f"B = {b}" for b in batch_sizes) + " |"
+    lines = [header, "|---|" + "---:|" * len(batch_sizes)]
+    best: dict[int, float | None] = {}
+    for b in batch_sizes:
+        means = [summary[(r, b)].mean for r in rows if (r, b) in summary]
+        best[b] = (max if metric.direction == "max" else min)(means) if means else None
+    full = max((s.n for s in summary.values()), default=1)
+    for r in rows:
+        cells = []
+        for b in batch_sizes:
+            s = summary.get((r, b))
+            if s is None:
+                cells.append("-")
+                continue
+            text = s.text() + (f" (n={s.n})" if s.n < full else "")
+            cells.append(f"**{text}**" if best[b] is not None and math.isclose(s.mean, best[b]) else text)
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_metrics(
+    summaries: Sequence[tuple[Metric, dict[Row, CellSummary]]],
+    rows: Sequence[str],
+    batch_sizes: Sequence[int],
+    path: Path,
+    title: str,
+) -> Path:
+    """One panel per metric: value vs batch size (log2 axis), one line per row with error bars."""
+    panels = len(summaries)
+    fig = Figure(figsize=(6.4 * min(panels, 3), 4.2 * math.ceil(panels / 3)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (metric, summary) in enumerate(summaries):
+        ax = fig.add_subplot(math.ceil(panels / 3), min(panels, 3), i + 1)
+        for r in rows:
+            points = [(b, summary[(r, b)]) for b in batch_sizes if (r, b) in summary]
+            if points:
+                ax.errorbar([b for b, _ in points], [s.mean for _, s in points],
+                            yerr=[s.spread or 0.0 for _, s in points], marker="o", capsize=3, label=r)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(batch_sizes), [str(b) for b in batch_sizes])
+        ax.set_xlabel("batch size (per device)")
+        ax.set_ylabel(metric.heading)
+        ax.set_title(metric.label if panels > 1 else title, fontsize="medium")
+        ax.grid(True, alpha=0.3)
+        ax.legend(title="norm", fontsize="small")
+    if panels > 1:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=150)
+    return path
+
+
+def _spread_text(summary: dict[Row, CellSummary], seeds: Sequence[Any]) -> str:
+    kinds = frozenset({s.spread_kind for s in summary.values()} - {None})
+    return {
+        frozenset(): "one run per cell",
+        frozenset({"std"}): f"mean ± std over seeds ({len(seeds)} seeds: {', '.join(map(str, seeds))})",
+        frozenset({"ci95"}): "one run per cell ± its 95 % confidence half-width",
+    }.get(kinds, "mean ± std over seeds, or ± the 95 % CI half-width of single runs")
+
+
+def write_report(
+    rows: Sequence[tuple[str, dict[str, Any]]],
+    output: Path,
+    metrics: Sequence[Metric],
+    row_order: Sequence[str],
+    batch_sizes: Sequence[int],
+    title: str,
+    command: str | None = None,
+) -> dict[str, Path]:
+    """Write ``results.csv``, ``results.md`` and ``accuracy_vs_batch_size.png`` into ``output``.
+
+    Args:
+        rows: ``(row label, results.json record)`` of every run of the sweep (one setting only).
+        output: directory for the three files.
+        metrics: the task's metrics, the primary one first; one table and one panel each.
+        row_order: table row (and legend) order.
+        batch_sizes: column order.
+        title: heading of the note and the plot.
+        command: the command that made the sweep, quoted in the note.
+
+    Returns:
+        ``{"csv": path, "md": path, "png": path}``.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    seeds = sorted({r.get("seed") for _, r in rows}, key=str)
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["Command:", "", "```", command, "```", ""]
+    summaries = [(m, summarize(rows, m)) for m in metrics]
+    for i, (metric, summary) in enumerate(summaries):
+        best = "highest" if metric.direction == "max" else "lowest"
+        lines += [
+            f"## {metric.heading}: `{metric.name}`" + (" (primary)" if i == 0 else ""),
+            "",
+            f"{_spread_text(summary, seeds)}; {best} mean per batch size in **bold**; (n=k) marks cells "
+            f"with fewer runs. {len(rows)} runs.",
+            "",
+            markdown_table(summary, row_order, batch_sizes, metric),
+            "",
+        ]
+    md = output / MD_FILE
+    md.write_text("\n".join(lines).rstrip() + "\n")
+    return {
+        "csv": write_csv(rows, output / CSV_FILE),
+        "md": md,
+        "png": plot_metrics(summaries, row_order, batch_sizes, output / PLOT_FILE, title),
+    }
