@@ -133,6 +133,9 @@ class Task:
         run: multi-stage hook replacing the single fit + test; gets a :class:`TaskRun`.
         extra_results: ``hook(run) -> dict`` of extra ``results.json`` fields (it may also write
             files into ``run.output``).
+        bench_outputs: ``hook(rows, output) -> list of paths``: extra sweep outputs written into
+            ``output`` after the standard report, from ``(row label, results.json record)`` pairs
+            (e.g. the adversarial suite's accuracy-vs-eps curve per norm).
         smoke_args: run arguments that keep the contract test's 2-batch fit + test tiny (it
             already limits every loop to 2 batches and 1 epoch), e.g. fewer meta-test episodes.
     """
@@ -148,6 +151,7 @@ class Task:
     flags: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     run: Callable[[TaskRun], None] | None = None
     extra_results: Callable[[TaskRun], dict[str, Any]] | None = None
+    bench_outputs: Callable[[list[tuple[str, dict[str, Any]]], Path], list[Path]] | None = None
     smoke_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

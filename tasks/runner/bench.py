@@ -213,7 +213,10 @@ def bench_main(argv: Sequence[str], debug: bool = False) -> int:
             title=f"{name} on {dataset}: {metrics[0].label} vs batch size",
             command=shlex.join([PROG, "bench", *argv]),
         )
-        log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+        written = list(paths.values())
+        if task.bench_outputs is not None:
+            written += task.bench_outputs(rows, grid.output)
+        log.info("wrote %s", ", ".join(str(p) for p in written))
     if failed:
         log.info("%d of %d runs failed; re-run the same command to retry them", len(failed), len(cells))
         return 1
