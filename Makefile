@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.bgn-installed
 
 .PHONY: run test lint bench install clean
 
-$(STAMP): pyproject.toml scripts/install_learn2learn.sh
+$(STAMP): pyproject.toml setup.py scripts/install_learn2learn.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	bash scripts/install_learn2learn.sh $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev]"

@@ -22,15 +22,20 @@ def _pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def test_every_package_directory_is_listed_in_pyproject() -> None:
-    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+def test_every_package_directory_ships() -> None:
+    # setup.py computes the list, so a new task needs no packaging edit; a folder without an
+    # __init__.py (a namespace package) would be left out of a non-editable install.
+    from setuptools import find_packages
+
+    found = set(find_packages(str(ROOT), include=["bgn_lightning", "bgn_lightning.*", "tasks", "tasks.*"]))
     on_disk = {
-        ".".join(init.parent.relative_to(ROOT).parts)
+        ".".join(path.relative_to(ROOT).parts)
         for top in ("bgn_lightning", "tasks")
-        for init in (ROOT / top).rglob("__init__.py")
+        for path in [ROOT / top, *(ROOT / top).rglob("*")]
+        if path.is_dir() and any(path.glob("*.py")) and path.name != "__pycache__"
     }
-    missing = on_disk - listed
-    assert not missing, f"add these packages to [tool.setuptools] packages in pyproject.toml: {missing}"
+    missing = on_disk - found
+    assert not missing, f"these folders hold Python files but no __init__.py, so they do not ship: {missing}"
 
 
 def test_configs_ship_as_package_data() -> None:
