@@ -14,13 +14,18 @@ back to back in a rotating order (blocks of ~2 ms), and the BGN / BN ratio is th
 per-round ratios. With ``--threads 1`` the clock is the thread's CPU time, which other processes'
 load does not inflate the way it inflates wall time (use it on a shared machine).
 
-Targets (issue 3): training BGN / BN <= 1.10 where G <= C and <= 1.30 where G > C; eval
-<= 1.05; saved bytes <= BN's + O(G + C). Run::
+On CUDA (``--device cuda``) the suite adds ResNet's stage shapes at batch 2, 32 and 128, and every
+case also times BGN on the native-op path (``native``: the fused kernels switched off for that
+layer) beside the default dispatch (Triton kernels; cuDNN's batch norm for ``G = C`` in float32).
+
+Targets (issue 3 on CPU, issue 13 on CUDA): training BGN / BN <= 1.10 where G <= C and <= 1.30
+where G > C; eval <= 1.05; saved bytes <= BN's + O(G + C). Run::
 
     python benchmarks/norm_speed.py                 # full suite, < 5 min on 2 CPU cores
     python benchmarks/norm_speed.py --quick         # ~30 s subset
     python benchmarks/norm_speed.py --threads 1     # one thread, CPU-time clock (shared machines)
     python benchmarks/norm_speed.py --json out.json --check   # exit 1 if a target is missed
+    python benchmarks/norm_speed.py --device cuda --json cuda.json --markdown cuda.md
 """
 
 from __future__ import annotations
@@ -40,10 +45,14 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
+import bgn_lightning.functional as functional
 from bgn_lightning import BatchGroupNorm2d
 
 SUITE = [(2, 64, 56, 56), (8, 256, 14, 14), (32, 64, 56, 56), (128, 64, 32, 32), (4, 512, 7, 7),
          (64, 128, 28, 28)]
+# ResNet-50's stage shapes (C, H, W) at 224 px, at batch 2 (BGN's regime), 32 and 128.
+RESNET_STAGES = ((64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7))
+CUDA_SUITE = list(dict.fromkeys(SUITE + [(n, *chw) for n in (2, 32, 128) for chw in RESNET_STAGES]))
 QUICK_SUITE = [(8, 256, 14, 14), (4, 512, 7, 7), (2, 64, 56, 56)]
 TRAIN_TARGET = {"G<=C": 1.10, "G>C": 1.30}
 EVAL_TARGET = 1.05
@@ -63,6 +72,8 @@ class Row:
     target: float
     gn_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    native_ms: float | None = None  # BGN on the native-op path (CUDA)
+    native_ratio: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -178,11 +189,26 @@ def peak_bytes(step: Callable[[], Any], device: torch.device) -> int:
     return peak
 
 
+class NativeBatchGroupNorm2d(BatchGroupNorm2d):
+    """``BatchGroupNorm2d`` forced onto the native-op path (the fused kernels off for this layer)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The layer's forward with the fused-kernel dispatch returning ``None``."""
+        dispatch = functional._fused_kernels
+        functional._fused_kernels = lambda *args: None
+        try:
+            return super().forward(x)
+        finally:
+            functional._fused_kernels = dispatch
+
+
 def _layers(shape: tuple[int, ...], groups: int, device: torch.device) -> dict[str, nn.Module]:
     c = shape[1]
     layers: dict[str, nn.Module] = {"bn": nn.BatchNorm2d(c), "bgn": BatchGroupNorm2d(c, num_groups=groups)}
     if groups <= c:
         layers["gn"] = nn.GroupNorm(groups, c)
+    if device.type == "cuda":
+        layers["native"] = NativeBatchGroupNorm2d(c, num_groups=groups)
     return {name: layer.to(device) for name, layer in layers.items()}
 
 
@@ -221,14 +247,22 @@ def measure_shape(
                 }
             rows.append(Row(shape, groups, fmt_name, "train", _ms(times["bn"]), _ms(times["bgn"]),
                             _ratio(times, "bgn", "bn"), TRAIN_TARGET[kind],
-                            _ms(times["gn"]) if "gn" in times else None, extra))
+                            _ms(times["gn"]) if "gn" in times else None, extra, *_native(times)))
             x = x.detach()
-            evals = {name: _eval_step(layers[name].eval(), x) for name in ("bn", "bgn")}
+            evals = {name: _eval_step(layers[name].eval(), x) for name in ("bn", "bgn", "native")
+                     if name in layers}
             times = interleaved_times(evals, args.eval_rounds, args.block, args.budget / 2, device,
                                       args.clock_fn)
             rows.append(Row(shape, groups, fmt_name, "eval", _ms(times["bn"]), _ms(times["bgn"]),
-                            _ratio(times, "bgn", "bn"), EVAL_TARGET))
+                            _ratio(times, "bgn", "bn"), EVAL_TARGET, None, {}, *_native(times)))
     return rows
+
+
+def _native(times: dict[str, list[float]]) -> tuple[float | None, float | None]:
+    """Native-path ms and its ratio to BN, where it was timed."""
+    if "native" not in times:
+        return None, None
+    return _ms(times["native"]), _ratio(times, "native", "bn")
 
 
 def memory_ok(row: Row) -> bool:
@@ -239,8 +273,8 @@ def memory_ok(row: Row) -> bool:
 def format_table(rows: list[Row]) -> str:
     """A fixed-width text table of every row."""
     head = (f"{'shape':>16} {'G':>5} {'format':>13} {'mode':>5} {'BN ms':>8} {'GN ms':>8} "
-            f"{'BGN ms':>8} {'BGN/BN':>7} {'target':>6} {'ok':>3} {'saved BN':>9} {'saved BGN':>9} "
-            f"{'peak BN':>9} {'peak BGN':>9}")
+            f"{'BGN ms':>8} {'BGN/BN':>7} {'target':>6} {'ok':>3} {'native/BN':>9} {'saved BN':>9} "
+            f"{'saved BGN':>9} {'peak BN':>9} {'peak BGN':>9}")
     lines = [head, "-" * len(head)]
     mib = 2.0**20
     for r in rows:
@@ -251,20 +285,28 @@ def format_table(rows: list[Row]) -> str:
             mem = (f" {e['saved_bytes_bn'] / mib:8.2f}M {e['saved_bytes_bgn'] / mib:8.2f}M"
                    f" {e['peak_bytes_bn'] / mib:8.2f}M {e['peak_bytes_bgn'] / mib:8.2f}M")
         ok = "yes" if r.ok and (not r.extra or memory_ok(r)) else "NO"
+        native = f"{r.native_ratio:9.2f}" if r.native_ratio is not None else f"{'-':>9}"
         lines.append(f"{'x'.join(map(str, r.shape)):>16} {r.groups:>5} {r.memory_format:>13} {r.mode:>5} "
-                     f"{r.bn_ms:8.3f} {gn} {r.bgn_ms:8.3f} {r.ratio:7.2f} {r.target:6.2f} {ok:>3}{mem}")
+                     f"{r.bn_ms:8.3f} {gn} {r.bgn_ms:8.3f} {r.ratio:7.2f} {r.target:6.2f} {ok:>3} "
+                     f"{native}{mem}")
     return "\n".join(lines)
 
 
 def format_markdown(rows: list[Row]) -> str:
-    """One markdown row per (shape, G): the four BGN / BN ratios and the memory figures."""
+    """One markdown row per (shape, G): the four BGN / BN ratios and the memory figures.
+
+    Where the native path was timed too (CUDA), two more columns: its training ratio to BN
+    (contiguous / channels-last) and GroupNorm's (contiguous).
+    """
     cases: dict[tuple[tuple[int, ...], int], dict[str, Row]] = {}
     for r in rows:
         cases.setdefault((r.shape, r.groups), {})[f"{r.mode} {r.memory_format}"] = r
+    native = any(r.native_ratio is not None for r in rows)
     lines = [
         "| shape (N,C,H,W) | G | BN train ms | BGN/BN train | train, channels-last | BN eval ms "
-        "| BGN/BN eval | eval, channels-last | saved for backward, BGN - BN | peak, BGN / BN |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| BGN/BN eval | eval, channels-last | saved for backward, BGN - BN | peak, BGN / BN |"
+        + (" native/BN train | GN/BN train |" if native else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if native else ""),
     ]
 
     def ratio(row: Row) -> str:
@@ -278,6 +320,8 @@ def format_markdown(rows: list[Row]) -> str:
             f"| {train.bn_ms:.2f} | {ratio(train)} | {ratio(by['train channels_last'])} "
             f"| {eval_.bn_ms:.3f} | {ratio(eval_)} | {ratio(by['eval channels_last'])} "
             f"| {e['saved_extra_bytes']:+d} B | {e['peak_bytes_bgn'] / e['peak_bytes_bn']:.2f} |"
+            + (f" {train.native_ratio:.2f} / {by['train channels_last'].native_ratio:.2f} | "
+               f"{'-' if train.gn_ms is None else f'{train.gn_ms / train.bn_ms:.2f}'} |" if native else "")
         )
     return "\n".join(lines)
 
@@ -301,7 +345,11 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     if hasattr(os, "getloadavg"):
         env["loadavg_1_5_15"] = os.getloadavg()
     if device.type == "cuda":
+        from bgn_lightning._triton import cuda_kernels_available
+
         env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["triton_kernels"] = cuda_kernels_available()
     return env
 
 
@@ -333,7 +381,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.shapes:
         args.suite = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     else:
-        args.suite = QUICK_SUITE if args.quick else SUITE
+        args.suite = QUICK_SUITE if args.quick else CUDA_SUITE if args.device.startswith("cuda") else SUITE
     return args
 
 

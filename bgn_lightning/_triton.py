@@ -75,7 +75,8 @@ def _define_kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Sizes that only bound loops or masks are not specialized on (fewer compiled variants).
+    @triton.jit(do_not_specialize=["N", "SPLIT"])
     def cell_sums(x_ptr, dy_ptr, mean_ptr, part_ptr, N, U, R, S, C, K, CPG, L, D, SPLIT,
                   CL: tl.constexpr, BWD: tl.constexpr, BIG: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -149,7 +150,7 @@ def _define_kernels() -> SimpleNamespace:
         tl.store(part_ptr + out, s1, mask=qmask)
         tl.store(part_ptr + SPLIT * U + out, s2, mask=qmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["G", "SPLIT"])
     def group_stats(x_ptr, part_ptr, stats_ptr, rm_ptr, rv_ptr, G, U, S, C, CPG, L, SPLIT, count,
                     eps, factor, CL: tl.constexpr, UPDATE: tl.constexpr,
                     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -183,7 +184,7 @@ def _define_kernels() -> SimpleNamespace:
             tl.store(rm_ptr + grp, rm.to(tl.float32).to(rm_ptr.dtype.element_ty), mask=gmask)
             tl.store(rv_ptr + grp, rv.to(tl.float32).to(rv_ptr.dtype.element_ty), mask=gmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["G", "SPLIT"])
     def backward_coefficients(part_ptr, stats_ptr, w_ptr, coef_ptr, dw_ptr, db_ptr, G, U, C, K, CPG,
                               SPLIT, count, HAS_W: tl.constexpr, NEED_X: tl.constexpr,
                               NEED_W: tl.constexpr, NEED_B: tl.constexpr,
@@ -235,7 +236,7 @@ def _define_kernels() -> SimpleNamespace:
                 db = tl.sum(gb, axis=1).to(tl.float32)
                 tl.store(db_ptr + ch, db.to(db_ptr.dtype.element_ty), mask=cmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["ROWS"])
     def cell_affine(x_ptr, dy_ptr, out_ptr, p0_ptr, p1_ptr, p2_ptr, w_ptr, b_ptr, ROWS, COLS, U, S, R,
                     K, CPG, eps, CL: tl.constexpr, SEGMENTED: tl.constexpr, MODE: tl.constexpr,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BIG: tl.constexpr,

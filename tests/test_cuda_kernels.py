@@ -415,6 +415,49 @@ def test_interpreter_suite() -> None:
     assert " passed" in done.stdout and " failed" not in done.stdout
 
 
+def _compile_for_hopper(fn, signature: dict[str, str], constexprs: dict[str, object]) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    source = triton.compiler.ASTSource(fn, signature=full, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32))
+
+
+@pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="compiles the JIT kernels: not in the interpreter")
+def test_kernels_compile_for_a_gpu_target_without_a_gpu() -> None:
+    """Triton's compiler and its bundled ptxas build the kernels for sm_90 (H100 / H200) here.
+
+    The interpreter checks the arithmetic, not what only the compiler rejects (types, layouts,
+    float64 on the device); one variant of each kernel catches that on a machine without a GPU.
+    """
+    try:
+        kernels = triton_kernels._define_kernels()
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"this Triton has no ahead-of-time compiler API: {err}")
+    i32 = dict.fromkeys
+    _compile_for_hopper(kernels.cell_sums, {
+        "x_ptr": "*bf16", "dy_ptr": "*bf16", "mean_ptr": "*fp32", "part_ptr": "*fp32",
+        **i32(["N", "U", "R", "S", "C", "K", "CPG", "L", "D", "SPLIT"], "i32")},
+        {"CL": True, "BWD": True, "BIG": False, "BLOCK_Q": 64, "BLOCK_M": 32})
+    _compile_for_hopper(kernels.group_stats, {
+        "x_ptr": "*fp16", "part_ptr": "*fp32", "stats_ptr": "*fp32", "rm_ptr": "*bf16", "rv_ptr": "*bf16",
+        **i32(["G", "U", "S", "C", "CPG", "L", "SPLIT"], "i32"), **i32(["count", "eps", "factor"], "fp32")},
+        {"CL": False, "UPDATE": True, "BLOCK_G": 16, "BLOCK_T": 64})
+    _compile_for_hopper(kernels.backward_coefficients, {
+        "part_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*bf16", "coef_ptr": "*fp32", "dw_ptr": "*bf16",
+        "db_ptr": "*bf16", **i32(["G", "U", "C", "K", "CPG", "SPLIT"], "i32"), "count": "fp32"},
+        {"HAS_W": True, "NEED_X": True, "NEED_W": True, "NEED_B": True, "BLOCK_G": 16, "BLOCK_T": 64,
+         "BLOCK_C": 16, "BLOCK_K": 64})
+    _compile_for_hopper(kernels.cell_affine, {
+        "x_ptr": "*fp32", "dy_ptr": "*fp32", "out_ptr": "*fp32", "p0_ptr": "*fp32", "p1_ptr": "*fp32",
+        "p2_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+        **i32(["ROWS", "COLS", "U", "S", "R", "K", "CPG"], "i32"), "eps": "fp32"},
+        {"CL": True, "SEGMENTED": True, "MODE": 2, "HAS_W": True, "HAS_B": False, "BIG": True,
+         "BLOCK_ROWS": 16, "BLOCK_COLS": 256})
+
+
 # -- GPU only --------------------------------------------------------------------------------------
 
 
