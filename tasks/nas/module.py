@@ -1,0 +1,461 @@
+"""The NAS LightningModules: DARTS' search (manual optimization of weights and alpha), the derived network."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.func import functional_call
+from torch.optim import Optimizer
+
+from tasks.common.data import check_choice
+from tasks.common.metrics import classification_metrics
+from tasks.common.norms import check_norm_args, norm_factory
+
+from .genotype import Genotype, entropy, load_genotype
+from .networks import EvalNetwork, SearchNetwork
+from .ops import DARTS_OPS, OPS
+
+__all__ = ["STAGES", "DartsEvalModule", "DartsSearchModule"]
+
+STAGES = ("search", "eval", "search+eval")
+"""``--stage`` values: search only, retrain a given genotype, or both (the default)."""
+
+ALPHAS_FILE = "search_alphas.jsonl"
+"""Per-epoch softmax(alpha), its entropy and the genotype, one JSON object a line (search's root dir)."""
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[Tensor, Tensor]
+
+
+def _check_ops(ops: Sequence[str] | None) -> tuple[str, ...]:
+    names = tuple(DARTS_OPS if ops is None else ops)
+    for name in names:
+        if name not in OPS:
+            raise ValueError(f"unknown op {name!r}; choose from: {', '.join(OPS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"ops must be distinct, got {list(names)}")
+    if not [n for n in names if n != "none"]:
+        raise ValueError(f"ops must hold an op other than 'none', got {list(names)}")
+    return names
+
+
+def _check_norm_kwargs(norm_kwargs: Mapping[str, Any] | None, flag: str) -> None:
+    if norm_kwargs is not None and "affine" in norm_kwargs:
+        raise ValueError(
+            f"{flag} must not set affine: the search network's cell norms are non-affine and the "
+            f"derived network's affine, as in DARTS"
+        )
+
+
+def _sgd_cosine(
+    params: Any, lr: float, lr_min: float, momentum: float, weight_decay: float, epochs: int
+) -> tuple[Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs), eta_min=lr_min)
+
+
+class DartsSearchModule(pl.LightningModule):
+    """DARTS' architecture search on a supernet whose every norm is the registry norm ``norm``.
+
+    Each training batch is ``{"weights": (x, y), "arch": (x, y)}`` (:class:`NasDataModule`):
+
+    1. alpha step: Adam (``arch_lr``, betas ``arch_betas``, ``arch_weight_decay``) on the arch
+       half's loss, first order (the current weights) or, with ``unrolled``, DARTS' second
+       order (the loss after one virtual SGD step of the weights, its Hessian-vector product by
+       finite differences);
+    2. weight step: SGD with momentum on the weight half, gradient norm clipped to ``grad_clip``,
+       cosine-annealed from ``lr`` to ``lr_min`` over the search's epochs.
+
+    Each optimizer only holds (and, through ``toggled_optimizer``, only computes gradients for)
+    its own parameters. Logged: ``train/loss``, ``train/acc``, ``train/arch_loss``, the
+    supernet's ``val/search_acc`` and ``test/search_acc`` (and ``*_loss``, ``*_acc_top5``) and,
+    per epoch, ``alpha/entropy_{normal,reduce}`` (mean entropy of softmax(alpha) per edge, nats),
+    ``alpha/{normal,reduce}/<op>`` (its mean weight over edges), the genotype (log line) and all
+    of it in ``<default_root_dir>/search_alphas.jsonl``.
+
+    The ``eval_*`` arguments configure the derived network that the task's run hook retrains
+    (:meth:`eval_module`); ``stage`` and ``genotype`` choose what the hook does.
+
+    Args:
+        norm: registry norm of the search (non-affine in cells, affine in the stem).
+        groups: ``num_groups`` of the search's norms.
+        norm_kwargs: extra arguments of every norm (not ``affine``: the space decides it).
+        eval_norm: registry norm of the derived network (``None``: ``norm``).
+        eval_groups: its ``num_groups`` (``None``: ``groups``).
+        eval_norm_kwargs: its extra arguments (``None``: ``norm_kwargs``).
+        num_classes: classifier outputs (linked from the DataModule).
+        in_channels: image channels (linked from the DataModule).
+        ops: the op set, the columns of alpha (``None``: DARTS' eight).
+        channels: initial channels of the supernet.
+        cells: supernet cells (two reduce).
+        nodes: intermediate nodes per cell.
+        stem_multiplier: the stem outputs ``stem_multiplier * channels``.
+        lr: initial weight learning rate.
+        lr_min: final weight learning rate (cosine).
+        momentum: SGD momentum.
+        weight_decay: weight decay of the weights.
+        arch_lr: Adam learning rate of alpha.
+        arch_betas: Adam betas of alpha.
+        arch_weight_decay: weight decay of alpha.
+        grad_clip: gradient-norm clip of the weight step.
+        unrolled: second-order (unrolled) alpha gradient instead of first order.
+        stage: ``search``, ``eval`` or ``search+eval``.
+        genotype: a ``genotype.json`` (or a ``results.json`` holding one) to retrain with
+            ``stage=eval``.
+        eval_channels: initial channels of the derived network.
+        eval_cells: cells of the derived network.
+        eval_epochs: epochs of retraining (``None``: the trainer's ``max_epochs``).
+        eval_lr: initial learning rate of retraining.
+        eval_lr_min: final learning rate of retraining (cosine).
+        eval_weight_decay: weight decay of retraining.
+        drop_path_prob: final drop-path probability of retraining (ramped up linearly).
+
+    Raises:
+        ValueError: for an unknown op or stage, a bad norm argument, a genotype file that is
+            malformed, names ops outside ``ops`` or has more nodes than ``nodes``, or a genotype
+            given for a stage that derives its own.
+    """
+
+    def __init__(
+        self,
+        norm: str = "bgn",
+        groups: int | str = "auto",
+        norm_kwargs: dict[str, Any] | None = None,
+        eval_norm: str | None = None,
+        eval_groups: int | str | None = None,
+        eval_norm_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        ops: list[str] | None = None,
+        channels: int = 16,
+        cells: int = 8,
+        nodes: int = 4,
+        stem_multiplier: int = 3,
+        lr: float = 0.025,
+        lr_min: float = 0.001,
+        momentum: float = 0.9,
+        weight_decay: float = 3e-4,
+        arch_lr: float = 3e-4,
+        arch_betas: tuple[float, float] = (0.5, 0.999),
+        arch_weight_decay: float = 1e-3,
+        grad_clip: float = 5.0,
+        unrolled: bool = False,
+        stage: str = "search+eval",
+        genotype: str | None = None,
+        eval_channels: int = 36,
+        eval_cells: int = 20,
+        eval_epochs: int | None = None,
+        eval_lr: float = 0.025,
+        eval_lr_min: float = 0.0,
+        eval_weight_decay: float = 3e-4,
+        drop_path_prob: float = 0.2,
+    ) -> None:
+        super().__init__()
+        check_choice("stage", stage, STAGES)
+        self.space_ops = _check_ops(ops)
+        _check_norm_kwargs(norm_kwargs, "norm_kwargs")
+        _check_norm_kwargs(eval_norm_kwargs, "eval_norm_kwargs")
+        norm_layer = norm_factory(norm, groups, norm_kwargs)
+        check_norm_args(
+            eval_norm or norm,
+            groups if eval_groups is None else eval_groups,
+            norm_kwargs if eval_norm_kwargs is None else eval_norm_kwargs,
+        )
+        if eval_epochs is not None and eval_epochs < 1:
+            raise ValueError(f"eval_epochs must be a positive int or None, got {eval_epochs!r}")
+        if not 0.0 <= drop_path_prob < 1.0:
+            raise ValueError(f"drop_path_prob must be in [0, 1), got {drop_path_prob!r}")
+        if grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0, got {grad_clip!r}")
+        self.given_genotype: Genotype | None = None
+        if stage == "eval":
+            if genotype is None:
+                raise ValueError("stage 'eval' retrains a given genotype: pass --genotype FILE")
+            self.given_genotype = load_genotype(genotype, self.space_ops, max_nodes=nodes)
+        elif genotype is not None:
+            raise ValueError(
+                f"--genotype {genotype} is only read by --stage eval; stage {stage!r} derives its own"
+            )
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.net = SearchNetwork(
+            num_classes, in_channels, channels, cells, nodes, self.space_ops, norm_layer, stem_multiplier
+        )
+        self.train_metrics = classification_metrics(num_classes, "train/")
+        self.val_metrics = classification_metrics(num_classes, "val/search_")
+        self.test_metrics = classification_metrics(num_classes, "test/search_")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Supernet logits."""
+        return self.net(x)
+
+    def genotype(self) -> Genotype:
+        """The genotype derived from the current alpha (top-2 non-``none`` inputs per node)."""
+        return self.net.genotype()
+
+    def eval_module(self, genotype: Genotype) -> DartsEvalModule:
+        """The derived network of ``genotype`` with this module's ``eval_*`` settings, to retrain."""
+        hp = self.hparams
+        return DartsEvalModule(
+            genotype=genotype.to_dict(),
+            ops=list(self.space_ops),
+            norm=hp.eval_norm or hp.norm,
+            groups=hp.groups if hp.eval_groups is None else hp.eval_groups,
+            norm_kwargs=hp.norm_kwargs if hp.eval_norm_kwargs is None else hp.eval_norm_kwargs,
+            num_classes=hp.num_classes,
+            in_channels=hp.in_channels,
+            channels=hp.eval_channels,
+            cells=hp.eval_cells,
+            stem_multiplier=hp.stem_multiplier,
+            lr=hp.eval_lr,
+            lr_min=hp.eval_lr_min,
+            momentum=hp.momentum,
+            weight_decay=hp.eval_weight_decay,
+            grad_clip=hp.grad_clip,
+            drop_path_prob=hp.drop_path_prob,
+            search_norm=hp.norm,
+        )
+
+    # -- the two optimizers ---------------------------------------------------------------------
+    def configure_optimizers(self) -> tuple[list[Optimizer], list[Any]]:
+        """``[SGD(weights), Adam(alpha)]`` and the weights' cosine schedule (stepped per epoch)."""
+        hp = self.hparams
+        weights, scheduler = _sgd_cosine(
+            self.net.weight_parameters(), hp.lr, hp.lr_min, hp.momentum, hp.weight_decay,
+            self.trainer.max_epochs or 1,
+        )  # fmt: skip
+        arch = torch.optim.Adam(
+            self.net.arch_parameters(),
+            lr=hp.arch_lr,
+            betas=tuple(hp.arch_betas),
+            weight_decay=hp.arch_weight_decay,
+        )
+        return [weights, arch], [scheduler]
+
+    def training_step(self, batch: Mapping[str, Batch], batch_idx: int) -> None:
+        """One alpha step on the arch half, then one weight step on the weight half."""
+        weight_opt, arch_opt = self.optimizers()  # type: ignore[misc]
+        (xw, yw), (xa, ya) = batch["weights"], batch["arch"]
+        if self.hparams.unrolled:
+            arch_opt.zero_grad()
+            arch_loss = self._unrolled_arch_grads(xw, yw, xa, ya, weight_opt.param_groups[0]["lr"])
+            arch_opt.step()
+        else:
+            with self.toggled_optimizer(arch_opt):
+                arch_opt.zero_grad()
+                arch_loss = F.cross_entropy(self.net(xa), ya)
+                self.manual_backward(arch_loss)
+                arch_opt.step()
+        with self.toggled_optimizer(weight_opt):
+            weight_opt.zero_grad()
+            logits = self.net(xw)
+            loss = F.cross_entropy(logits, yw)
+            self.manual_backward(loss)
+            self.clip_gradients(
+                weight_opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
+            )
+            weight_opt.step()
+        self.train_metrics.update(logits.detach(), yw)
+        n = len(yw)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/arch_loss", arch_loss.detach(), on_step=False, on_epoch=True, batch_size=len(ya))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=n)
+
+    def _unrolled_arch_grads(self, xw: Tensor, yw: Tensor, xa: Tensor, ya: Tensor, eta: float) -> Tensor:
+        """Set alpha's ``.grad`` to DARTS' second-order gradient; returns the unrolled arch loss.
+
+        ``w' = w - eta (grad_w L_w(w, alpha) + weight_decay w)``; then
+        ``grad = grad_a L_a(w', alpha) - eta (grad_a L_w(w+, alpha) - grad_a L_w(w-, alpha)) / 2r``
+        with ``w+- = w +- r grad_w' L_a(w', alpha)`` and ``r = 0.01 / |grad_w' L_a|`` (DARTS'
+        finite-difference Hessian-vector product; its momentum term is left out).
+        """
+        net, wd = self.net, self.hparams.weight_decay
+        arch = net.arch_parameters()
+        arch_ids = {id(a) for a in arch}
+        params = {n: p for n, p in net.named_parameters() if id(p) not in arch_ids}
+        loss_w = F.cross_entropy(net(xw), yw)
+        grads = torch.autograd.grad(loss_w, list(params.values()))
+        unrolled = {
+            n: (p - eta * (g + wd * p)).detach().requires_grad_()
+            for (n, p), g in zip(params.items(), grads, strict=True)
+        }
+        arch_loss = F.cross_entropy(functional_call(net, unrolled, (xa,)), ya)
+        d_arch = torch.autograd.grad(arch_loss, arch, retain_graph=True)
+        d_w = torch.autograd.grad(arch_loss, list(unrolled.values()))
+        r = 1e-2 / torch.cat([v.flatten() for v in d_w]).norm().clamp_min(1e-12)
+
+        def arch_grad(sign: float) -> tuple[Tensor, ...]:
+            shifted = {n: p.detach() + sign * r * v for (n, p), v in zip(params.items(), d_w, strict=True)}
+            return torch.autograd.grad(F.cross_entropy(functional_call(net, shifted, (xw,)), yw), arch)
+
+        plus, minus = arch_grad(1.0), arch_grad(-1.0)
+        for a, g, gp, gm in zip(arch, d_arch, plus, minus, strict=True):
+            a.grad = g - eta * (gp - gm) / (2 * r)
+        return arch_loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        """Step the weights' schedule; log softmax(alpha), its entropy and the genotype."""
+        self.lr_schedulers().step()  # type: ignore[union-attr]
+        weights = {k: w.detach().cpu() for k, w in self.net.arch_weights().items()}
+        for kind, w in weights.items():
+            self.log(f"alpha/entropy_{kind}", entropy(w))
+            for op, mean in zip(self.space_ops, w.mean(dim=0).tolist(), strict=True):
+                self.log(f"alpha/{kind}/{op}", mean)
+        genotype = self.genotype()
+        rank_zero_info(f"nas search epoch {self.current_epoch}: {genotype}")
+        if self.trainer.is_global_zero:
+            record = {
+                "epoch": self.current_epoch,
+                "genotype": genotype.to_dict(),
+                "entropy": {k: float(entropy(w)) for k, w in weights.items()},
+                "ops": list(self.space_ops),
+                "softmax": {
+                    k: [[round(v, 5) for v in row] for row in w.tolist()] for k, w in weights.items()
+                },
+            }
+            path = Path(self.trainer.default_root_dir) / ALPHAS_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- evaluation of the supernet -------------------------------------------------------------
+    def _eval_step(self, batch: Batch, stage: str) -> None:
+        x, y = batch
+        logits = self.net(x)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits, y)
+        self.log(f"{stage}/search_loss", F.cross_entropy(logits, y), batch_size=len(y))
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(y))
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Supernet loss and accuracy on one validation batch."""
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Supernet loss and accuracy on one test batch."""
+        self._eval_step(batch, "test")
+
+
+class DartsEvalModule(pl.LightningModule):
+    """The derived network of a genotype, retrained from scratch with affine registry norms.
+
+    SGD with momentum, cosine from ``lr`` to ``lr_min`` over the trainer's epochs, gradient norm
+    clipped to ``grad_clip``, drop path ramped linearly to ``drop_path_prob`` (DARTS' CIFAR
+    protocol, without its auxiliary head and cutout). Logs ``train/loss``, ``train/acc``,
+    ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``, ``test/acc_top5``.
+
+    Args:
+        genotype: the genotype's JSON form (:meth:`Genotype.to_dict`).
+        ops: the space's ops (the genotype may only use these).
+        norm: registry norm of every norm layer (affine).
+        groups: their ``num_groups``.
+        norm_kwargs: their extra arguments (not ``affine``).
+        num_classes: classifier outputs.
+        in_channels: image channels.
+        channels: initial channels.
+        cells: cells (two reduce).
+        stem_multiplier: the stem outputs ``stem_multiplier * channels``.
+        lr: initial learning rate.
+        lr_min: final learning rate.
+        momentum: SGD momentum.
+        weight_decay: weight decay.
+        grad_clip: gradient-norm clip.
+        drop_path_prob: final drop-path probability.
+        search_norm: the norm the genotype was searched with (recorded only).
+
+    Raises:
+        ValueError: for a genotype outside ``ops`` or a bad norm argument.
+    """
+
+    def __init__(
+        self,
+        genotype: dict[str, Any],
+        ops: list[str] | None = None,
+        norm: str = "bgn",
+        groups: int | str = "auto",
+        norm_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        channels: int = 36,
+        cells: int = 20,
+        stem_multiplier: int = 3,
+        lr: float = 0.025,
+        lr_min: float = 0.0,
+        momentum: float = 0.9,
+        weight_decay: float = 3e-4,
+        grad_clip: float = 5.0,
+        drop_path_prob: float = 0.2,
+        search_norm: str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_norm_kwargs(norm_kwargs, "norm_kwargs")
+        norm_layer = norm_factory(norm, groups, norm_kwargs)
+        self.genotype = Genotype.from_dict(genotype, _check_ops(ops))
+        self.save_hyperparameters()
+        self.net = EvalNetwork(
+            self.genotype, num_classes, in_channels, channels, cells, norm_layer, stem_multiplier
+        )
+        self.train_metrics = classification_metrics(num_classes, "train/")
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits."""
+        return self.net(x)
+
+    def _step(self, batch: Batch, stage: str) -> Tensor:
+        x, y = batch
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), y)
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not train, batch_size=len(y))
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        """Drop path at ``drop_path_prob * epoch / max_epochs`` (DARTS' ramp)."""
+        epochs = max(1, self.trainer.max_epochs or 1)
+        self.net.drop_prob = self.hparams.drop_path_prob * self.current_epoch / epochs
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        """Cross-entropy on one batch."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Loss and accuracy on one validation batch."""
+        self._step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        """Loss and accuracy on one test batch."""
+        self._step(batch, "test")
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the gradient norm to ``grad_clip`` (DARTS), whatever the trainer's clipping setting."""
+        self.clip_gradients(
+            optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """SGD with momentum and a per-epoch cosine schedule."""
+        hp = self.hparams
+        optimizer, scheduler = _sgd_cosine(
+            self.parameters(), hp.lr, hp.lr_min, hp.momentum, hp.weight_decay, self.trainer.max_epochs or 1
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,150 @@
+"""The NAS run: search -> derive -> retrain (the task's ``run`` hook), its extra outputs and sweep output."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tasks.common.contract import TaskRun
+from tasks.common.data import TaskConfigError
+
+from .datamodule import NasDataModule
+from .genotype import Genotype
+from .module import DartsEvalModule, DartsSearchModule
+from .plot import draw_genotype
+
+__all__ = ["GENOTYPE_FILE", "GENOTYPE_PNG", "genotype_agreement", "nas_extra_results", "run_nas"]
+
+GENOTYPE_FILE = "genotype.json"
+GENOTYPE_PNG = "genotype.png"
+AGREEMENT_FILE = "genotype_agreement.md"
+
+
+def run_nas(run: TaskRun) -> None:
+    """``--stage search``: fit + test the supernet; ``eval``: retrain ``--genotype``; ``search+eval``: both.
+
+    The derived network trains with ``run.make_trainer("eval")`` (logs and checkpoints under
+    ``<output>/eval``) for ``model.eval_epochs`` epochs (default: the trainer's), on plain batches
+    of the whole training split. ``run.metrics`` gets the supernet's ``test/search_*`` and the
+    derived network's ``test/*``.
+
+    Raises:
+        TaskConfigError: when the CLI's model or data are not the NAS task's.
+    """
+    search, data = run.model, run.datamodule
+    if not isinstance(search, DartsSearchModule) or not isinstance(data, NasDataModule):
+        raise TaskConfigError("nas: the model must be a DartsSearchModule and the data a NasDataModule")
+    stage = search.hparams.stage
+    metrics: dict[str, float] = {}
+    if stage == "eval":
+        genotype = search.given_genotype
+        assert genotype is not None  # checked at init
+    else:
+        data.paired = True
+        metrics.update(run.fit_and_test(search, run.trainer))
+        genotype = search.genotype()
+    if stage != "search":
+        data.paired = False
+        model = search.eval_module(genotype)
+        trainer = run.make_trainer("eval")
+        if search.hparams.eval_epochs is not None:
+            trainer.fit_loop.max_epochs = search.hparams.eval_epochs
+        metrics.update(run.fit_and_test(model, trainer))
+    run.metrics = metrics
+
+
+def _final_genotype(run: TaskRun) -> Genotype:
+    model = run.model
+    return model.genotype if isinstance(model, DartsEvalModule) else model.genotype()
+
+
+def nas_extra_results(run: TaskRun) -> dict[str, Any]:
+    """Write ``genotype.json`` and ``genotype.png`` beside ``results.json``; the extra record fields.
+
+    Fields: ``genotype`` (its JSON form), ``stage``, ``search_norm`` (``model.norm``; ``null`` for
+    ``--stage eval``, which searched nothing), ``eval_norm`` (the derived network's norm; ``null``
+    for ``--stage search``).
+    """
+    model_cfg = run.config.get("model") or {}
+    stage = model_cfg.get("stage", "search+eval")
+    genotype = _final_genotype(run)
+    if run.trainer.is_global_zero:
+        run.output.mkdir(parents=True, exist_ok=True)
+        (run.output / GENOTYPE_FILE).write_text(json.dumps(genotype.to_dict(), indent=2) + "\n")
+        eval_norm = model_cfg.get("eval_norm") or model_cfg.get("norm")
+        title = f"search {model_cfg.get('norm')}" if stage != "eval" else f"given, retrained with {eval_norm}"
+        draw_genotype(genotype, run.output / GENOTYPE_PNG, title=title)
+    return {
+        "genotype": genotype.to_dict(),
+        "stage": stage,
+        "search_norm": model_cfg.get("norm") if stage != "eval" else None,
+        "eval_norm": (model_cfg.get("eval_norm") or model_cfg.get("norm")) if stage != "search" else None,
+    }
+
+
+def _edges(genotype: dict[str, Any]) -> dict[str, set[tuple[int, int, str]]]:
+    """``{cell: {(node, input, op)}}`` of a genotype's JSON form."""
+    return {
+        cell: {(k // 2, j, op) for k, (op, j) in enumerate(genotype[cell])} for cell in ("normal", "reduce")
+    }
+
+
+def agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """How alike two genotypes are, per cell and over both: shares of their ``2 * nodes`` edges.
+
+    ``same_op``: the edge (node, input) is in both with the same op; ``same_edge``: the edge is in
+    both, whatever its op.
+    """
+    ea, eb = _edges(a), _edges(b)
+    out: dict[str, float] = {}
+    total = same_op = same_edge = 0
+    for cell in ("normal", "reduce"):
+        n = max(len(ea[cell]), len(eb[cell]))
+        op = len(ea[cell] & eb[cell])
+        edge = len({e[:2] for e in ea[cell]} & {e[:2] for e in eb[cell]})
+        out[f"{cell}_same_op"], out[f"{cell}_same_edge"] = op / n, edge / n
+        total, same_op, same_edge = total + n, same_op + op, same_edge + edge
+    out["same_op"], out["same_edge"] = same_op / total, same_edge / total
+    return out
+
+
+def genotype_agreement(rows: list[tuple[str, dict[str, Any]]], output: Path) -> list[Path]:
+    """Sweep output: ``genotype_agreement.md``, how often searches of different rows pick the same ops.
+
+    For every pair of rows (e.g. ``bn`` vs ``bgn``) and every (batch size, seed) both ran, the
+    shares of edges that agree (same input and op; same input), and their mean over seeds.
+    """
+    genotypes: dict[str, dict[tuple[Any, Any], dict[str, Any]]] = defaultdict(dict)
+    for label, record in rows:
+        if record.get("genotype") and record.get("stage") != "eval":
+            genotypes[label][(record.get("batch_size"), record.get("seed"))] = record["genotype"]
+    labels = sorted(genotypes)
+    lines = [
+        "# Genotype agreement between searches",
+        "",
+        "Share of the derived cells' edges (2 per node, normal and reduce cells) that two searches with the",
+        "same batch size and seed pick alike: `same op` = same input node and op, `same edge` = same input.",
+        "",
+        "| rows | batch size | seed | same op (normal) | same op (reduce) | same op | same edge |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, a in enumerate(labels):
+        for b in labels[i + 1 :]:
+            keys = sorted(set(genotypes[a]) & set(genotypes[b]), key=str)
+            scores = [agreement(genotypes[a][k], genotypes[b][k]) for k in keys]
+            for (bs, seed), s in zip(keys, scores, strict=True):
+                lines.append(
+                    f"| {a} vs {b} | {bs} | {seed} | {s['normal_same_op']:.0%} | {s['reduce_same_op']:.0%} "
+                    f"| {s['same_op']:.0%} | {s['same_edge']:.0%} |"
+                )
+            if scores:
+                mean = {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+                lines.append(
+                    f"| **{a} vs {b}** | all | mean of {len(scores)} | {mean['normal_same_op']:.0%} "
+                    f"| {mean['reduce_same_op']:.0%} | {mean['same_op']:.0%} | {mean['same_edge']:.0%} |"
+                )
+    path = output / AGREEMENT_FILE
+    path.write_text("\n".join(lines) + "\n")
+    return [path]
