@@ -506,6 +506,19 @@ def test_cuda_layer_matches_native_path_at_resnet_shapes(monkeypatch: pytest.Mon
 
 
 @gpu_test
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_output_rounds_to_nearest_even(kernels, dtype: torch.dtype) -> None:
+    """As torch rounds float32 to bfloat16 / float16 (Triton's interpreter truncates bfloat16)."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(4, 8, 5, 5, generator=gen) * 3).cuda()
+    w, b = torch.randn(8, generator=gen).cuda(), torch.randn(8, generator=gen).cuda()
+    mean, var = torch.randn(4, generator=gen).cuda(), (torch.rand(4, generator=gen) + 0.5).cuda()
+    got = kernels.eval(x.to(dtype), w, b, 4, EPS, mean, var)
+    want = kernels.eval(x.to(dtype).float(), w, b, 4, EPS, mean, var).to(dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@gpu_test
 def test_torch_compile_on_cuda_matches_eager() -> None:
     torch.manual_seed(3)
     layer = BatchGroupNorm2d(8, num_groups=2).cuda()
