@@ -288,7 +288,7 @@ class VisionDataModule(TaskDataModule):
         return first_side if first_side < 64 else 224
 
     # -- transforms ------------------------------------------------------------------------------
-    def _transforms(self, train: bool) -> v2.Compose:
+    def _transforms(self, train: bool) -> v2.Transform:
         size = self.image_size
         to_tensor = [] if self.dataset == "digits" else [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
         small = self.dataset != "imagefolder" or size < 64
@@ -303,7 +303,9 @@ class VisionDataModule(TaskDataModule):
         else:
             geometry = [v2.Resize(round(size * IMAGENET_RESIZE_RATIO), antialias=True), v2.CenterCrop(size)]
         normalize = [v2.Normalize(self.spec.mean, self.spec.std)] if self.normalize else []
-        return v2.Compose([*to_tensor, *geometry, *normalize])
+        steps = [*to_tensor, *geometry, *normalize]
+        # digits' evaluation pipeline without normalisation has no step (Compose refuses an empty list)
+        return v2.Compose(steps) if steps else v2.Identity()
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def prepare_data(self) -> None:
