@@ -39,7 +39,7 @@ def _norm(norm_layer: NormLayer, num_features: int, affine: bool) -> nn.Module:
 
 
 class ReLUConvBN(nn.Sequential):
-    """ReLU, convolution, norm: DARTS' cell preprocessing (1x1) and NAS-style conv op.
+    """ReLU, convolution, norm: DARTS' cell preprocessing (1x1), also when an op changes channels.
 
     Args:
         C_in: input channels.
@@ -196,10 +196,8 @@ OPS: dict[str, OpBuilder] = {
     "sep_conv_5x5": lambda C_in, C_out, stride, affine, nl: SepConv(C_in, C_out, 5, stride, 2, affine, nl),
     "dil_conv_3x3": lambda C_in, C_out, stride, affine, nl: DilConv(C_in, C_out, 3, stride, 2, 2, affine, nl),
     "dil_conv_5x5": lambda C_in, C_out, stride, affine, nl: DilConv(C_in, C_out, 5, stride, 4, 2, affine, nl),
-    "nor_conv_1x1": lambda C_in, C_out, stride, affine, nl: ReLUConvBN(C_in, C_out, 1, stride, 0, affine, nl),
-    "nor_conv_3x3": lambda C_in, C_out, stride, affine, nl: ReLUConvBN(C_in, C_out, 3, stride, 1, affine, nl),
 }
-"""Every op of the spaces (DARTS' eight; NAS-Bench-201 adds ``nor_conv_1x1/3x3``)."""
+"""DARTS' eight ops by name."""
 
 DARTS_OPS: tuple[str, ...] = (
     "none",
