@@ -92,6 +92,7 @@ def test_modes_are_restored_when_the_attack_raises() -> None:
     assert all(m.training for m in model.modules())
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_training_step_attacks_with_the_norm_layers_in_eval_mode_without_touching_statistics() -> None:
     model = AdversarialModule(norm="bgn", attack_norm_mode="eval", train_steps=3)
     model.train()
