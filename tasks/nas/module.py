@@ -115,6 +115,7 @@ class DartsSearchModule(pl.LightningModule):
         eval_channels: initial channels of the derived network.
         eval_cells: cells of the derived network.
         eval_epochs: epochs of retraining (``None``: the trainer's ``max_epochs``).
+        eval_batch_size: batch size of retraining (``None``: the DataModule's ``batch_size``).
         eval_lr: initial learning rate of retraining.
         eval_lr_min: final learning rate of retraining (cosine).
         eval_weight_decay: weight decay of retraining.
@@ -155,6 +156,7 @@ class DartsSearchModule(pl.LightningModule):
         eval_channels: int = 36,
         eval_cells: int = 20,
         eval_epochs: int | None = None,
+        eval_batch_size: int | None = None,
         eval_lr: float = 0.025,
         eval_lr_min: float = 0.0,
         eval_weight_decay: float = 3e-4,
@@ -171,8 +173,9 @@ class DartsSearchModule(pl.LightningModule):
             groups if eval_groups is None else eval_groups,
             norm_kwargs if eval_norm_kwargs is None else eval_norm_kwargs,
         )
-        if eval_epochs is not None and eval_epochs < 1:
-            raise ValueError(f"eval_epochs must be a positive int or None, got {eval_epochs!r}")
+        for name, value in (("eval_epochs", eval_epochs), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if not 0.0 <= drop_path_prob < 1.0:
             raise ValueError(f"drop_path_prob must be in [0, 1), got {drop_path_prob!r}")
         if grad_clip <= 0:

@@ -27,8 +27,8 @@ def run_nas(run: TaskRun) -> None:
 
     The derived network trains with ``run.make_trainer("eval")`` (logs and checkpoints under
     ``<output>/eval``) for ``model.eval_epochs`` epochs (default: the trainer's), on plain batches
-    of the whole training split. ``run.metrics`` gets the supernet's ``test/search_*`` and the
-    derived network's ``test/*``.
+    of ``model.eval_batch_size`` (default: ``data.batch_size``) from the whole training split.
+    ``run.metrics`` gets the supernet's ``test/search_*`` and the derived network's ``test/*``.
 
     Raises:
         TaskConfigError: when the CLI's model or data are not the NAS task's.
@@ -47,6 +47,8 @@ def run_nas(run: TaskRun) -> None:
         genotype = search.genotype()
     if stage != "search":
         data.paired = False
+        if search.hparams.eval_batch_size is not None:
+            data.batch_size = search.hparams.eval_batch_size
         model = search.eval_module(genotype)
         trainer = run.make_trainer("eval")
         if search.hparams.eval_epochs is not None:
