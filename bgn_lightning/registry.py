@@ -5,7 +5,7 @@ name   2-D layer                                   notes
 ====== =========================================== ==============================================
 bn     ``nn.BatchNorm2d``
 bgn    :class:`BatchGroupNorm2d`                   ``num_groups`` int or ``"auto"`` (default)
-gn     ``nn.GroupNorm``                            32 groups by default, reduced to a divisor of C
+gn     ``nn.GroupNorm``                            ``"auto"``: 32 groups reduced to a divisor of C
 ln     ``nn.GroupNorm(1, C)``                      LayerNorm over (C, *S), per-channel affine
 in     ``nn.InstanceNorm2d(affine=True)``
 pn     :class:`PositionalNorm`                     normalize over C at each position
@@ -19,6 +19,7 @@ from a registry name through :func:`build_norm` or :func:`norm_layer`.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -57,8 +58,12 @@ def register_norm(
     """Decorator registering ``factory(num_features, dim, **kwargs) -> nn.Module`` as ``name``.
 
     A decorated ``nn.Module`` subclass is called as ``cls(num_features, **kwargs)`` (``dim`` is
-    dropped). Which modules :func:`is_norm_layer` recognises is decided by class, never by what a
-    factory happens to return:
+    dropped). A factory that takes neither ``num_groups`` nor ``**kwargs`` still works in sweeps:
+    ``num_groups="auto"`` and ``track_running_stats`` are dropped for it (an explicit int
+    ``num_groups`` is a ``ValueError``), as for the registry's norms without groups.
+
+    Which modules :func:`is_norm_layer` recognises is decided by class, never by what a factory
+    happens to return:
 
     * the registry's own layers and torch's norm layers are always recognised;
     * a decorated class is recognised from then on (and so are its subclasses);
@@ -108,13 +113,49 @@ def register_norm(
         if isinstance(factory, type) and issubclass(factory, nn.Module):
             cls = factory
             _NORM_TYPES.add(cls)
-            _REGISTRY[name] = lambda num_features, dim, **kw: cls(num_features, **kw)
+            _REGISTRY[name] = _shared_args_adapter(
+                name, cls, lambda num_features, dim, **kw: cls(num_features, **kw)
+            )
         else:
-            _REGISTRY[name] = factory
+            _REGISTRY[name] = _shared_args_adapter(name, factory, factory)
         _NORM_TYPES.update(types)
         return factory
 
     return decorator
+
+
+_SHARED_ARGS = ("num_groups", "track_running_stats")
+
+
+def _shared_args_adapter(name: str, declared: Callable[..., Any], call: NormFactory) -> NormFactory:
+    """Let a user's factory ignore the arguments sweeps pass to every norm, if it does not take them.
+
+    Every registry norm accepts ``num_groups="auto"`` and ``track_running_stats`` (see
+    :func:`build_norm`); a user's ``MyNorm(num_features, eps)`` does not. For a factory without
+    ``**kwargs``, ``num_groups`` of ``"auto"``/``None`` and any ``track_running_stats`` are dropped
+    when it has no such parameter; an explicit int ``num_groups`` is an error naming the norm.
+    """
+    try:
+        params = inspect.signature(declared).parameters
+    except (TypeError, ValueError):  # no introspectable signature: pass everything through
+        return call
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return call
+    missing = [arg for arg in _SHARED_ARGS if arg not in params]
+    if not missing:
+        return call
+
+    @functools.wraps(call)
+    def adapted(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
+        if "num_groups" in missing and kwargs.get("num_groups", "auto") not in ("auto", None):
+            raise ValueError(
+                f"{name}: has no num_groups to set (got num_groups={kwargs['num_groups']!r}); use bgn or gn"
+            )
+        for arg in missing:
+            kwargs.pop(arg, None)
+        return call(num_features, dim, **kwargs)
+
+    return adapted
 
 
 def available_norms() -> list[str]:
@@ -213,14 +254,23 @@ def _bgn(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
 
 
 @register_norm("gn")
-def _gn(num_features: int, dim: int, num_groups: int | str = 32, **kwargs: Any) -> nn.Module:
-    """GroupNorm with ``num_groups`` (default 32) reduced to the largest divisor of C."""
+def _gn(num_features: int, dim: int, num_groups: int | str = "auto", **kwargs: Any) -> nn.Module:
+    """GroupNorm: ``"auto"`` is the GN paper's 32 groups, reduced to the largest divisor of C.
+
+    An explicit ``num_groups`` is used as given, so it must divide C (it is never changed silently).
+    """
     _drop_running_stats(kwargs)
     if num_groups == "auto":
-        num_groups = 32
+        return nn.GroupNorm(_largest_divisor_at_most(num_features, 32), num_features, **kwargs)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"gn: num_groups must be a positive int or 'auto', got {num_groups!r}")
-    return nn.GroupNorm(_largest_divisor_at_most(num_features, num_groups), num_features, **kwargs)
+    if num_features % num_groups:
+        divisors = [d for d in range(1, num_features + 1) if num_features % d == 0]
+        raise ValueError(
+            f"gn: num_groups={num_groups} must divide the layer's C={num_features}; "
+            f"valid: {', '.join(map(str, divisors))}, or 'auto'"
+        )
+    return nn.GroupNorm(num_groups, num_features, **kwargs)
 
 
 @register_norm("ln")

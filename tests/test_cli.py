@@ -136,3 +136,83 @@ def test_default_output_directory_names_the_run(tmp_path: Path, monkeypatch) -> 
     assert main(["classification", "--norm", "pn", "--batch-size", "4", *QUICK]) == 0
     (run,) = (tmp_path / "outputs" / "classification").iterdir()
     assert run.name.endswith("-pn-bs4-seed0") and (run / "results.json").is_file()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("model:\n  norm: bgn\n  lr: [0.1\n", "bad.yaml:4:1: invalid YAML: expected ',' or ']'"),
+    ("model:\n  nrom: bgn\n", "Group 'model' does not accept option 'nrom' ('bgn-task classification"),
+    ("model:\n  lr: fast\n", 'Parser key "model.lr": Expected a <class \'float\'>. Got value: fast'),
+    (None, "no such file"),
+])  # fmt: skip
+def test_config_errors_are_one_line_naming_the_file(tmp_path, capsys, content, message) -> None:
+    config = tmp_path / "bad.yaml"
+    if content is not None:
+        config.write_text(content)
+    assert main(["classification", "--config", str(config), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert "usage:" not in err[0] and "<unicode string>" not in err[0]
+
+
+def test_groups_that_do_not_fit_a_layer_are_one_line_before_any_step(tmp_path, capsys) -> None:
+    argv = ["classification", "--output", str(tmp_path / "run"), *QUICK]
+    assert main([*argv, "--norm", "bgn", "--groups", "7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "bgn-task: error: --groups 7 does not fit layer 'net.1' (BatchGroupNorm2d, C=32, D=C*8x8=2048)"
+    )
+    assert "valid here: 1, 2, 4, 8, 16, 32, 64" in err[-1] and "Traceback" not in "\n".join(err)
+    assert main([*argv, "--norm", "gn", "--groups", "7"]) == 2  # never silently a divisor of C
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "gn: num_groups=7 must divide the layer's C=32; valid: 1, 2, 4, 8, 16, 32" in last
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_normswap_from_the_cli_joins_the_tasks_callbacks_and_is_recorded(tmp_path) -> None:
+    out = tmp_path / "run"
+    argv = ["classification", "--norm", "bn", "--trainer.callbacks=bgn_lightning.NormSwap",
+            "--trainer.callbacks.norm=gn", "--output", str(out), *QUICK]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((out / "results.json").read_text())
+    callbacks = [c["class_path"].rsplit(".", 1)[-1] for c in record["config"]["trainer"]["callbacks"]]
+    assert callbacks == ["ModelCheckpoint", "LearningRateMonitor", "NormSwap"]  # appended, not replaced
+    assert record["norm"] == "gn" and record["norm_swap"]["from"] == "bn"
+    assert record["norm_swap"]["replaced"] == {"BatchNorm2d -> GroupNorm": 5}
+    assert Path(record["checkpoint"]).is_file()  # the task's checkpoint policy still ran
+    assert oct((out / "results.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_sync_norm_shortcut_adds_the_plugin_and_is_recorded(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["classification", "--sync-norm", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["sync_norm"] is True
+    assert translate_shortcuts(["--sync-norm"]) == ["--sync_norm", "true"]
+
+
+def test_help_imports_no_torch_and_lists_the_builtin_norms() -> None:
+    import subprocess
+
+    code = ("import sys; from tasks.runner.cli import main; main(['--help']); "
+            "print('torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stderr.strip() == "False"
+    from bgn_lightning import available_norms
+
+    assert list(cli.BUILTIN_NORMS) == available_norms()[: len(cli.BUILTIN_NORMS)]  # registered first
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tasks.runner.bench.bench_main", interrupted)
+    assert main(["bench", "--task", "classification"]) == 130
+    assert capsys.readouterr().err.strip() == "bgn-task: interrupted; re-run the same command to resume"

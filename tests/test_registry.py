@@ -49,7 +49,8 @@ def test_build_norm_types_and_forward(name: str, dim: int, expected: type[nn.Mod
 def test_group_norm_defaults_and_layer_norm_semantics() -> None:
     assert build_norm("gn", 64).num_groups == 32
     assert build_norm("gn", 48).num_groups == 24  # 32 reduced to a divisor of 48
-    assert build_norm("gn", 20, num_groups=8).num_groups == 5
+    with pytest.raises(ValueError, match="num_groups=8 must divide the layer's C=20"):  # never silently 5
+        build_norm("gn", 20, num_groups=8)
     assert build_norm("gn", 64, num_groups="auto").num_groups == 32
     ln = build_norm("ln", 6)
     assert ln.num_groups == 1 and ln.weight.shape == (6,)
@@ -181,3 +182,31 @@ def test_norm_types_must_be_module_classes() -> None:
     with pytest.raises(TypeError, match="got <class 'int'>"):
         register_norm("test_bad_types", norm_types=(int,))
     assert "test_bad_types" not in available_norms()
+
+
+def test_user_norm_without_shared_arguments_works_in_sweeps() -> None:
+    """The README's promise: every registry norm takes num_groups="auto" and track_running_stats."""
+    from bgn_lightning.registry import _REGISTRY
+
+    class MyNorm(nn.Module):
+        def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+            super().__init__()
+            self.eps = eps
+
+    register_norm("test_plain_norm")(MyNorm)
+    try:
+        layer = build_norm("test_plain_norm", 8, num_groups="auto", track_running_stats=False, eps=1e-3)
+        assert isinstance(layer, MyNorm) and layer.eps == 1e-3
+        with pytest.raises(ValueError, match=r"test_plain_norm: has no num_groups to set \(got num_groups=4"):
+            build_norm("test_plain_norm", 8, num_groups=4)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'"):
+            build_norm("test_plain_norm", 8, momentum=0.1)  # a real mistake still fails
+    finally:
+        _REGISTRY.pop("test_plain_norm")
+
+
+def test_gn_explicit_groups_must_divide_channels() -> None:
+    assert build_norm("gn", 48).num_groups == 24  # auto: 32 reduced to a divisor
+    assert build_norm("gn", 48, num_groups=16).num_groups == 16
+    with pytest.raises(ValueError, match="gn: num_groups=7 must divide the layer's C=48; valid: 1, 2, 3, 4"):
+        build_norm("gn", 48, num_groups=7)

@@ -47,9 +47,10 @@ def _default_norm() -> NormFactory:
     return norm_factory("bgn")
 
 
-def _conv_bias(norm_layer: NormFactory) -> bool:
-    """A conv followed by a norm layer has no use for a bias, except when the "norm" is an identity."""
-    return isinstance(norm_layer(1), nn.Identity)
+def _conv_norm(c_in: int, c_out: int, make_norm: NormFactory) -> list[nn.Module]:
+    """``conv3x3 -> norm``; the conv has a bias only when the "norm" is an identity (norm ``none``)."""
+    norm = make_norm(c_out)
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=isinstance(norm, nn.Identity)), norm]
 
 
 def _head(features: int, num_classes: int) -> nn.Module:
@@ -94,16 +95,10 @@ def conv4(
     """
     _check_positive("conv4", in_channels=in_channels, hidden=hidden, depth=depth)
     make_norm = norm_layer or _default_norm()
-    bias = _conv_bias(make_norm)
     layers: list[nn.Module] = []
     channels = in_channels
     for _ in range(depth):
-        layers += [
-            nn.Conv2d(channels, hidden, 3, padding=1, bias=bias),
-            make_norm(hidden),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-        ]
+        layers += [*_conv_norm(channels, hidden, make_norm), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         channels = hidden
     layers.append(nn.Flatten())
     return nn.Sequential(*layers)
@@ -137,10 +132,9 @@ def small_cnn(
     _check_positive("small_cnn", ("num_classes",), num_classes=num_classes, in_channels=in_channels,
                     width=width)
     make_norm = norm_layer or _default_norm()
-    bias = _conv_bias(make_norm)
 
     def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias), make_norm(c_out), nn.ReLU(inplace=True)]
+        return [*_conv_norm(c_in, c_out, make_norm), nn.ReLU(inplace=True)]
 
     w1, w2, w3 = width, 2 * width, 4 * width
     net = SmallCNN(

@@ -110,6 +110,7 @@ def results_record(
     command: list[str],
     hparams: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    norm: str | None = None,
 ) -> dict[str, Any]:
     """Assemble the ``results.json`` record (see the module docstring for the schema).
 
@@ -125,6 +126,8 @@ def results_record(
         times: ``wall_time_s``, ``fit_time_s``, ``test_time_s`` (seconds).
         command: the run's argument list.
         hparams: the model's hyper-parameters.
+        norm: the norm that ran, when not the config's ``model.norm`` (a NormSwap callback swapped
+            it in; ``extra`` then says from what).
         extra: task-specific fields (a task's ``extra_results`` hook), added after the others; they
             may not replace a schema key.
 
@@ -136,7 +139,7 @@ def results_record(
         "schema": SCHEMA_VERSION,
         "task": task,
         "dataset": data_cfg.get("dataset"),
-        "norm": model_cfg.get("norm"),
+        "norm": norm or model_cfg.get("norm"),
         "groups": model_cfg.get("groups"),
         "num_groups": resolved_groups(model),
         "batch_size": data_cfg.get("batch_size"),
@@ -166,6 +169,9 @@ def write_results(directory: str | os.PathLike[str], record: dict[str, Any]) -> 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / RESULTS_FILE
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results.", suffix=".json.tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; results are for everyone to read
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=2, default=str)

@@ -54,7 +54,10 @@ SHORTCUTS: dict[str, str] = {
 }
 """Shortcut flag -> LightningCLI argument (each takes one value)."""
 
-FLAG_SHORTCUTS: dict[str, tuple[str, str]] = {"--download": ("--data.download", "true")}
+FLAG_SHORTCUTS: dict[str, tuple[str, str]] = {
+    "--download": ("--data.download", "true"),
+    "--sync-norm": ("--sync_norm", "true"),
+}
 """Value-less shortcut flags -> (LightningCLI argument, value)."""
 
 log = logging.getLogger("tasks")
@@ -112,7 +115,18 @@ def translate_shortcuts(
     while i < len(args):
         arg = args[i]
         flag, eq, value = arg.partition("=")
-        if flag in shortcuts:
+        if flag == "--trainer.callbacks" and not (value if eq else "").lstrip().startswith(("[", "{")):
+            # One callback class (e.g. bgn_lightning.NormSwap) joins the task's own callbacks
+            # (checkpointing, LR monitor) instead of replacing them: jsonargparse's list append.
+            if not eq:
+                if i + 1 >= len(args) or args[i + 1].lstrip().startswith(("[", "{")):
+                    out.append(arg)
+                    i += 1
+                    continue
+                i += 1
+                value = args[i]
+            out.append(f"--trainer.callbacks+={value}")
+        elif flag in shortcuts:
             if not eq:
                 if i + 1 >= len(args):
                     raise UsageError(f"{flag} needs a value")
@@ -128,10 +142,8 @@ def translate_shortcuts(
     return out
 
 
-def _norms() -> list[str]:
-    from bgn_lightning import available_norms
-
-    return available_norms()
+BUILTIN_NORMS = ("bn", "bgn", "gn", "ln", "in", "pn", "none")
+"""The registry's own names, for ``--help`` without importing torch (a test keeps them in sync)."""
 
 
 def usage() -> str:
@@ -152,7 +164,7 @@ def usage() -> str:
             "results.csv, results.md and accuracy_vs_batch_size.png with each of the task's metrics.",
             "",
             f"tasks: {', '.join(tasks)}",
-            f"norms: {', '.join(_norms())}",
+            f"norms: {', '.join(BUILTIN_NORMS)} (and any registered with bgn_lightning.register_norm)",
             "",
             f"'{PROG} <task> --help' lists every option of a task; '{PROG} bench --help' the sweep's.",
         ]
@@ -177,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    _quiet_third_party()
     command, rest = argv[0], argv[1:]
     try:
         if command == "bench":
@@ -188,12 +201,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         task = load_task(command)
         args = translate_shortcuts(rest, task.shortcuts, task.flags)
         return run_task(task, args, command=[PROG, command, *rest])
+    except KeyboardInterrupt:
+        again = "re-run the same command to resume" if command == "bench" else "nothing was written"
+        print(f"{PROG}: interrupted; {again}", file=sys.stderr)
+        return 130
     except UsageError as err:
         if debug:
             traceback.print_exception(err.__cause__ or err)
         hint = " (--debug shows the traceback)" if err.debug_hint and not debug else ""
         print(f"{PROG}: error: {err}{hint}", file=sys.stderr)
         return 2
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertising tips (litlogger) from its rank-zero log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+def _quiet_third_party() -> None:
+    """Keep every run's log to what matters: no litlogger tip, no torch-internal deprecation lines."""
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 if __name__ == "__main__":

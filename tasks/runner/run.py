@@ -55,6 +55,30 @@ def check_config(config: Any, datasets: Sequence[str] | None) -> None:
         raise UsageError(f"unknown dataset {dataset!r}; choose from: {', '.join(datasets)}")
 
 
+def check_config_files(argv: Sequence[str]) -> None:
+    """Every ``--config FILE`` exists and is valid YAML; else one line with the file and line.
+
+    Raises:
+        UsageError: ``--config FILE: no such file`` or ``FILE:LINE:COLUMN: <YAML problem>``.
+    """
+    import yaml
+
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag != "--config" or (not eq and i + 1 >= len(argv)):
+            continue
+        path = Path(value if eq else argv[i + 1])
+        if not path.is_file():
+            raise UsageError(f"--config {path}: no such file")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UsageError(f"{where}: invalid YAML: {problem}") from None
+
+
 def _make_cli_class(task: Task) -> type:
     """A LightningCLI subclass for ``task`` (built lazily: importing Lightning is slow)."""
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -72,12 +96,26 @@ def _make_cli_class(task: Task) -> type:
                 help="torch intra-op CPU threads (null: torch's default, one per core). Small models on a "
                 "busy CPU run fastest with 1.",
             )
+            parser.add_argument(
+                "--sync_norm",
+                type=bool,
+                default=False,
+                help="synchronise BGN (and, on GPUs, BatchNorm) statistics across processes: "
+                "bgn_lightning.BGNSync (shortcut --sync-norm); otherwise each device normalises with "
+                "its own batch",
+            )
             for source, target in task.links:
                 parser.link_arguments(source, target, apply_on="instantiate")
 
         def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
             # LightningCLI warns when args are given while sys.argv is set; here both are ours.
-            self.config = parser.parse_args(args)
+            from jsonargparse import ArgumentError
+
+            try:
+                self.config = parser.parse_args(args)
+            except ArgumentError as err:  # unknown key, bad type, ...: the message, not the usage
+                message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+                raise UsageError(f"{message} ('{PROG} {task.name} --help' lists the options)") from err
             check_config(self.config, datasets)
 
         def before_instantiate_classes(self) -> None:
@@ -103,14 +141,53 @@ def _make_cli_class(task: Task) -> type:
                 raise UsageError(str(err).splitlines()[0], debug_hint=True) from err
 
         def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+            from lightning.pytorch.callbacks import ProgressBar
+
             root = Path(self.config.trainer.default_root_dir)
-            if self.config_init.trainer.get("logger") in (None, True):
+            init = self.config_init.trainer
+            if init.get("logger") in (None, True):
                 kwargs["logger"] = _loggers(root)
+            if self.config.get("sync_norm"):
+                kwargs["plugins"] = [*_as_list(init.get("plugins")), _sync_plugin(init)]
+            callbacks = init.get("callbacks") or []
+            if init.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in callbacks
+            ):
+                init["callbacks"] = [*callbacks, _progress_bar()]
             trainer = super().instantiate_trainer(**kwargs)
             _checkpoints_under(trainer, root)
             return trainer
 
     return TaskCLI
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _sync_plugin(trainer_init: Any) -> Any:
+    """``BGNSync``, also converting BatchNorm when the run is on GPUs (torch's SyncBatchNorm is CUDA-only)."""
+    import torch
+
+    from bgn_lightning import BGNSync
+
+    on_gpu = trainer_init.get("accelerator") in ("gpu", "cuda") or (
+        trainer_init.get("accelerator") in (None, "auto") and torch.cuda.is_available()
+    )
+    return BGNSync(batchnorm=on_gpu)
+
+
+def _progress_bar() -> Any:
+    """Lightning's rich progress bar without ``v_num`` (which showed the logger dir's tail, "oard")."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class ProgressBar(RichProgressBar):
+        def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+            items = super().get_metrics(trainer, pl_module)
+            items.pop("v_num", None)
+            return items
+
+    return ProgressBar()
 
 
 def _loggers(root: Path) -> list[Any]:
@@ -165,7 +242,16 @@ class Run:
 
         Also records ``model``, ``trainer`` and the tested checkpoint as the run's final ones.
         """
+        from tasks.common.norms import GroupCountCheck
+
         datamodule = datamodule or self.datamodule
+        if not any(isinstance(c, GroupCountCheck) for c in trainer.callbacks):
+            trainer.callbacks.append(GroupCountCheck())
+        if trainer.world_size > 1 and trainer.is_global_zero:
+            synced = self.config.get("sync_norm")
+            hint = "" if synced else " (--sync-norm pools BGN's statistics over all of them)"
+            how = "synchronised" if synced else "per device"
+            log.info("norm statistics: %s across %d processes%s", how, trainer.world_size, hint)
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule)
         self.times["fit_time_s"] += time.perf_counter() - start
@@ -197,6 +283,13 @@ class Run:
         return Trainer(**kwargs)
 
 
+def _norm_swap(trainer: Trainer) -> Any:
+    """The trainer's :class:`bgn_lightning.NormSwap` callback, if the user added one."""
+    from bgn_lightning import NormSwap
+
+    return next((c for c in trainer.callbacks if isinstance(c, NormSwap)), None)
+
+
 def _plain_config(cli: Any) -> dict[str, Any]:
     """The resolved config as plain JSON-able data (what ``--print_config`` would show)."""
     import yaml
@@ -207,7 +300,7 @@ def _plain_config(cli: Any) -> dict[str, Any]:
 def _shortcut_help() -> str:
     return (
         "Shortcuts: --norm NAME, --groups G|auto, --batch-size N, --data NAME, --data-dir PATH, "
-        "--download, --max-epochs E, --seed S, --output DIR, --accelerator A, --devices D. "
+        "--download, --sync-norm, --max-epochs E, --seed S, --output DIR, --accelerator A, --devices D. "
         "--threads T sets torch's CPU threads (1 is fastest for small models on a busy CPU)."
     )
 
@@ -228,6 +321,7 @@ def run_task(task: Task, argv: Sequence[str], command: Sequence[str]) -> int:
     from tasks.common.results import results_record, write_results
 
     start = time.perf_counter()
+    check_config_files(argv)
     config = default_config(task)
     description = (
         f"{PROG} {task.name}: fit, test the best checkpoint, write <output>/results.json. "
@@ -239,6 +333,7 @@ def run_task(task: Task, argv: Sequence[str], command: Sequence[str]) -> int:
         args=list(argv),
         run=False,
         parser_kwargs={
+            "exit_on_error": False,
             "prog": f"{PROG} {task.name}",
             "description": description + _shortcut_help(),
             "default_config_files": [str(config)] if config else [],
@@ -246,6 +341,8 @@ def run_task(task: Task, argv: Sequence[str], command: Sequence[str]) -> int:
         save_config_kwargs={"overwrite": True},
     )
     run = Run(task, cli)
+    if run.config.get("optimizer") is not None:
+        log.info("%s %s: --optimizer replaces the task's optimizer and learning-rate rule", PROG, task.name)
     try:
         if task.run is not None:
             task.run(run)
@@ -258,8 +355,13 @@ def run_task(task: Task, argv: Sequence[str], command: Sequence[str]) -> int:
         missing = [m.name for m in task.metrics if m.name not in run.metrics]
         if missing:
             log.warning("%s %s: the run did not log %s (declared by the task)", PROG, task.name, missing)
+        swap = _norm_swap(run.trainer)
+        if swap is not None:  # the norm that ran is the swapped-in one; the config's is the source
+            extra = {"norm_swap": {"from": run.config["model"].get("norm"), "to": swap.norm,
+                                   "kwargs": swap.kwargs, "replaced": dict(swap.swapped)}, **extra}
         record = results_record(
             task=task.name,
+            norm=swap.norm if swap is not None else None,
             config=run.config,
             metrics=run.metrics,
             model=run.model,
