@@ -1,0 +1,62 @@
+"""The UDA suite's measured numbers (docs/uda.md): three ``bgn-task bench`` sweeps, run one after another.
+
+1. ``default``: DANN vs source-only x bn, bgn x seeds 0, 1, 2 on the embedded synth→digits pair.
+2. ``modes``: DANN, bn vs bgn x domain_mode joint, separate x AdaBN off, on (seed 0).
+3. ``mnist_usps``: DANN vs source-only x bn, bgn on MNIST→USPS from the ImageFolder copies in
+   ``../shared/datasets`` (both at 16x16 grey, USPS's native size), seed 0.
+
+Every run uses one thread and the sweeps run one run at a time (the CPU is shared); each sweep
+writes results.csv, results.md and accuracy_vs_batch_size.png under ``--output/<name>``, and
+re-running skips finished runs.
+
+    python benchmarks/uda_sweep.py                       # all three, ~35 min on the shared 2-core CPU
+    python benchmarks/uda_sweep.py --only default --epochs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
+
+
+def sweeps(epochs: int, mnist_epochs: int, shared: Path) -> dict[str, list[str]]:
+    """The three sweeps' ``bgn-task bench`` arguments, by name."""
+    common = ["--norms", "bn,bgn", "--batch-sizes", "32", "--jobs", "1", "--threads", "1"]
+    run = ["--", "--trainer.enable_progress_bar", "false"]
+    return {
+        "default": [*common, "--seeds", "0,1,2", "--max-epochs", str(epochs), *run],
+        "modes": [*common, "--seeds", "0", "--max-epochs", str(epochs),
+                  "--vary", "model.domain_mode=joint,separate", "--vary", "model.adabn=false,true",
+                  *run, "--method", "dann"],
+        "mnist_usps": [*common, "--seeds", "0", "--max-epochs", str(mnist_epochs), *run,
+                       "--data", "folders", "--source-dir", str(shared / "mnist"),
+                       "--target-dir", str(shared / "usps"), "--data.image_size", "16"],
+    }  # fmt: skip
+
+
+def main() -> None:
+    """Run the chosen sweeps and print each one's wall time."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=Path("outputs/bench/uda"))
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per run on synth→digits")
+    parser.add_argument("--mnist-epochs", type=int, default=2, help="epochs per run on MNIST→USPS")
+    parser.add_argument("--shared", type=Path, default=SHARED, help="folder holding mnist/ and usps/")
+    parser.add_argument("--only", action="append", help="run only these sweeps (repeatable)")
+    args = parser.parse_args()
+    for name, argv in sweeps(args.epochs, args.mnist_epochs, args.shared.resolve()).items():
+        if args.only and name not in args.only:
+            continue
+        start = time.perf_counter()
+        command = [sys.executable, "-m", "tasks.runner.cli", "bench", "--task", "uda",
+                   "--output", str(args.output / name), *argv]  # fmt: skip
+        subprocess.run(command, check=True)
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
