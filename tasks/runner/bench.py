@@ -78,6 +78,9 @@ def _bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, help="sweep directory (default outputs/bench/<task>)")
     parser.add_argument("--jobs", type=int, help="runs at once (default 1)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default CPU count / jobs)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the grid and list each cell's command; run nothing"
+    )
     return parser
 
 
@@ -197,6 +200,11 @@ def bench_main(argv: Sequence[str], debug: bool = False) -> int:
     except ValueError as err:
         raise UsageError(f"bench: {err}") from err
     cells = grid.cells()
+    if args.dry_run:
+        for cell in cells:
+            print(shlex.join([PROG, *grid.run_argv(cell)]))
+        log.info("%s bench: %d runs of %s (dry run: nothing ran)", PROG, len(cells), name)
+        return 0
     log.info("%s bench: %d runs of %s -> %s", PROG, len(cells), name, grid.output)
     names = [m.name for m in metrics]
     outcomes = run_grid(grid, lambda i, n, o: log.info(format_outcome(i, n, o, names)))

@@ -324,6 +324,16 @@ def run_grid(
     return [outcomes[c] for c in cells]
 
 
+def _last_error(run_log: Path) -> str:
+    """``": <the run's one-line error>"`` from a failed cell's log, or ``""``."""
+    try:
+        lines = run_log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in lines if line.startswith("bgn-task: error: ")]
+    return f": {errors[-1].removeprefix('bgn-task: error: ')}" if errors else ""
+
+
 def _keep_aside(directory: Path, stored: str) -> Path:
     """Move a finished cell whose arguments changed to ``<dir>.previous-<hash>[-k]``; the new path."""
     target = directory.with_name(f"{directory.name}.previous-{stored}")
@@ -350,7 +360,8 @@ def format_outcome(
     head = f"[{index:>{len(str(total))}}/{total}] {cell.row} bs={cell.batch_size} seed={cell.seed}:"
     note = f" [{outcome.note}]" if outcome.note else ""
     if outcome.status == "failed":
-        return f"{head} FAILED (exit {outcome.returncode}), see {outcome.directory / RUN_LOG}{note}"
+        reason = _last_error(outcome.directory / RUN_LOG)
+        return f"{head} FAILED (exit {outcome.returncode}){reason}, see {outcome.directory / RUN_LOG}{note}"
     values = (outcome.record or {}).get("metrics", {})
     shown = ", ".join(f"{k}={values[k]:.4f}" for k in metrics if k in values)
     if outcome.status == "skipped":
