@@ -36,6 +36,7 @@ import math
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,7 +46,7 @@ from torch import Tensor
 from ._autograd import _composite_backward
 
 __all__ = ["ENV_SWITCH", "KernelFailure", "TritonKernels", "cuda_kernels", "cuda_kernels_available",
-           "disable"]
+           "disable", "prepare"]
 
 ENV_SWITCH = "BGN_LIGHTNING_CUDA_KERNELS"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,11 +61,14 @@ class KernelFailure(RuntimeError):
 
     Attributes:
         running_updated: whether the running statistics were already updated by this call.
+        reduced: in a synchronized backward, the all-reduced ``(2, G)`` group sums
+            ``(sum(w * dy), sum(w * dy * (x - mean)))`` if the collective already ran, else ``None``.
     """
 
-    def __init__(self, message: str, running_updated: bool) -> None:
+    def __init__(self, message: str, running_updated: bool, reduced: Tensor | None = None) -> None:
         super().__init__(message)
         self.running_updated = running_updated
+        self.reduced = reduced
 
 
 # -- the kernels ---------------------------------------------------------------------------------
@@ -81,8 +85,9 @@ def _define_kernels() -> SimpleNamespace:
                   CL: tl.constexpr, BWD: tl.constexpr, BIG: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
         """Partial per-cell sums: (x - s, (x - s)^2), or (dy, dy * (x - mean)) when BWD."""
-        pid_q = tl.program_id(0)
-        pid_s = tl.program_id(1)
+        # Channels-last: (segment, split) on axis 0, whose size may pass axis 1's limit of 65535.
+        pid_q = tl.program_id(1) if CL else tl.program_id(0)
+        pid_s = tl.program_id(0) if CL else tl.program_id(1)
         q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
         split = pid_s % SPLIT
         acc1 = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
@@ -187,35 +192,51 @@ def _define_kernels() -> SimpleNamespace:
     @triton.jit(do_not_specialize=["G", "SPLIT"])
     def backward_coefficients(part_ptr, stats_ptr, w_ptr, coef_ptr, dw_ptr, db_ptr, G, U, C, K, CPG,
                               SPLIT, count, HAS_W: tl.constexpr, NEED_X: tl.constexpr,
-                              NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                              NEED_W: tl.constexpr, NEED_B: tl.constexpr, PHASE: tl.constexpr,
                               BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
                               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Weight / bias gradients per channel, and per group (rstd, B, D) of dx = rstd*w*dy + B*x + D."""
+        """Weight / bias gradients per channel, and per group (rstd, B, D) of dx = rstd*w*dy + B*x + D.
+
+        PHASE 0: from the partial cell sums. Synchronized BGN all-reduces in between: PHASE 1
+        writes the group sums (sum(w * dy), sum(w * dy * (x - mean))) to coef_ptr, PHASE 2 reads
+        them from part_ptr (a (2, G) tensor) and writes the coefficients.
+        """
         pid = tl.program_id(0)
         if NEED_X:
             grp = pid * BLOCK_G + tl.arange(0, BLOCK_G)
             gmask = grp < G
             mean = tl.load(stats_ptr + grp, mask=gmask, other=0.0).to(tl.float64)
             rstd = tl.load(stats_ptr + 2 * G + grp, mask=gmask, other=0.0).to(tl.float64)
-            a1 = tl.zeros((BLOCK_G, BLOCK_T), dtype=tl.float64)
-            a2 = tl.zeros((BLOCK_G, BLOCK_T), dtype=tl.float64)
-            for t0 in range(0, CPG, BLOCK_T):
-                t = t0 + tl.arange(0, BLOCK_T)
-                cell = grp[:, None] * CPG + t[None, :]
-                mask = gmask[:, None] & (t < CPG)[None, :]
-                if HAS_W:
-                    w = tl.load(w_ptr + cell // K, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
-                else:
-                    w = tl.where(mask, 1.0, 0.0).to(tl.float64)
-                for s in range(0, SPLIT):
-                    a1 += w * tl.load(part_ptr + s * U + cell, mask=mask, other=0.0).to(tl.float64)
-                    a2 += w * tl.load(part_ptr + (SPLIT + s) * U + cell, mask=mask, other=0.0).to(tl.float64)
-            k1 = rstd * tl.sum(a1, axis=1) / count  # rstd * mean(w * dy)
-            k2 = rstd * rstd * tl.sum(a2, axis=1) / count  # rstd * mean(w * dy * x_hat)
-            coef_x = -rstd * k2
-            tl.store(coef_ptr + grp, rstd.to(tl.float32), mask=gmask)
-            tl.store(coef_ptr + G + grp, coef_x.to(tl.float32), mask=gmask)
-            tl.store(coef_ptr + 2 * G + grp, (-k1 - coef_x * mean).to(tl.float32), mask=gmask)
+            if PHASE == 2:
+                s1 = tl.load(part_ptr + grp, mask=gmask, other=0.0).to(tl.float64)
+                s2 = tl.load(part_ptr + G + grp, mask=gmask, other=0.0).to(tl.float64)
+            else:
+                a1 = tl.zeros((BLOCK_G, BLOCK_T), dtype=tl.float64)
+                a2 = tl.zeros((BLOCK_G, BLOCK_T), dtype=tl.float64)
+                for t0 in range(0, CPG, BLOCK_T):
+                    t = t0 + tl.arange(0, BLOCK_T)
+                    cell = grp[:, None] * CPG + t[None, :]
+                    mask = gmask[:, None] & (t < CPG)[None, :]
+                    if HAS_W:
+                        w = tl.load(w_ptr + cell // K, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
+                    else:
+                        w = tl.where(mask, 1.0, 0.0).to(tl.float64)
+                    for s in range(0, SPLIT):
+                        a1 += w * tl.load(part_ptr + s * U + cell, mask=mask, other=0.0).to(tl.float64)
+                        v2 = tl.load(part_ptr + (SPLIT + s) * U + cell, mask=mask, other=0.0)
+                        a2 += w * v2.to(tl.float64)
+                s1 = tl.sum(a1, axis=1)
+                s2 = tl.sum(a2, axis=1)
+            if PHASE == 1:
+                tl.store(coef_ptr + grp, s1.to(tl.float32), mask=gmask)
+                tl.store(coef_ptr + G + grp, s2.to(tl.float32), mask=gmask)
+            else:
+                k1 = rstd * s1 / count  # rstd * mean(w * dy)
+                k2 = rstd * rstd * s2 / count  # rstd * mean(w * dy * x_hat)
+                coef_x = -rstd * k2
+                tl.store(coef_ptr + grp, rstd.to(tl.float32), mask=gmask)
+                tl.store(coef_ptr + G + grp, coef_x.to(tl.float32), mask=gmask)
+                tl.store(coef_ptr + 2 * G + grp, (-k1 - coef_x * mean).to(tl.float32), mask=gmask)
         if NEED_W or NEED_B:
             ch = pid * BLOCK_C + tl.arange(0, BLOCK_C)
             cmask = ch < C
@@ -298,6 +319,21 @@ def _pow2(n: int, cap: int) -> int:
     return max(2, min(cap, 1 << max(0, n - 1).bit_length()))
 
 
+def _run_block(run: int, cap: int) -> int:
+    """Block size along a contiguous run of ``run`` values: few masked lanes, long rows.
+
+    The largest power of two in ``[32, cap]`` whose blocks overhang the run by at most 5 %, else
+    the one that overhangs least (a 56 x 56 run of 3136 values takes 128, not 1024, which would
+    leave the fourth block 94 % masked); runs shorter than 32 take the power of two above them.
+    """
+    if run <= 32:
+        return _pow2(run, cap)
+    sizes = [1 << k for k in range(5, cap.bit_length()) if 1 << k <= cap]
+    waste = {b: _cdiv(run, b) * b / run - 1 for b in sizes}
+    fitting = [b for b in sizes if waste[b] <= 0.05]
+    return max(fitting) if fitting else min(sizes, key=lambda b: (waste[b], -b))
+
+
 class _Geometry:
     """Sizes of one call; see the module docstring for the names."""
 
@@ -324,7 +360,7 @@ def _channels_last(x: Tensor) -> bool:
     return False
 
 
-def _prepare(x: Tensor) -> tuple[Tensor, bool]:
+def prepare(x: Tensor) -> tuple[Tensor, bool]:
     """``x`` in a layout the kernels read (itself unless oddly strided) and whether it is channels-last."""
     if x.is_contiguous():
         return x, False
@@ -374,24 +410,36 @@ class TritonKernels:
             q_blocks, segments = _cdiv(geo.C, block_q), geo.K
             chunks = _cdiv(geo.N * geo.R, block_m)
         else:
-            block_m = _pow2(geo.R, 1024)
+            block_m = _run_block(geo.R, 1024)
             block_q = _pow2(geo.U, max(2, _TILE // block_m))
             q_blocks, segments = _cdiv(geo.U, block_q), 1
             chunks = geo.N * _cdiv(geo.R, block_m)
         split = max(1, min(chunks, self._target_programs(x.device) // (q_blocks * segments)))
         part = torch.empty((2, split, geo.U), dtype=torch.float32, device=x.device)
-        self.kernels.cell_sums[(q_blocks, segments * split)](
+        grid = (segments * split, q_blocks) if geo.CL else (q_blocks, split)
+        self.kernels.cell_sums[grid](
             x, x if dy is None else dy, part if mean is None else mean, part,
             geo.N, geo.U, geo.R, geo.S, geo.C, geo.K, geo.CPG, geo.L, geo.D, split,
             CL=geo.CL, BWD=dy is not None, BIG=geo.BIG, BLOCK_Q=block_q, BLOCK_M=block_m,
         )
         return part, split
 
+    def _group_stats(self, geo: _Geometry, x: Tensor, stats: Tensor, running_mean: Tensor,
+                     running_var: Tensor, eps: float, factor: float, update: bool) -> None:
+        """The statistics pass and the per-group pooling: ``stats`` = (mean, var, rstd)."""
+        part, split = self._cell_sums(geo, x, None, None)
+        block_t = _pow2(geo.CPG, 64)
+        block_g = _pow2(geo.G, max(2, 1024 // block_t))
+        self.kernels.group_stats[(_cdiv(geo.G, block_g),)](
+            x, part, stats, running_mean, running_var, geo.G, geo.U, geo.S, geo.C, geo.CPG, geo.L, split,
+            geo.count, eps, factor, CL=geo.CL, UPDATE=update, BLOCK_G=block_g, BLOCK_T=block_t,
+        )
+
     def _affine(self, geo: _Geometry, x: Tensor, dy: Tensor | None, p0: Tensor, p1: Tensor, p2: Tensor,
                 weight: Tensor | None, bias: Tensor | None, eps: float, mode: int) -> Tensor:
         out = torch.empty_like(x)
         rows, cols = (geo.N * geo.S, geo.C) if geo.CL else (geo.N * geo.U, geo.R)
-        block_cols = _pow2(cols, 256 if geo.CL else 1024)
+        block_cols = _pow2(cols, 256) if geo.CL else _run_block(cols, 1024)
         block_rows = _pow2(rows, max(2, _AFFINE_TILE // block_cols))
         grid = (_cdiv(rows, block_rows), _cdiv(cols, block_cols))
         self.kernels.cell_affine[grid](
@@ -420,13 +468,7 @@ class TritonKernels:
         rm, rv = (running_mean, running_var) if update else (stats, stats)
         rm_k, rv_k = (t if t.is_contiguous() else t.contiguous() for t in (rm, rv))
         try:
-            part, split = self._cell_sums(geo, x, None, None)
-            block_t = _pow2(geo.CPG, 64)
-            block_g = _pow2(groups, max(2, 1024 // block_t))
-            self.kernels.group_stats[(_cdiv(groups, block_g),)](
-                x, part, stats, rm_k, rv_k, groups, geo.U, geo.S, geo.C, geo.CPG, geo.L, split, geo.count,
-                eps, factor, CL=geo.CL, UPDATE=update, BLOCK_G=block_g, BLOCK_T=block_t,
-            )
+            self._group_stats(geo, x, stats, rm_k, rv_k, eps, factor, update)
         except Exception as err:  # compile or launch failure: the caller falls back
             raise KernelFailure(f"{type(err).__name__}: {err}", running_updated=False) from err
         if update:
@@ -441,9 +483,27 @@ class TritonKernels:
             raise KernelFailure(f"{type(err).__name__}: {err}", running_updated=update) from err
         return y, stats
 
+    def _coefficients(self, geo: _Geometry, part: Tensor, split: int, stats: Tensor, weight: Tensor | None,
+                      out: Tensor, dw: Tensor, db: Tensor, needs: tuple[bool, bool, bool], count: float,
+                      phase: int) -> None:
+        """One launch of ``backward_coefficients`` (see there for ``phase``)."""
+        need_x, need_w, need_b = needs
+        block_t = _pow2(geo.CPG, 64)
+        block_g = _pow2(geo.G, max(2, 1024 // block_t))
+        block_k = _pow2(geo.K, 64)
+        block_c = _pow2(geo.C, max(2, 1024 // block_k))
+        programs = max(_cdiv(geo.G, block_g) if need_x else 1,
+                       _cdiv(geo.C, block_c) if need_w or need_b else 1)
+        self.kernels.backward_coefficients[(programs,)](
+            part, stats, stats if weight is None else weight, out, dw, db, geo.G, geo.U, geo.C, geo.K,
+            geo.CPG, split, count, HAS_W=weight is not None, NEED_X=need_x, NEED_W=need_w, NEED_B=need_b,
+            PHASE=phase, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_K=block_k,
+        )
+
     def backward(self, x: Tensor, weight: Tensor | None, stats: Tensor, dy: Tensor, groups: int,
-                 needs: tuple[bool, bool, bool],
-                 dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[Tensor | None, ...]:
+                 needs: tuple[bool, bool, bool], dtypes: tuple[torch.dtype, torch.dtype],
+                 group_count: int | None = None,
+                 all_reduce: Callable[[Tensor], Any] | None = None) -> tuple[Tensor | None, ...]:
         """Closed-form gradients ``(dx, dw, db)`` of :meth:`forward_train` (``None`` where not needed).
 
         Args:
@@ -454,32 +514,68 @@ class TritonKernels:
             groups: ``G``.
             needs: whether x, weight and bias need a gradient.
             dtypes: the dtypes of the weight and bias gradients.
+            group_count: values per group the statistics pooled (default: this ``x``'s ``N * L``).
+            all_reduce: in-place sum over processes of the ``(2, G)`` float32 group sums
+                ``(sum(w * dy), sum(w * dy * (x - mean)))`` (synchronized BGN); weight and bias
+                gradients stay local.
+
+        Raises:
+            KernelFailure: a kernel failed to compile or launch; its ``reduced`` holds the
+                all-reduced group sums when the collective already ran.
+        """
+        need_x, need_w, need_b = needs
+        geo = _Geometry(x, groups, _channels_last(x))
+        count = geo.count if group_count is None else float(group_count)
+        sync = all_reduce is not None and need_x
+        try:
+            part, split = self._cell_sums(geo, x, dy, stats[0])
+            coef = torch.empty((2 if sync else 3, groups), dtype=torch.float32, device=x.device) \
+                if need_x else stats
+            dw = torch.empty(geo.C, dtype=dtypes[0], device=x.device) if need_w else stats
+            db = torch.empty(geo.C, dtype=dtypes[1], device=x.device) if need_b else stats
+            self._coefficients(geo, part, split, stats, weight, coef, dw, db, needs, count, 1 if sync else 0)
+        except Exception as err:
+            raise KernelFailure(f"{type(err).__name__}: {err}", running_updated=False) from err
+        reduced = None
+        if sync:
+            all_reduce(coef)  # outside the try: a failing collective is not a kernel failure
+            reduced = coef
+        try:
+            if sync:
+                coef = torch.empty((3, groups), dtype=torch.float32, device=x.device)
+                self._coefficients(geo, reduced, 1, stats, weight, coef, stats, stats, (True, False, False),
+                                   count, 2)
+            dx = self._affine(geo, x, dy, coef[0], coef[1], coef[2], weight, None, 0.0, 2) if need_x else None
+        except Exception as err:
+            raise KernelFailure(f"{type(err).__name__}: {err}", running_updated=False,
+                                reduced=reduced) from err
+        return dx, dw if need_w else None, db if need_b else None
+
+    def moments(self, x: Tensor, groups: int, eps: float) -> Tensor:
+        """Per-group ``(mean, var, rstd)`` of ``x`` (contiguous or channels-last), float32, ``(3, G)``.
 
         Raises:
             KernelFailure: a kernel failed to compile or launch.
         """
-        need_x, need_w, need_b = needs
         geo = _Geometry(x, groups, _channels_last(x))
+        stats = torch.empty((3, groups), dtype=torch.float32, device=x.device)
         try:
-            part, split = self._cell_sums(geo, x, dy, stats[0])
-            coef = torch.empty((3, groups), dtype=torch.float32, device=x.device) if need_x else stats
-            dw = torch.empty(geo.C, dtype=dtypes[0], device=x.device) if need_w else stats
-            db = torch.empty(geo.C, dtype=dtypes[1], device=x.device) if need_b else stats
-            block_t = _pow2(geo.CPG, 64)
-            block_g = _pow2(groups, max(2, 1024 // block_t))
-            block_k = _pow2(geo.K, 64)
-            block_c = _pow2(geo.C, max(2, 1024 // block_k))
-            programs = max(_cdiv(groups, block_g) if need_x else 1,
-                           _cdiv(geo.C, block_c) if need_w or need_b else 1)
-            self.kernels.backward_coefficients[(programs,)](
-                part, stats, stats if weight is None else weight, coef, dw, db, groups, geo.U, geo.C, geo.K,
-                geo.CPG, split, geo.count, HAS_W=weight is not None, NEED_X=need_x, NEED_W=need_w,
-                NEED_B=need_b, BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_K=block_k,
-            )
-            dx = self._affine(geo, x, dy, coef[0], coef[1], coef[2], weight, None, 0.0, 2) if need_x else None
+            self._group_stats(geo, x, stats, stats, stats, eps, 0.0, False)
         except Exception as err:
             raise KernelFailure(f"{type(err).__name__}: {err}", running_updated=False) from err
-        return dx, dw if need_w else None, db if need_b else None
+        return stats
+
+    def normalize(self, x: Tensor, table: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """``(x - mean) * rstd * weight + bias`` with a per-group ``(mean, var, rstd)`` float32 table.
+
+        Raises:
+            KernelFailure: the kernel failed to compile or launch.
+        """
+        geo = _Geometry(x, table.shape[1], _channels_last(x))
+        try:
+            return self._affine(geo, x, None, table[0], table[1], table[2], weight, bias, 0.0, 0)
+        except Exception as err:
+            raise KernelFailure(f"{type(err).__name__}: {err}", running_updated=False) from err
 
     # -- the C++ module's interface --
 
@@ -503,7 +599,7 @@ class TritonKernels:
         Raises:
             KernelFailure: a kernel failed to compile or launch.
         """
-        xp, _ = _prepare(x)
+        xp, _ = prepare(x)
         c = x.shape[1]
         weight, bias = _vector(weight, c, "weight"), _vector(bias, c, "bias")
         running_mean = _vector(running_mean, groups, "running_mean", copy=False)  # updated in place
@@ -520,11 +616,13 @@ class TritonKernels:
         Raises:
             KernelFailure: the kernel failed to compile or launch.
         """
-        xp, channels_last = _prepare(x)
+        xp, channels_last = prepare(x)
         c = x.shape[1]
         geo = _Geometry(xp, groups, channels_last)
         weight, bias = _vector(weight, c, "weight"), _vector(bias, c, "bias")
         mean, var = _vector(mean, groups, "running_mean"), _vector(var, groups, "running_var")
+        if xp.numel() == 0:
+            return torch.empty_like(xp)
         try:
             return self._affine(geo, xp, None, mean, var, mean, weight, bias, eps, 1)
         except Exception as err:

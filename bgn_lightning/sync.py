@@ -9,7 +9,9 @@ backward all-reduces the two per-group gradient sums. Weight and bias gradients 
 averages them like any other parameter gradient. Outside ``torch.distributed`` (or with one
 process, or in eval mode) it is exactly :class:`~bgn_lightning.BatchGroupNorm`.
 
-Unlike ``torch.nn.SyncBatchNorm`` it runs on CPU (gloo) as well as CUDA (NCCL).
+Unlike ``torch.nn.SyncBatchNorm`` it runs on CPU (gloo) as well as CUDA (NCCL). On CUDA the local
+passes run on the fused Triton kernels (:mod:`bgn_lightning._triton`) on each side of the
+collectives; on CPU, and where those kernels are unavailable, on native ops.
 
 Use :func:`convert_sync_batchgroupnorm` before wrapping the model in DDP, the Lightning plugin
 ``Trainer(strategy="ddp", plugins=[BGNSync()])``, or ``NormSwap(..., sync=True)``.
@@ -18,6 +20,7 @@ Use :func:`convert_sync_batchgroupnorm` before wrapping the model in DDP, the Li
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +29,8 @@ from lightning.pytorch.plugins import LayerSync, TorchSyncBatchNorm
 from torch import Tensor, nn
 
 from . import _autograd as ops
+from . import _triton
+from ._triton import KernelFailure, TritonKernels
 from .functional import auto_num_groups
 from .layers import BatchGroupNorm, NumGroups
 
@@ -69,7 +74,11 @@ def _pooled_moments(local: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class _SyncBatchGroupNormFunction(torch.autograd.Function):
-    """Training-mode BGN with statistics pooled over a process group (forward and backward)."""
+    """Training-mode BGN with statistics pooled over a process group (forward and backward).
+
+    ``kernels`` are the fused Triton kernels (CUDA) or ``None`` (native ops); ``x`` is laid out for
+    them (:func:`_layout_for`).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -82,16 +91,27 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
         eps: float,
         group_count: int,
         process_group: ProcessGroup | None,
+        kernels: TritonKernels | None,
     ) -> Tensor:
         lay = ops.layout(x.shape[1], math.prod(x.shape[2:]), num_groups)
-        cells = ops.repeat_cells(table, lay.cells_per_group)
-        cell_weight = ops.cell_affine(weight, lay, table.dtype)
         ctx.num_groups, ctx.eps, ctx.layout = num_groups, eps, lay
         ctx.group_count, ctx.process_group = group_count, process_group
-        ctx.save_for_backward(x, table, cells, cell_weight)
+        ctx.save_for_backward(x, weight, table)
         if x.shape[0] == 0:
+            ctx.kernels = kernels
             return torch.empty_like(x)
-        return ops.normalize(x, cells, cell_weight, ops.cell_affine(bias, lay, table.dtype), eps, lay)
+        if kernels is not None:
+            try:
+                ctx.kernels = kernels
+                return kernels.normalize(x, table, weight, bias)
+            except KernelFailure as err:
+                _triton.disable(err)
+        ctx.kernels = None
+        xc, fmt = ops.contiguous_for_cells(x, lay)
+        cells = ops.repeat_cells(table, lay.cells_per_group)
+        cell_weight, cell_bias = (ops.cell_affine(t, lay, table.dtype) for t in (weight, bias))
+        y = ops.normalize(xc, cells, cell_weight, cell_bias, eps, lay)
+        return y if fmt is None else y.contiguous(memory_format=fmt)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -100,7 +120,7 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
                 "SyncBatchGroupNorm: double backward (create_graph=True) is not supported; use "
                 "BatchGroupNorm (revert_sync_batchgroupnorm) for higher-order gradients"
             )
-        x, table, cells, cell_weight = ctx.saved_tensors
+        x, weight, table = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
 
         def all_reduce(t: Tensor) -> None:
@@ -112,11 +132,56 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
                 all_reduce(torch.zeros(2, ctx.num_groups, dtype=table.dtype, device=table.device))
             zeros = torch.zeros(x.shape[1], dtype=table.dtype, device=x.device)
             dx, dw, db = torch.zeros_like(x), zeros, zeros
+        elif ctx.kernels is not None:
+            dx, dw, db = _fused_backward(ctx, x, weight, table, dy, all_reduce)
         else:
-            dx, dw, db = ops.closed_form_backward(ctx.layout, ctx.num_groups, ctx.eps, x, table, cells,
-                                                  cell_weight, dy, needs_x, ctx.group_count, all_reduce)
+            dx, dw, db = _native_backward(ctx, x, weight, table, dy, needs_x, all_reduce)
         return (dx if needs_x else None, dw if needs_w else None, db if needs_b else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
+
+
+def _native_backward(
+    ctx: Any, x: Tensor, weight: Tensor | None, table: Tensor, dy: Tensor, needs_x: bool,
+    all_reduce: Callable[[Tensor], Any],
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The closed-form backward of native ops (``x`` in any layout the kernels or the native ops use)."""
+    lay = ctx.layout
+    xc, fmt = ops.contiguous_for_cells(x, lay)
+    dx, dw, db = ops.closed_form_backward(
+        lay, ctx.num_groups, ctx.eps, xc, table, ops.repeat_cells(table, lay.cells_per_group),
+        ops.cell_affine(weight, lay, table.dtype), dy if fmt is None else dy.contiguous(), needs_x,
+        ctx.group_count, all_reduce)
+    return (dx if dx is None or fmt is None else dx.contiguous(memory_format=fmt)), dw, db
+
+
+def _fused_backward(
+    ctx: Any, x: Tensor, weight: Tensor | None, table: Tensor, dy: Tensor,
+    all_reduce: Callable[[Tensor], Any],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The Triton kernels' backward around the all-reduce; native ops if a kernel fails.
+
+    The collective runs exactly once either way: a kernel failing after it hands the reduced sums
+    to the native backward instead of all-reducing again.
+    """
+    needs = tuple(ctx.needs_input_grad[:3])
+    dy = dy.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    dtypes = (table.dtype, table.dtype)  # as the native path's; autograd casts to the parameters' dtype
+    try:
+        return ctx.kernels.backward(x, weight, table, dy, ctx.num_groups, needs, dtypes, ctx.group_count,
+                                    all_reduce)
+    except KernelFailure as err:
+        _triton.disable(err)
+        if err.reduced is None:
+            return _native_backward(ctx, x, weight, table, dy, needs[0], all_reduce)
+        # The native sums are (sum(w * dy), sum(w * dy * x_hat)); the kernels' second one lacks rstd.
+        reduced = torch.stack((err.reduced[0], err.reduced[1] * table[2])).to(table.dtype)
+        return _native_backward(ctx, x, weight, table, dy, needs[0], lambda t: t.copy_(reduced))
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def sync_batch_group_norm(
@@ -161,13 +226,20 @@ def sync_batch_group_norm(
     n, c = x.shape[0], x.shape[1]
     feature_numel = math.prod(x.shape[1:])
     lay = ops.layout(c, feature_numel // c, num_groups)
-    xc, fmt = ops.contiguous_for_cells(x, lay)
+    kernels = _fused_kernels(x, weight, bias, running_mean, running_var)
+    xc, fmt = (_triton.prepare(x)[0], None) if kernels is not None else ops.contiguous_for_cells(x, lay)
     dtype = ops.compute_dtype(x)
     with torch.no_grad():
-        if n:
+        mean = var = torch.zeros(num_groups, dtype=dtype, device=x.device)
+        if n and kernels is not None:
+            try:
+                mean, var, _ = kernels.moments(xc, num_groups, eps).unbind(0)
+            except KernelFailure as err:
+                _triton.disable(err)
+                kernels = None
+                xc, fmt = ops.contiguous_for_cells(x, lay)
+        if n and kernels is None:
             mean, var = ops.group_moments(xc, num_groups)
-        else:
-            mean = var = torch.zeros(num_groups, dtype=dtype, device=x.device)
         count = torch.full_like(mean, n * (feature_numel // num_groups))
         gathered = _gather(torch.stack((count, mean, var)), process_group, world_size)
         total, mean, var = _pooled_moments(gathered)
@@ -189,8 +261,13 @@ def sync_batch_group_norm(
             running_var.lerp_(unbiased.to(running_var.dtype), factor)
         table = ops.group_table(mean, var, eps, dtype)
     y = _SyncBatchGroupNormFunction.apply(xc, weight, bias, table, num_groups, eps, group_count,
-                                          process_group)
+                                          process_group, kernels)
     return y if fmt is None else y.contiguous(memory_format=fmt)
+
+
+def _fused_kernels(x: Tensor, *tensors: Tensor | None) -> TritonKernels | None:
+    """The Triton kernels for a CUDA ``x`` they serve (NCCL), else ``None`` (native ops, gloo)."""
+    return _triton.cuda_kernels(x, *tensors)
 
 
 class SyncBatchGroupNorm(BatchGroupNorm):

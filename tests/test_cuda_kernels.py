@@ -64,6 +64,7 @@ LAYOUTS = [
     ((2, 6, 3, 3), 1, "channels_last"),
     ((6, 40, 5, 7), 10, "contiguous"),  # several blocks of cells and several partial sums
     ((6, 40, 5, 7), 10, "channels_last"),
+    ((2, 4, 8, 12), 2, "contiguous"),  # runs of 96 values: three blocks of 32 per cell and row
 ]
 LAYOUT_IDS = [f"{'x'.join(map(str, s))}-G{g}-{m}" for s, g, m in LAYOUTS]
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -384,6 +385,101 @@ def test_a_backward_kernel_that_fails_falls_back_to_the_composite_gradient(kerne
         torch.testing.assert_close(got.double().cpu(), e, rtol=1e-4, atol=1e-4)
 
 
+# -- SyncBatchGroupNorm on the kernels (two gloo processes on CPU; NCCL on a GPU runs the same code) ---
+
+
+class _CountingKernels(triton_kernels.TritonKernels):
+    """The kernels, counting the synchronized calls; ``fail_dx`` makes the backward's last pass fail."""
+
+    def __init__(self, fail_dx: bool = False) -> None:
+        super().__init__()
+        self.fail_dx = fail_dx
+        self.calls = {"moments": 0, "normalize": 0, "backward": 0}
+
+    def moments(self, *args):
+        self.calls["moments"] += 1
+        return super().moments(*args)
+
+    def normalize(self, *args):
+        self.calls["normalize"] += 1
+        return super().normalize(*args)
+
+    def backward(self, *args):
+        self.calls["backward"] += 1
+        return super().backward(*args)
+
+    def _affine(self, geo, x, dy, *args):
+        if dy is not None and self.fail_dx:
+            raise RuntimeError("PTX assembly failed (simulated)")
+        return super()._affine(geo, x, dy, *args)
+
+
+def _sync_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    import bgn_lightning.sync as sync
+    from bgn_lightning import BatchGroupNorm, convert_sync_batchgroupnorm
+    from tests.test_sync import CASES, _layer, _run_steps
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results = {}
+        for fail_dx in (False, True):
+            kernels = _CountingKernels(fail_dx)
+            sync._fused_kernels = lambda x, *tensors, k=kernels: k
+            names = list(CASES) if not fail_dx else ["channels_last", "groups_straddle_channels_empty_rank"]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for name in names:
+                    sizes = CASES[name][0]
+                    start = sum(sizes[:rank])
+                    layer = convert_sync_batchgroupnorm(_layer(name, BatchGroupNorm))
+                    results[(name, fail_dx)] = _run_steps(name, layer, slice(start, start + sizes[rank]))
+            results[("calls", fail_dx)] = kernels.calls
+            results[("warnings", fail_dx)] = [str(w.message) for w in caught]
+        dist.barrier()
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@kernel_test
+def test_sync_batch_group_norm_on_the_kernels_matches_one_process(tmp_path: Path) -> None:
+    """Two processes on the kernels (uneven and empty batches, every layout) equal one on the whole batch.
+
+    Also with the backward's last kernel failing after the all-reduce: the native backward takes the
+    reduced sums (no second collective) and the results stay right.
+    """
+    import torch.multiprocessing as mp
+
+    from bgn_lightning import BatchGroupNorm
+    from tests.test_sync import CASES, _free_port, _layer, _run_steps
+
+    mp.spawn(_sync_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for rank in ranks:
+        assert all(n > 0 for n in rank[("calls", False)].values()), rank[("calls", False)]
+        assert not rank[("warnings", False)]
+    assert any("simulated" in m for r in ranks for m in r[("warnings", True)])
+    close = {"rtol": 1e-5, "atol": 1e-5}
+    for (name, fail_dx) in [k for k in ranks[0] if k[0] in CASES]:
+        reference = _run_steps(name, _layer(name, BatchGroupNorm), slice(None))
+        got = [r[(name, fail_dx)] for r in ranks]
+        for step in range(2):
+            where = f"{name} (failing dx: {fail_dx}) step {step}"
+            for key in ("y", "dx"):
+                torch.testing.assert_close(torch.cat([r[f"{key}{step}"] for r in got]),
+                                           reference[f"{key}{step}"], **close, msg=f"{where}: {key}")
+            for key in ("dw", "db"):
+                torch.testing.assert_close(got[0][f"{key}{step}"] + got[1][f"{key}{step}"],
+                                           reference[f"{key}{step}"], **close, msg=f"{where}: {key}")
+            if CASES[name][4]:
+                assert all(r[f"format{step}"] for r in got if r[f"y{step}"].shape[0])
+        for r in got:
+            torch.testing.assert_close(r["running_mean"], reference["running_mean"], **close)
+            torch.testing.assert_close(r["running_var"], reference["running_var"], **close)
+
+
 # -- availability and dispatch (no kernel runs: these stay in this process) ---------------------------
 
 
@@ -448,8 +544,8 @@ def test_kernels_compile_for_a_gpu_target_without_a_gpu() -> None:
     _compile_for_hopper(kernels.backward_coefficients, {
         "part_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*bf16", "coef_ptr": "*fp32", "dw_ptr": "*bf16",
         "db_ptr": "*bf16", **i32(["G", "U", "C", "K", "CPG", "SPLIT"], "i32"), "count": "fp32"},
-        {"HAS_W": True, "NEED_X": True, "NEED_W": True, "NEED_B": True, "BLOCK_G": 16, "BLOCK_T": 64,
-         "BLOCK_C": 16, "BLOCK_K": 64})
+        {"HAS_W": True, "NEED_X": True, "NEED_W": True, "NEED_B": True, "PHASE": 1, "BLOCK_G": 16,
+         "BLOCK_T": 64, "BLOCK_C": 16, "BLOCK_K": 64})
     _compile_for_hopper(kernels.cell_affine, {
         "x_ptr": "*fp32", "dy_ptr": "*fp32", "out_ptr": "*fp32", "p0_ptr": "*fp32", "p1_ptr": "*fp32",
         "p2_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
