@@ -204,6 +204,21 @@ class NormSwap(pl.Callback):
         self._wrapper = None
 
     # -- checkpoint --------------------------------------------------------------------------
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Make ``MyModel.load_from_checkpoint(path)`` rebuild the swapped model.
+
+        Lightning rebuilds a model from its saved hyper-parameters; it lets a checkpoint name a
+        trusted *instantiator* for that (``_instantiator``, an allow-listed path). This names
+        :func:`instantiate_swapped`, which builds the model and applies the saved swap before the
+        weights are loaded. A checkpoint that already names an instantiator (LightningCLI's
+        subclass mode) is left alone: load it with :meth:`load_model`.
+        """
+        hparams = checkpoint.get(pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict) and "_instantiator" not in hparams:
+            hparams["_instantiator"] = INSTANTIATOR
+
     def state_dict(self) -> dict[str, Any]:
         """The swap settings (plain values, loadable with ``torch.load(weights_only=True)``)."""
         return {
@@ -285,3 +300,39 @@ class NormSwap(pl.Callback):
         model = swapping.load_from_checkpoint(checkpoint_path, **kwargs)
         model.__class__ = model_class  # same layout: the helper subclass only added a hook
         return model
+
+
+INSTANTIATOR = f"{__name__}.instantiate_swapped"
+"""The ``_instantiator`` path :meth:`NormSwap.on_save_checkpoint` writes into checkpoints."""
+
+
+def instantiate_swapped(cls: type[M], init_args: dict[str, Any]) -> M:
+    """Build ``cls(**init_args)`` so that loading a NormSwap checkpoint converts it first.
+
+    Lightning calls this from ``cls.load_from_checkpoint`` for checkpoints written with
+    :class:`NormSwap` (see :meth:`NormSwap.on_save_checkpoint`). The model's
+    ``on_load_checkpoint`` hook, which Lightning calls before ``load_state_dict``, applies the
+    checkpoint's saved swap; the hook then behaves as the class defines it.
+    """
+    model = cls(**init_args)
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        del vars(model)["on_load_checkpoint"]  # one use: later calls are the class's own hook
+        if (checkpoint.get("callbacks") or {}).get(NormSwap.__qualname__) is not None:
+            NormSwap.from_checkpoint(checkpoint).convert(model)
+        model.on_load_checkpoint(checkpoint)
+
+    model.on_load_checkpoint = on_load_checkpoint
+    return model
+
+
+def _allow_instantiator() -> None:
+    """Add :data:`INSTANTIATOR` to Lightning's allow-list of checkpoint instantiators."""
+    from lightning.pytorch.core import saving
+
+    allowed = getattr(saving, "_ALLOWED_INSTANTIATORS", None)
+    if isinstance(allowed, set):
+        allowed.add(INSTANTIATOR)
+
+
+_allow_instantiator()

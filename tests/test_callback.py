@@ -161,6 +161,13 @@ def test_rebuild_for_inference_from_checkpoint(tmp_path):
     model.eval(), loaded.eval()
     torch.testing.assert_close(loaded(x), model(x))
 
+    # the standard path works too: Lightning builds the model through NormSwap's instantiator
+    standard = TinyNet.load_from_checkpoint(ckpt, map_location="cpu")
+    assert type(standard) is TinyNet and "on_load_checkpoint" not in vars(standard)
+    assert_swapped(standard)
+    torch.testing.assert_close(standard.eval()(x), model(x))
+    assert "_instantiator" not in standard.hparams  # a re-saved checkpoint gets it from NormSwap again
+
     # the same settings in a new Trainer: predict a fresh model from the checkpoint
     fresh = TinyNet()
     out = trainer(tmp_path, [swap]).predict(fresh, loader(16), ckpt_path=ckpt)
