@@ -33,7 +33,7 @@ TASK = Task(
     run=run_nas,
     extra_results=nas_extra_results,
     bench_outputs=genotype_agreement,
-    smoke_args=("--model.eval_epochs", "1"),
+    smoke_args=("--model.eval_epochs", "1", "--model.channels", "4", "--model.eval_cells", "3"),
 )
 
 __all__ = [
