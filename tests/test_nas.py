@@ -263,6 +263,9 @@ def test_genotype_agreement_counts_the_edges_two_searches_share(tmp_path: Path) 
     assert "| bgn vs bn | 8 | 0 | 75% | 75% | 75% | 88% |" in text
     assert "| bgn vs bn | 8 | 1 | 100% | 100% | 100% | 100% |" in text
     assert "| **bgn vs bn** | all | mean of 2 | 88% | 88% | 88% | 94% |" in text
+    # ops: max_pool_3x3, avg_pool_3x3, skip_connect, sep_conv_3x3, sep_conv_5x5, dil_conv_3x3, dil_conv_5x5
+    assert "| bn | 2 | 0 / 2 | 0 / 2 | 2 / 2 | 2 / 0 | 2 / 0 | 2 / 0 | 0 / 2 |" in text
+    assert "| bgn | 2 | 0 / 2 | 0 / 2 | 2 / 2 | 1 / 0 | 3 / 0 | 2 / 0 | 0 / 2 |" in text
 
 
 def test_search_then_eval_end_to_end_then_eval_alone_from_its_genotype(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from tasks.common.data import TaskConfigError
 from .datamodule import NasDataModule
 from .genotype import Genotype
 from .module import DartsEvalModule, DartsSearchModule
+from .ops import DARTS_OPS
 from .plot import draw_genotype
 
 __all__ = ["GENOTYPE_FILE", "GENOTYPE_PNG", "genotype_agreement", "nas_extra_results", "run_nas"]
@@ -116,7 +117,8 @@ def genotype_agreement(rows: list[tuple[str, dict[str, Any]]], output: Path) -> 
     """Sweep output: ``genotype_agreement.md``, how often searches of different rows pick the same ops.
 
     For every pair of rows (e.g. ``bn`` vs ``bgn``) and every (batch size, seed) both ran, the
-    shares of edges that agree (same input and op; same input), and their mean over seeds.
+    shares of edges that agree (same input and op; same input), and their mean over seeds; then
+    how often each of DARTS' ops (other than ``none``) appears in each row's derived cells.
     """
     genotypes: dict[str, dict[tuple[Any, Any], dict[str, Any]]] = defaultdict(dict)
     for label, record in rows:
@@ -147,6 +149,18 @@ def genotype_agreement(rows: list[tuple[str, dict[str, Any]]], output: Path) -> 
                     f"| **{a} vs {b}** | all | mean of {len(scores)} | {mean['normal_same_op']:.0%} "
                     f"| {mean['reduce_same_op']:.0%} | {mean['same_op']:.0%} | {mean['same_edge']:.0%} |"
                 )
+    lines += [
+        "",
+        "Ops in the derived cells, counted over every run of a row (normal / reduce):",
+        "",
+        "| row | runs | " + " | ".join(DARTS_OPS[1:]) + " |",
+        "|---|---|" + "---|" * (len(DARTS_OPS) - 1),
+    ]
+    for label in labels:
+        runs = list(genotypes[label].values())
+        counts = {cell: Counter(op for g in runs for op, _ in g[cell]) for cell in ("normal", "reduce")}
+        cells = " | ".join(f"{counts['normal'][op]} / {counts['reduce'][op]}" for op in DARTS_OPS[1:])
+        lines.append(f"| {label} | {len(runs)} | {cells} |")
     path = output / AGREEMENT_FILE
     path.write_text("\n".join(lines) + "\n")
     return [path]
