@@ -79,8 +79,9 @@ def _define_kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    # Sizes that only bound loops or masks are not specialized on (fewer compiled variants).
-    @triton.jit(do_not_specialize=["N", "SPLIT"])
+    # Triton compiles a variant per divisibility (by 16) and unit value of every int argument: only
+    # the row lengths and strides that decide vectorized loads (R, C, D, COLS) are specialized on.
+    @triton.jit(do_not_specialize=["N", "U", "S", "K", "CPG", "L", "SPLIT"])
     def cell_sums(x_ptr, dy_ptr, mean_ptr, part_ptr, N, U, R, S, C, K, CPG, L, D, SPLIT,
                   CL: tl.constexpr, BWD: tl.constexpr, BIG: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -155,7 +156,7 @@ def _define_kernels() -> SimpleNamespace:
         tl.store(part_ptr + out, s1, mask=qmask)
         tl.store(part_ptr + SPLIT * U + out, s2, mask=qmask)
 
-    @triton.jit(do_not_specialize=["G", "SPLIT"])
+    @triton.jit(do_not_specialize=["G", "U", "S", "C", "CPG", "L", "SPLIT"])
     def group_stats(x_ptr, part_ptr, stats_ptr, rm_ptr, rv_ptr, G, U, S, C, CPG, L, SPLIT, count,
                     eps, factor, CL: tl.constexpr, UPDATE: tl.constexpr,
                     BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -189,7 +190,7 @@ def _define_kernels() -> SimpleNamespace:
             tl.store(rm_ptr + grp, rm.to(tl.float32).to(rm_ptr.dtype.element_ty), mask=gmask)
             tl.store(rv_ptr + grp, rv.to(tl.float32).to(rv_ptr.dtype.element_ty), mask=gmask)
 
-    @triton.jit(do_not_specialize=["G", "SPLIT"])
+    @triton.jit(do_not_specialize=["G", "U", "C", "K", "CPG", "SPLIT"])
     def backward_coefficients(part_ptr, stats_ptr, w_ptr, coef_ptr, dw_ptr, db_ptr, G, U, C, K, CPG,
                               SPLIT, count, HAS_W: tl.constexpr, NEED_X: tl.constexpr,
                               NEED_W: tl.constexpr, NEED_B: tl.constexpr, PHASE: tl.constexpr,
@@ -257,7 +258,7 @@ def _define_kernels() -> SimpleNamespace:
                 db = tl.sum(gb, axis=1).to(tl.float32)
                 tl.store(db_ptr + ch, db.to(db_ptr.dtype.element_ty), mask=cmask)
 
-    @triton.jit(do_not_specialize=["ROWS"])
+    @triton.jit(do_not_specialize=["ROWS", "U", "S", "R", "K", "CPG"])
     def cell_affine(x_ptr, dy_ptr, out_ptr, p0_ptr, p1_ptr, p2_ptr, w_ptr, b_ptr, ROWS, COLS, U, S, R,
                     K, CPG, eps, CL: tl.constexpr, SEGMENTED: tl.constexpr, MODE: tl.constexpr,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BIG: tl.constexpr,
@@ -429,7 +430,7 @@ class TritonKernels:
         """The statistics pass and the per-group pooling: ``stats`` = (mean, var, rstd)."""
         part, split = self._cell_sums(geo, x, None, None)
         block_t = _pow2(geo.CPG, 64)
-        block_g = _pow2(geo.G, max(2, 1024 // block_t))
+        block_g = 1024 // block_t  # tied to block_t: one compiled variant per block_t
         self.kernels.group_stats[(_cdiv(geo.G, block_g),)](
             x, part, stats, running_mean, running_var, geo.G, geo.U, geo.S, geo.C, geo.CPG, geo.L, split,
             geo.count, eps, factor, CL=geo.CL, UPDATE=update, BLOCK_G=block_g, BLOCK_T=block_t,
@@ -446,7 +447,7 @@ class TritonKernels:
             x, x if dy is None else dy, out, p0, p1, p2,
             x if weight is None else weight, x if bias is None else bias,
             rows, cols, geo.U, geo.S, geo.R, geo.K, geo.CPG, eps,
-            CL=geo.CL, SEGMENTED=geo.K > 1, MODE=mode, HAS_W=weight is not None,
+            CL=geo.CL, SEGMENTED=geo.CL and geo.K > 1, MODE=mode, HAS_W=weight is not None,
             HAS_B=bias is not None, BIG=geo.BIG, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         )
         return out
@@ -489,9 +490,9 @@ class TritonKernels:
         """One launch of ``backward_coefficients`` (see there for ``phase``)."""
         need_x, need_w, need_b = needs
         block_t = _pow2(geo.CPG, 64)
-        block_g = _pow2(geo.G, max(2, 1024 // block_t))
+        block_g = 1024 // block_t  # tied to block_t and block_k: fewer compiled variants
         block_k = _pow2(geo.K, 64)
-        block_c = _pow2(geo.C, max(2, 1024 // block_k))
+        block_c = 1024 // block_k
         programs = max(_cdiv(geo.G, block_g) if need_x else 1,
                        _cdiv(geo.C, block_c) if need_w or need_b else 1)
         self.kernels.backward_coefficients[(programs,)](
