@@ -6,6 +6,7 @@ SWA) treat BGN as a norm layer.
 """
 
 from ._ext import cpu_kernels_available
+from ._triton import cuda_kernels_available
 from .callback import NormSwap
 from .convert import convert_norm_layer, convert_norms
 from .functional import auto_num_groups, batch_group_norm
@@ -40,6 +41,7 @@ __all__ = [
     "convert_norms",
     "convert_sync_batchgroupnorm",
     "cpu_kernels_available",
+    "cuda_kernels_available",
     "is_norm_layer",
     "norm_aware_attack",
     "norm_layer",
