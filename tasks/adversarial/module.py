@@ -13,8 +13,8 @@ from torchmetrics import MeanMetric
 
 from tasks.common.backbones import build_backbone
 from tasks.common.norms import norm_factory
-from tasks.common.optim import Schedule, param_groups, scaled_lr, warmup_scheduler
-from tasks.common.training import global_batch_size, grad_enabled
+from tasks.common.optim import Schedule, sgd_with_lr_rule
+from tasks.common.training import grad_enabled
 
 from .attacks import (
     ATTACK_NORM_MODES,
@@ -373,18 +373,7 @@ class AdversarialModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD on the linearly scaled rate with a per-step warm-up + decay schedule."""
         hp = self.hparams
-        lr = scaled_lr(hp.lr, global_batch_size(self.trainer, hp.global_batch_size), hp.base_batch_size)
-        optimizer = torch.optim.SGD(
-            param_groups(self, hp.weight_decay), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov
-        )
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, -(-int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches))
-        scheduler = warmup_scheduler(
-            optimizer,
-            warmup_steps=round(hp.warmup_epochs * per_epoch),
-            total_steps=total_steps,
-            schedule=hp.lr_schedule,
-            milestones=hp.milestones or (0.5, 0.75),
-            gamma=hp.gamma,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return sgd_with_lr_rule(
+            self, hp.lr, hp.base_batch_size, hp.global_batch_size, hp.momentum, hp.nesterov, hp.weight_decay,
+            hp.warmup_epochs, hp.lr_schedule, hp.milestones, hp.gamma,
+        )  # fmt: skip

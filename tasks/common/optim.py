@@ -16,13 +16,14 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+from lightning.pytorch import LightningModule
 from torch import nn
-from torch.optim import Optimizer
+from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from bgn_lightning import is_norm_layer
 
-__all__ = ["Schedule", "lr_multiplier", "param_groups", "scaled_lr", "warmup_scheduler"]
+__all__ = ["Schedule", "lr_multiplier", "param_groups", "scaled_lr", "sgd_with_lr_rule", "warmup_scheduler"]
 
 Schedule = Literal["cosine", "multistep", "constant"]
 
@@ -113,3 +114,61 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             continue
         (rest if id(p) in no_decay or name.endswith("bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def sgd_with_lr_rule(
+    module: LightningModule,
+    lr: float,
+    base_batch_size: int,
+    global_batch_size: int | None = None,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 5e-4,
+    warmup_epochs: float = 1.0,
+    lr_schedule: Schedule = "cosine",
+    milestones: Sequence[float] | None = None,
+    gamma: float = 0.1,
+) -> dict[str, Any]:
+    """``configure_optimizers`` of the tasks that train with SGD and the linear-scaling rule.
+
+    SGD (momentum, Nesterov) on :func:`param_groups` at ``lr * B / base_batch_size``, ``B`` the
+    global batch size (:func:`tasks.common.training.global_batch_size`), with a per-step
+    :func:`warmup_scheduler` of ``warmup_epochs`` epochs, then ``lr_schedule``.
+
+    Args:
+        module: the LightningModule (attached to its Trainer).
+        lr: rate at ``base_batch_size``.
+        base_batch_size: the batch size ``lr`` is tuned for.
+        global_batch_size: ``B``; ``None`` reads the DataModule's batch size x devices x accumulation.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 penalty on conv and linear weights (not norm affines and biases).
+        warmup_epochs: epochs of linear warm-up (fractions allowed).
+        lr_schedule: ``cosine``, ``multistep`` or ``constant`` after warm-up.
+        milestones: fractions of training at which ``multistep`` decays (default 0.5, 0.75).
+        gamma: ``multistep`` decay factor.
+
+    Returns:
+        Lightning's ``{"optimizer": ..., "lr_scheduler": {"scheduler": ..., "interval": "step"}}``.
+    """
+    from .training import global_batch_size as batch_rule
+
+    trainer = module.trainer
+    optimizer = SGD(
+        param_groups(module, weight_decay),
+        lr=scaled_lr(lr, batch_rule(trainer, global_batch_size), base_batch_size),
+        momentum=momentum,
+        nesterov=nesterov,
+    )
+    total_steps = max(1, int(trainer.estimated_stepping_batches))
+    # estimated_stepping_batches has set up the train dataloader, so its length is known
+    per_epoch = max(1, -(-int(trainer.num_training_batches) // trainer.accumulate_grad_batches))
+    scheduler = warmup_scheduler(
+        optimizer,
+        warmup_steps=round(warmup_epochs * per_epoch),
+        total_steps=total_steps,
+        schedule=lr_schedule,
+        milestones=milestones or (0.5, 0.75),
+        gamma=gamma,
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
