@@ -1,9 +1,9 @@
 """The UDA suite's measured numbers (docs/uda.md): three ``bgn-task bench`` sweeps, run one after another.
 
 1. ``default``: DANN vs source-only x bn, bgn x seeds 0, 1, 2 on the embedded synth→digits pair.
-2. ``modes``: DANN, bn vs bgn x domain_mode joint, separate x AdaBN off, on (seed 0).
-3. ``mnist_usps``: DANN vs source-only x bn, bgn on MNIST→USPS from the ImageFolder copies in
-   ``../shared/datasets`` (both at 16x16 grey, USPS's native size), seed 0.
+2. ``mnist_usps``: DANN vs source-only x bn, bgn on MNIST→USPS from the ImageFolder copies in
+   ``../shared/datasets`` (both at 16x16 grey, USPS's native size), seeds 0, 1, 2.
+3. ``modes``: DANN, bn vs bgn x domain_mode joint, separate x AdaBN off, on (seeds 0, 1, 2).
 
 Every run uses one thread and the sweeps run one run at a time (the CPU is shared); each sweep
 writes results.csv, results.md and accuracy_vs_batch_size.png under ``--output/<name>``, and
@@ -30,12 +30,12 @@ def sweeps(epochs: int, mnist_epochs: int, shared: Path) -> dict[str, list[str]]
     run = ["--", "--trainer.enable_progress_bar", "false"]
     return {
         "default": [*common, "--seeds", "0,1,2", "--max-epochs", str(epochs), *run],
-        "modes": [*common, "--seeds", "0", "--max-epochs", str(epochs),
-                  "--vary", "model.domain_mode=joint,separate", "--vary", "model.adabn=false,true",
-                  *run, "--method", "dann"],
-        "mnist_usps": [*common, "--seeds", "0", "--max-epochs", str(mnist_epochs), *run,
+        "mnist_usps": [*common, "--seeds", "0,1,2", "--max-epochs", str(mnist_epochs), *run,
                        "--data", "folders", "--source-dir", str(shared / "mnist"),
                        "--target-dir", str(shared / "usps"), "--data.image_size", "16"],
+        "modes": [*common, "--seeds", "0,1,2", "--max-epochs", str(epochs),
+                  "--vary", "model.domain_mode=joint,separate", "--vary", "model.adabn=false,true",
+                  *run, "--method", "dann"],
     }  # fmt: skip
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("outputs/bench/uda"))
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run on synth→digits")
-    parser.add_argument("--mnist-epochs", type=int, default=2, help="epochs per run on MNIST→USPS")
+    parser.add_argument("--mnist-epochs", type=int, default=1, help="epochs per run on MNIST→USPS")
     parser.add_argument("--shared", type=Path, default=SHARED, help="folder holding mnist/ and usps/")
     parser.add_argument("--only", action="append", help="run only these sweeps (repeatable)")
     args = parser.parse_args()

@@ -195,7 +195,7 @@ def test_discriminator_norms_come_from_the_registry_in_1d() -> None:
     ("dann", []),
     ("source_only", ["--domain-mode", "separate", "--adabn"]),
 ])  # fmt: skip
-def test_tiny_end_to_end_run_per_method(method: str, extra: list[str], data_dir: Path, tmp_path: Path) -> None:
+def test_tiny_end_to_end_run_per_method(method: str, extra: list[str], data_dir: Path, tmp_path: Path):
     out = tmp_path / "run"
     argv = ["uda", "--method", method, "--data-dir", str(data_dir), "--output", str(out), *TINY, *extra]
     assert main(argv) == 0

@@ -38,6 +38,7 @@ TASK = Task(
                "--target-dir": "--data.target_dir", "--domain-mode": "--model.domain_mode"},
     flags={"--adabn": ("--model.adabn", "true")},
     extra_results=_domains,
+    smoke_args=("--data.synth_per_class", "20"),
 )
 
 __all__ = ["TASK", "DANNModule", "DomainAdaptationDataModule"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,6 +29,8 @@ from .dann import (
 )
 
 __all__ = ["DOMAIN_MODES", "METHODS", "DANNModule"]
+
+log = logging.getLogger(__name__)
 
 METHODS = ("dann", "source_only")
 DOMAIN_MODES = ("joint", "separate")
@@ -84,6 +87,11 @@ class DANNModule(pl.LightningModule):
         grl_gamma: steepness of the reversal coefficient's warm start (10).
         lr_alpha: alpha of the rate's annealing ``(1 + alpha p)^-beta`` (10).
         lr_beta: beta of the annealing (0.75).
+        backbone_weights: a state-dict file (e.g. torchvision's ImageNet ResNet-50) loaded into the
+            backbone; tensors whose shape differs (a BGN layer's G running statistics, the classifier)
+            are skipped and logged. ``None``: trained from scratch.
+        backbone_lr_mult: the backbone's rate relative to the heads' (0.1 for a pretrained backbone,
+            as in the reference library's Office-31 protocol).
     """
 
     def __init__(
@@ -110,6 +118,8 @@ class DANNModule(pl.LightningModule):
         grl_gamma: float = 10.0,
         lr_alpha: float = 10.0,
         lr_beta: float = 0.75,
+        backbone_weights: str | None = None,
+        backbone_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         check_choice("method", method, METHODS)
@@ -123,6 +133,8 @@ class DANNModule(pl.LightningModule):
             )
         if trade_off < 0:
             raise ValueError(f"trade_off must be >= 0, got {trade_off!r}")
+        if backbone_lr_mult <= 0:
+            raise ValueError(f"backbone_lr_mult must be > 0, got {backbone_lr_mult!r}")
         head = head_norm or norm
         if head == "in":
             raise ValueError(
@@ -131,6 +143,8 @@ class DANNModule(pl.LightningModule):
             )
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, 0, in_channels, norm_factory(norm, groups, norm_kwargs))
+        if backbone_weights is not None:
+            _load_matching(self.backbone, backbone_weights)
         head_layer = norm_factory(head, groups if head_norm is None else "auto", norm_kwargs, dim=1)
         width = bottleneck_dim or self.backbone.feature_dim
         self.bottleneck: nn.Module = nn.Identity()
@@ -149,6 +163,11 @@ class DANNModule(pl.LightningModule):
         self._stats_in_use: int | None = None
 
     # -- the network ------------------------------------------------------------------------------
+    @property
+    def heads(self) -> nn.ModuleList:
+        """Everything trained at the full rate: bottleneck, classifier, discriminator."""
+        return nn.ModuleList([self.bottleneck, self.classifier, self.discriminator])
+
     def features(self, x: Tensor) -> Tensor:
         """Features ``(N, width)`` the classifier and the discriminator read."""
         return self.bottleneck(self.backbone(x))
@@ -270,9 +289,10 @@ class DANNModule(pl.LightningModule):
         """SGD on the linearly scaled rate, annealed per step as ``(1 + alpha p)^-beta``."""
         hp = self.hparams
         lr = scaled_lr(hp.lr, global_batch_size(self.trainer, hp.global_batch_size), hp.base_batch_size)
-        optimizer = torch.optim.SGD(
-            param_groups(self, hp.weight_decay), lr=lr, momentum=hp.momentum, nesterov=hp.nesterov
-        )
+        groups = []
+        for part, mult in ((self.backbone, hp.backbone_lr_mult), (self.heads, 1.0)):
+            groups += [{**g, "lr": lr * mult} for g in param_groups(part, hp.weight_decay)]
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
         self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         total = self._total_steps
 
@@ -281,3 +301,20 @@ class DANNModule(pl.LightningModule):
 
         scheduler = LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _load_matching(network: nn.Module, path: str) -> None:
+    """Load the tensors of the state dict in ``path`` whose names and shapes match ``network``'s.
+
+    Raises:
+        ValueError: when the file shares no tensor with ``network`` (the wrong architecture).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = network.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matching:
+        raise ValueError(f"backbone_weights {path!r}: no tensor matches the backbone's names and shapes")
+    network.load_state_dict(matching, strict=False)
+    skipped = sorted(set(own) - set(matching))
+    log.info("backbone_weights %s: loaded %d tensors, kept %d as initialised: %s", path, len(matching),
+             len(skipped), ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
