@@ -117,7 +117,7 @@ def _tiny_search(**kwargs: object) -> DartsSearchModule:
 
 @pytest.mark.parametrize("unrolled", [False, True])
 def test_arch_and_weight_parameters_are_disjoint_and_each_optimizer_moves_only_its_own(
-    unrolled: bool,
+    unrolled: bool, tmp_path: Path
 ) -> None:
     pl.seed_everything(0)
     module = _tiny_search(unrolled=unrolled)
@@ -142,7 +142,7 @@ def test_arch_and_weight_parameters_are_disjoint_and_each_optimizer_moves_only_i
     trainer = pl.Trainer(
         max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=None,
+        default_root_dir=str(tmp_path),
     )  # fmt: skip
     try:
         trainer.fit(module, datamodule=NasDataModule(batch_size=8))
@@ -158,6 +158,7 @@ def test_arch_and_weight_parameters_are_disjoint_and_each_optimizer_moves_only_i
     for name, changed in moved:
         assert changed == alphas if name == "Adam" else (changed and not changed & alphas), (name, changed)
     assert torch.isfinite(module.net.alphas_normal).all()
+    assert len((tmp_path / "search_alphas.jsonl").read_text().splitlines()) == 1  # one line per epoch
 
 
 def test_derive_cell_keeps_the_two_strongest_inputs_by_their_best_non_none_op() -> None:
