@@ -1,15 +1,18 @@
-"""The UDA suite's measured numbers (docs/uda.md): three ``bgn-task bench`` sweeps, run one after another.
+"""The UDA suite's measured numbers (docs/uda.md): five ``bgn-task bench`` sweeps, run one after another.
 
 1. ``default``: DANN vs source-only x bn, bgn x seeds 0, 1, 2 on the embedded synth→digits pair.
 2. ``mnist_usps``: DANN vs source-only x bn, bgn on MNIST→USPS from the ImageFolder copies in
    ``../shared/datasets`` (both at 16x16 grey, USPS's native size), seeds 0, 1, 2.
 3. ``modes``: DANN, bn vs bgn x domain_mode joint, separate x AdaBN off, on (seeds 0, 1, 2).
+4. ``joint_long``: DANN with ``joint`` at twice the epochs, bn vs bgn x AdaBN off, on (seeds 0, 1, 2).
+5. ``small_batch``: DANN, bn vs bgn at 8 + 8 images per step (a quarter of the epochs: the same
+   number of steps), where BGN's auto-G pools 4 channels per statistic (seeds 0, 1, 2).
 
 Every run uses one thread and the sweeps run one run at a time (the CPU is shared); each sweep
 writes results.csv, results.md and accuracy_vs_batch_size.png under ``--output/<name>``, and
 re-running skips finished runs.
 
-    python benchmarks/uda_sweep.py                       # all three, ~35 min on the shared 2-core CPU
+    python benchmarks/uda_sweep.py                       # all five, ~35 min on the shared 2-core CPU
     python benchmarks/uda_sweep.py --only default --epochs 4
 """
 
@@ -25,7 +28,7 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
 
 
 def sweeps(epochs: int, mnist_epochs: int, shared: Path) -> dict[str, list[str]]:
-    """The three sweeps' ``bgn-task bench`` arguments, by name."""
+    """The sweeps' ``bgn-task bench`` arguments, by name."""
     common = ["--norms", "bn,bgn", "--batch-sizes", "32", "--jobs", "1", "--threads", "1"]
     run = ["--", "--trainer.enable_progress_bar", "false"]
     return {
@@ -36,6 +39,12 @@ def sweeps(epochs: int, mnist_epochs: int, shared: Path) -> dict[str, list[str]]
         "modes": [*common, "--seeds", "0,1,2", "--max-epochs", str(epochs),
                   "--vary", "model.domain_mode=joint,separate", "--vary", "model.adabn=false,true",
                   *run, "--method", "dann"],
+        "joint_long": [*common, "--seeds", "0,1,2", "--max-epochs", str(2 * epochs),
+                       "--vary", "model.domain_mode=joint", "--vary", "model.adabn=false,true",
+                       *run, "--method", "dann"],
+        "small_batch": ["--norms", "bn,bgn", "--batch-sizes", "8", "--jobs", "1", "--threads", "1",
+                        "--seeds", "0,1,2", "--max-epochs", str(epochs // 4), "--vary", "none",
+                        *run, "--method", "dann"],
     }  # fmt: skip
 
 
