@@ -10,7 +10,7 @@ from ._triton import cuda_kernels_available
 from .callback import NormSwap
 from .convert import convert_norm_layer, convert_norms
 from .functional import auto_num_groups, batch_group_norm
-from .interop import NormAwareSWA, norm_aware_attack, norm_mode, set_norm_mode
+from .interop import NormAwareSWA, keeps_running_stats, norm_aware_attack, norm_mode, set_norm_mode
 from .layers import (
     BatchGroupNorm,
     BatchGroupNorm1d,
@@ -43,6 +43,7 @@ __all__ = [
     "cpu_kernels_available",
     "cuda_kernels_available",
     "is_norm_layer",
+    "keeps_running_stats",
     "norm_aware_attack",
     "norm_layer",
     "norm_mode",

@@ -26,7 +26,7 @@ from torchattacks.attack import Attack
 
 from .registry import is_norm_layer
 
-__all__ = ["NormAwareSWA", "norm_aware_attack", "norm_mode", "set_norm_mode"]
+__all__ = ["NormAwareSWA", "keeps_running_stats", "norm_aware_attack", "norm_mode", "set_norm_mode"]
 
 AttackT = TypeVar("AttackT", bound=Attack)
 
@@ -199,8 +199,13 @@ def _patch_attack_modes(atk: Attack) -> None:
     object.__setattr__(atk, "get_output_with_eval_nograd", get_output_with_eval_nograd)
 
 
-def _keeps_running_stats(module: nn.Module) -> bool:
-    """A norm layer with running statistics that SWA's final pass must recompute."""
+def keeps_running_stats(module: nn.Module) -> bool:
+    """Whether ``module`` is a norm layer that keeps running statistics (BN, BGN, tracked IN, ...).
+
+    Those are the layers whose statistics SWA's final pass and AdaBN must recompute: an
+    :func:`~bgn_lightning.is_norm_layer` module with a ``running_mean`` tensor, a ``momentum`` and
+    ``reset_running_stats()``.
+    """
     return (
         is_norm_layer(module)
         and isinstance(getattr(module, "running_mean", None), Tensor)
@@ -238,7 +243,7 @@ class NormAwareSWA(StochasticWeightAveraging):
     @staticmethod
     def pl_module_contains_batch_norm(pl_module: pl.LightningModule) -> bool:
         """Whether ``pl_module`` has a norm layer whose running statistics need recomputing."""
-        return any(_keeps_running_stats(module) for module in pl_module.modules())
+        return any(keeps_running_stats(module) for module in pl_module.modules())
 
     def reset_batch_norm_and_save_state(self, pl_module: pl.LightningModule) -> None:
         """Start the statistics epoch: reset the running statistics of every such norm layer.
@@ -252,7 +257,7 @@ class NormAwareSWA(StochasticWeightAveraging):
         pl_module.zero_grad(set_to_none=True)
         self.momenta = {}
         for module in pl_module.modules():
-            if _keeps_running_stats(module):
+            if keeps_running_stats(module):
                 module.reset_running_stats()
                 self.momenta[module] = module.momentum
                 module.momentum = None

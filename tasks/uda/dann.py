@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bgn_lightning import is_norm_layer, norm_mode
+from bgn_lightning import keeps_running_stats, norm_mode
 from tasks.common.norms import NormFactory
 
 __all__ = [
@@ -119,21 +119,12 @@ class DomainDiscriminator(nn.Sequential):
         return super().forward(features).squeeze(-1)
 
 
-def _keeps_running_stats(module: nn.Module) -> bool:
-    return (
-        is_norm_layer(module)
-        and isinstance(getattr(module, "running_mean", None), Tensor)
-        and hasattr(module, "momentum")
-        and callable(getattr(module, "reset_running_stats", None))
-    )
-
-
 def norm_statistics(model: nn.Module) -> dict[str, Tensor]:
     """A copy of the running statistics (``running_*``, ``num_batches_tracked``) of the norm layers."""
     return {
         f"{name}.{buffer}": value.detach().clone()
         for name, module in model.named_modules()
-        if _keeps_running_stats(module)
+        if keeps_running_stats(module)
         for buffer, value in module.named_buffers(recurse=False)
         if value is not None
     }
@@ -162,7 +153,7 @@ def adapt_norm_statistics(
     Raises:
         ValueError: when ``batches`` is empty (the statistics would be left reset).
     """
-    layers = [m for m in model.modules() if _keeps_running_stats(m)]
+    layers = [m for m in model.modules() if keeps_running_stats(m)]
     momenta = [m.momentum for m in layers]
     seen = 0
     try:
