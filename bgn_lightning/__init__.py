@@ -8,7 +8,7 @@ SWA) treat BGN as a norm layer.
 from ._ext import cpu_kernels_available
 from ._triton import cuda_kernels_available
 from .callback import NormSwap
-from .convert import convert_norm_layer, convert_norms
+from .convert import ConversionReport, convert_norm_layer, convert_norms, register_norm_adapter
 from .functional import auto_num_groups, batch_group_norm
 from .interop import NormAwareSWA, keeps_running_stats, norm_aware_attack, norm_mode, set_norm_mode
 from .layers import (
@@ -18,6 +18,7 @@ from .layers import (
     BatchGroupNorm3d,
     PositionalNorm,
 )
+from .norm_act import NormAct
 from .registry import available_norms, build_norm, is_norm_layer, norm_layer, register_norm
 from .sync import BGNSync, SyncBatchGroupNorm, convert_sync_batchgroupnorm, revert_sync_batchgroupnorm
 
@@ -29,6 +30,8 @@ __all__ = [
     "BatchGroupNorm1d",
     "BatchGroupNorm2d",
     "BatchGroupNorm3d",
+    "ConversionReport",
+    "NormAct",
     "NormAwareSWA",
     "NormSwap",
     "PositionalNorm",
@@ -48,6 +51,7 @@ __all__ = [
     "norm_layer",
     "norm_mode",
     "register_norm",
+    "register_norm_adapter",
     "revert_sync_batchgroupnorm",
     "set_norm_mode",
 ]

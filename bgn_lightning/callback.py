@@ -10,7 +10,8 @@ Where the swap happens in Lightning's ``Trainer._run`` (checked against Lightnin
 
 so the optimizer and DDP only ever see the new layers, and ``trainer.fit(..., ckpt_path=...)``
 resumes into them. The settings are saved in the checkpoint (``state_dict``), which is how
-:meth:`NormSwap.load_model` rebuilds a swapped model for inference.
+:meth:`NormSwap.load_model` rebuilds a swapped model for inference. The callback works in a
+``lightning.pytorch`` and in a ``pytorch_lightning`` Trainer (see :mod:`bgn_lightning._lightning`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from .convert import DEFAULT_SOURCE_TYPES, _convert_tree
+from . import _lightning
+from .convert import _ON_UNKNOWN, DEFAULT_SOURCE_TYPES, OnUnknown, convert_tree
 from .registry import available_norms
 
 __all__ = ["NormSwap"]
@@ -89,6 +90,8 @@ class NormSwap(pl.Callback):
         types: the layer classes to replace, as classes or dotted paths (e.g.
             ``"torch.nn.GroupNorm"``); default BatchNorm1d/2d/3d and SyncBatchNorm.
         dim: spatial dimensionality for source layers whose class does not tell it.
+        on_unknown: a source-type layer whose ``forward`` the converter does not know (see
+            :func:`bgn_lightning.convert_norms`): ``"error"`` stops the run, ``"warn"`` leaves it.
         num_groups: ``G`` for the new layers (int or ``"auto"``); ``None`` keeps the norm's
             default. Every registry norm accepts ``"auto"``. A named argument (not only part of
             ``**kwargs``) so that LightningCLI can set it: ``--trainer.callbacks.num_groups=8``.
@@ -100,7 +103,8 @@ class NormSwap(pl.Callback):
 
     Raises:
         ValueError: for an unknown ``norm``, a ``types`` entry that is not an ``nn.Module``
-            subclass, a bad ``dim`` or a keyword value that cannot be saved in a checkpoint.
+            subclass, a bad ``dim`` or ``on_unknown``, or a keyword value that cannot be saved
+            in a checkpoint.
     """
 
     def __init__(
@@ -110,12 +114,17 @@ class NormSwap(pl.Callback):
         types: Sequence[type[nn.Module] | str] | None = None,
         dim: int | None = None,
         num_groups: int | str | None = None,
+        on_unknown: OnUnknown = "error",
         **kwargs: Any,
     ) -> None:
         if norm not in available_norms():
             raise ValueError(f"NormSwap: unknown norm {norm!r}; known norms: {', '.join(available_norms())}")
         if dim not in (None, 1, 2, 3):
             raise ValueError(f"NormSwap: dim must be 1, 2, 3 or None, got {dim!r}")
+        if on_unknown not in _ON_UNKNOWN:
+            raise ValueError(
+                f"NormSwap: on_unknown must be one of {', '.join(_ON_UNKNOWN)}, got {on_unknown!r}"
+            )
         if num_groups is not None:
             kwargs = {"num_groups": num_groups, **kwargs}
         for key, value in kwargs.items():
@@ -134,9 +143,11 @@ class NormSwap(pl.Callback):
         if not self.types:
             raise ValueError("NormSwap: types must name at least one layer class")
         self.dim = dim
+        self.on_unknown = on_unknown
         self.kwargs = dict(kwargs)
         self.swapped: Counter[str] = Counter()
         self._wrapper: Any = None
+        _lightning.allow_instantiator(INSTANTIATOR)
 
     def __repr__(self) -> str:
         settings = [f"{self.norm!r}", *(f"{k}={v!r}" for k, v in self.kwargs.items())]
@@ -146,6 +157,8 @@ class NormSwap(pl.Callback):
             settings.append(f"types={[t.__name__ for t in self.types]}")
         if self.dim is not None:
             settings.append(f"dim={self.dim}")
+        if self.on_unknown != "error":
+            settings.append(f"on_unknown={self.on_unknown!r}")
         return f"{type(self).__name__}({', '.join(settings)})"
 
     # -- conversion --------------------------------------------------------------------------
@@ -158,19 +171,24 @@ class NormSwap(pl.Callback):
         Returns:
             The number of layers replaced.
         """
-        return sum(_convert_tree(module, self.norm, self.types, self.dim, self.kwargs).values())
+        return self._convert(module).total
+
+    def _convert(self, module: nn.Module) -> Any:
+        return convert_tree(module, self.norm, self.types, dim=self.dim, on_unknown=self.on_unknown,
+                            kwargs=self.kwargs)
 
     def _swap(self, pl_module: pl.LightningModule, when: str) -> None:
-        counts = _convert_tree(pl_module, self.norm, self.types, self.dim, self.kwargs)
-        if counts:
-            for (source, target), n in counts.items():
+        report = self._convert(pl_module)
+        if report.replaced:
+            for (source, target), n in report.replaced.items():
                 self.swapped[f"{source} -> {target}"] += n
-            details = ", ".join(f"{n} {source} -> {target}" for (source, target), n in sorted(counts.items()))
             settings = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-            total = sum(counts.values())
-            rank_zero_info(
+            total = report.total
+            _lightning.rank_zero(
+                "info",
                 f"NormSwap: replaced {total} norm layer{'s' if total != 1 else ''} with {self.norm!r}"
-                f"{f' ({settings})' if settings else ''} {when}: {details}"
+                f"{f' ({settings})' if settings else ''} {when}: {report.describe()}",
+                like=pl_module,
             )
         if self.sync:
             from .sync import convert_sync_batchgroupnorm
@@ -181,7 +199,8 @@ class NormSwap(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Swap the existing layers; arrange a second swap right after ``configure_model``."""
         self._swap(pl_module, "in setup")
-        if is_overridden("configure_model", pl_module) and "configure_model" not in vars(pl_module):
+        overridden = _lightning.is_overridden("configure_model", pl_module)
+        if overridden and "configure_model" not in vars(pl_module):
             original = pl_module.configure_model
 
             @functools.wraps(original)
@@ -215,7 +234,8 @@ class NormSwap(pl.Callback):
         weights are loaded. A checkpoint that already names an instantiator (LightningCLI's
         subclass mode) is left alone: load it with :meth:`load_model`.
         """
-        hparams = checkpoint.get(pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY)
+        _lightning.allow_instantiator(INSTANTIATOR)  # the user may have imported their Lightning after us
+        hparams = checkpoint.get(type(pl_module).CHECKPOINT_HYPER_PARAMS_KEY)
         if isinstance(hparams, dict) and "_instantiator" not in hparams:
             hparams["_instantiator"] = INSTANTIATOR
 
@@ -227,6 +247,7 @@ class NormSwap(pl.Callback):
             "types": [_type_name(t) for t in self.types],
             "dim": self.dim,
             "sync": self.sync,
+            "on_unknown": self.on_unknown,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -265,7 +286,8 @@ class NormSwap(pl.Callback):
                 f"NormSwap?"
             )
         return cls(state["norm"], sync=state.get("sync", False), types=state.get("types"),
-                   dim=state.get("dim"), **state.get("kwargs", {}))
+                   dim=state.get("dim"), on_unknown=state.get("on_unknown", "error"),
+                   **state.get("kwargs", {}))
 
     @classmethod
     def load_model(cls, model_class: type[M], checkpoint_path: str | Path, **kwargs: Any) -> M:
@@ -292,6 +314,7 @@ class NormSwap(pl.Callback):
             cls.from_checkpoint(checkpoint).convert(self)
             super(swapping, self).on_load_checkpoint(checkpoint)
 
+        _lightning.allow_instantiator(INSTANTIATOR)
         swapping = type(model_class.__name__, (model_class,), {
             "on_load_checkpoint": on_load_checkpoint,
             "__module__": model_class.__module__,
@@ -326,13 +349,4 @@ def instantiate_swapped(cls: type[M], init_args: dict[str, Any]) -> M:
     return model
 
 
-def _allow_instantiator() -> None:
-    """Add :data:`INSTANTIATOR` to Lightning's allow-list of checkpoint instantiators."""
-    from lightning.pytorch.core import saving
-
-    allowed = getattr(saving, "_ALLOWED_INSTANTIATORS", None)
-    if isinstance(allowed, set):
-        allowed.add(INSTANTIATOR)
-
-
-_allow_instantiator()
+_lightning.allow_instantiator(INSTANTIATOR)

@@ -31,21 +31,52 @@ Running statistics, BatchNorm (``C`` per-channel entries) to BatchGroupNorm (``G
 
 Same-shape running statistics (e.g. BatchNorm to BatchNorm, or BatchGroupNorm with ``G = C`` back
 to BatchNorm) are copied; anything else starts fresh.
+
+Layers whose ``forward`` does more than normalize. A matched layer is replaced only when the
+converter knows what its ``forward`` computes:
+
+* the ``forward`` is torch's or this project's (``nn.BatchNorm2d``, ``nn.SyncBatchNorm`` and
+  subclasses that do not override ``forward``): replaced by the new norm;
+* its class has an *adapter* (:func:`register_norm_adapter`), which builds the replacement from
+  the old layer and the new norm. timm's fused norm-act layers (``BatchNormAct2d``,
+  ``SyncBatchNormAct``: norm, then ``drop``, then ``act``) have built-in adapters that keep their
+  ``drop`` and ``act`` modules in a :class:`~bgn_lightning.NormAct`;
+* anything else (e.g. timm's ``SplitBatchNorm2d``, quantized BatchNorm) is **not** replaced:
+  ``on_unknown="error"`` (the default) raises a ``ValueError`` naming the class and the layer
+  path; ``on_unknown="warn"`` leaves such layers as they are, with one warning.
+
+Modules that are not instances of ``types`` are never touched (torchvision's
+``FrozenBatchNorm2d`` is an ``nn.Module``, not a BatchNorm).
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .layers import BatchGroupNorm, BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d
-from .registry import available_norms, build_norm
+from .registry import available_norms, build_norm, is_norm_layer
 
-__all__ = ["DEFAULT_SOURCE_TYPES", "convert_norm_layer", "convert_norms"]
+__all__ = [
+    "DEFAULT_SOURCE_TYPES",
+    "ConversionReport",
+    "NormAdapter",
+    "convert_norm_layer",
+    "convert_norms",
+    "register_norm_adapter",
+]
+
+NormAdapter = Callable[[nn.Module, nn.Module], nn.Module]
+"""``adapter(source_layer, new_norm) -> replacement``: see :func:`register_norm_adapter`."""
+
+OnUnknown = Literal["error", "warn"]
 
 DEFAULT_SOURCE_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -62,6 +93,114 @@ _DIM_OF_TYPE: tuple[tuple[tuple[type[nn.Module], ...], int], ...] = (
 )
 
 _INHERITED = ("eps", "momentum", "affine")
+_ON_UNKNOWN = ("error", "warn")
+_ADAPTERS: dict[type[nn.Module], NormAdapter] = {}
+
+
+def register_norm_adapter(
+    source_type: type[nn.Module], adapter: NormAdapter | None = None, *, overwrite: bool = False
+) -> Any:
+    """Teach the converter a norm class whose ``forward`` does more than normalize.
+
+    ``adapter(source_layer, new_norm)`` returns the module that replaces ``source_layer``;
+    ``new_norm`` is the registry norm already built from it (parameters, running statistics,
+    device, dtype and mode carried over). The adapter applies to ``source_type`` and to its
+    subclasses that do not override ``forward``. Usable as a decorator::
+
+        @register_norm_adapter(MyBatchNormReLU)        # forward: relu(batch_norm(x))
+        def keep_relu(source: MyBatchNormReLU, norm: nn.Module) -> nn.Module:
+            return NormAct(norm, act=nn.ReLU())
+
+    Args:
+        source_type: the norm class (an ``nn.Module`` subclass).
+        adapter: the function; omitted, the call returns a decorator.
+        overwrite: replace an adapter already registered for ``source_type``.
+
+    Returns:
+        ``adapter`` (or, without it, a decorator that registers and returns its function).
+
+    Raises:
+        ValueError: if ``source_type`` is not an ``nn.Module`` subclass, ``adapter`` cannot be
+            called as ``adapter(source_layer, new_norm)``, or ``source_type`` already has one
+            and ``overwrite`` is false.
+    """
+    if not (isinstance(source_type, type) and issubclass(source_type, nn.Module)):
+        raise ValueError(
+            f"register_norm_adapter: source_type must be an nn.Module subclass, got {source_type!r}"
+        )
+
+    def register(fn: NormAdapter) -> NormAdapter:
+        try:
+            inspect.signature(fn).bind(None, None)
+        except TypeError:
+            raise ValueError(
+                f"register_norm_adapter({source_type.__name__}): the adapter must be callable as "
+                f"adapter(source_layer, new_norm), got {getattr(fn, '__name__', fn)!r} with signature "
+                f"{inspect.signature(fn)}"
+            ) from None
+        except ValueError:  # no signature to inspect (some builtins): checked when called
+            if not callable(fn):
+                raise ValueError(
+                    f"register_norm_adapter({source_type.__name__}): the adapter must be callable, got {fn!r}"
+                ) from None
+        if source_type in _ADAPTERS and not overwrite:
+            raise ValueError(
+                f"register_norm_adapter: {source_type.__name__} already has an adapter; pass "
+                f"overwrite=True to replace it"
+            )
+        _ADAPTERS[source_type] = fn
+        return fn
+
+    return register if adapter is None else register(adapter)
+
+
+def _forward_owner(cls: type[nn.Module]) -> type:
+    return next(c for c in cls.__mro__ if "forward" in vars(c))
+
+
+def _adapter_for(cls: type[nn.Module]) -> NormAdapter | None:
+    """The user's adapter for ``cls``, else the built-in one, else ``None`` (plain replacement)."""
+    from . import _timm
+
+    owner = _forward_owner(cls)
+    for adapters in (_ADAPTERS, _timm.adapters()):
+        for candidate in (cls, owner):
+            if candidate in adapters:
+                return adapters[candidate]
+    return None
+
+
+def _knows_forward(cls: type[nn.Module]) -> bool:
+    """Whether ``cls``'s ``forward`` is torch's or this project's, i.e. a plain norm."""
+    return _forward_owner(cls).__module__.startswith(("torch.nn.", "bgn_lightning."))
+
+
+@dataclass
+class ConversionReport:
+    """What one conversion did, by class name.
+
+    Attributes:
+        replaced: ``(source class, new class)`` -> number of layers replaced.
+        left: class -> number of norm layers left as they were (not of the source types,
+            of a type with an unknown ``forward`` under ``on_unknown="warn"``, or already
+            converted); a norm layer is an :func:`~bgn_lightning.is_norm_layer` module or any
+            module with a ``running_mean`` tensor (e.g. ``FrozenBatchNorm2d``).
+    """
+
+    replaced: Counter[tuple[str, str]] = field(default_factory=Counter)
+    left: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        """The number of layers replaced."""
+        return sum(self.replaced.values())
+
+    def describe(self) -> str:
+        """One line: ``"3 BatchNorm2d -> BatchGroupNorm2d; left: 2 LayerNorm"``."""
+        done = ", ".join(f"{n} {s} -> {t}" for (s, t), n in sorted(self.replaced.items()))
+        done = done or "nothing replaced"
+        left = ", ".join(f"{n} {c}" for c, n in sorted(self.left.items()))
+        return f"{done}; left: {left}" if left else done
 
 
 def convert_norms(
@@ -70,14 +209,16 @@ def convert_norms(
     types: Sequence[type[nn.Module]] | type[nn.Module] = DEFAULT_SOURCE_TYPES,
     *,
     dim: int | None = None,
+    on_unknown: OnUnknown = "error",
     **kwargs: Any,
 ) -> int:
     """Replace, in place, every submodule of ``module`` that is an instance of ``types``.
 
     Each match is replaced by ``build_norm(to, num_features, dim, **kwargs)`` as described in the
-    module docstring (parameters reused, hyper-parameters and running statistics carried over).
-    Converting an already converted model is a no-op: a layer whose replacement would have its
-    own type is left alone. A layer shared by several parents is converted once and stays shared.
+    module docstring (parameters reused, hyper-parameters and running statistics carried over;
+    fused norm-act layers keep their activation). Converting an already converted model is a
+    no-op: a layer whose replacement would have its own type is left alone. A layer shared by
+    several parents is converted once and stays shared.
 
     Args:
         module: the model; its children are replaced in place.
@@ -86,6 +227,9 @@ def convert_norms(
         dim: spatial dimensionality of the new layers, for source layers whose class does not
             tell it (``SyncBatchNorm``). Left ``None``, such layers become the any-rank
             :class:`~bgn_lightning.BatchGroupNorm` for ``to="bgn"`` and raise for other names.
+        on_unknown: what to do with a matched layer whose ``forward`` the converter does not
+            know and that has no adapter: ``"error"`` raises before anything is replaced,
+            ``"warn"`` leaves those layers as they are, with one warning.
         **kwargs: passed to the new layers, e.g. ``num_groups=8`` or ``num_groups="auto"``.
 
     Returns:
@@ -93,10 +237,11 @@ def convert_norms(
 
     Raises:
         ValueError: if ``module`` itself is one of ``types`` (it cannot be replaced in place; use
-            :func:`convert_norm_layer`), for an unknown ``to``, bad ``types`` or ``dim``, or a
-            lazy layer that has not seen an input yet.
+            :func:`convert_norm_layer`), for an unknown ``to``, bad ``types``, ``dim`` or
+            ``on_unknown``, a lazy layer that has not seen an input yet, or (with
+            ``on_unknown="error"``) a layer whose ``forward`` is unknown.
     """
-    return sum(_convert_tree(module, to, types, dim, kwargs).values())
+    return convert_tree(module, to, types, dim=dim, on_unknown=on_unknown, kwargs=kwargs).total
 
 
 def convert_norm_layer(
@@ -116,15 +261,33 @@ def convert_norm_layer(
     Raises:
         ValueError: for an unknown ``to``, a layer without ``num_features`` or an unknown ``dim``.
     """
-    _check_target(to, dim)
+    _check_target(to, dim, "error")
+    if not _knows_forward(type(layer)) and _adapter_for(type(layer)) is None:
+        raise ValueError(_unknown_message([("<layer>", layer)]))
     return _convert_layer(layer, to, dim, kwargs)
 
 
-def _check_target(to: str, dim: int | None) -> None:
+def _check_target(to: str, dim: int | None, on_unknown: str) -> None:
     if to not in available_norms():
         raise ValueError(f"convert_norms: unknown norm {to!r}; known norms: {', '.join(available_norms())}")
     if dim is not None and dim not in (1, 2, 3):
         raise ValueError(f"convert_norms: dim must be 1, 2, 3 or None, got {dim!r}")
+    if on_unknown not in _ON_UNKNOWN:
+        raise ValueError(
+            f"convert_norms: on_unknown must be one of {', '.join(_ON_UNKNOWN)}, got {on_unknown!r}"
+        )
+
+
+def _unknown_message(layers: list[tuple[str, nn.Module]]) -> str:
+    paths = ", ".join(
+        f"{path} ({type(layer).__module__}.{type(layer).__qualname__})" for path, layer in layers
+    )
+    return (
+        f"convert_norms: {len(layers)} layer{'s' if len(layers) != 1 else ''} of the source types "
+        f"compute{'s' if len(layers) == 1 else ''} more than a norm in forward(), which the new norm would "
+        f"silently drop: {paths}. Register an adapter (bgn_lightning.register_norm_adapter(cls, fn)), "
+        f"or pass on_unknown='warn' to leave such layers as they are"
+    )
 
 
 def _check_types(types: Sequence[type[nn.Module]] | type[nn.Module]) -> tuple[type[nn.Module], ...]:
@@ -139,45 +302,87 @@ def _check_types(types: Sequence[type[nn.Module]] | type[nn.Module]) -> tuple[ty
     return types
 
 
-def _convert_tree(
+def convert_tree(
     module: nn.Module,
     to: str,
     types: Sequence[type[nn.Module]] | type[nn.Module],
+    *,
     dim: int | None,
+    on_unknown: str,
     kwargs: dict[str, Any],
-) -> Counter[tuple[str, str]]:
-    """Convert in place; count replacements per ``(source class, new class)`` name pair."""
-    _check_target(to, dim)
+) -> ConversionReport:
+    """:func:`convert_norms`, returning the :class:`ConversionReport` instead of the count."""
+    _check_target(to, dim, on_unknown)
     types = _check_types(types)
     if isinstance(module, types):
         raise ValueError(
             f"convert_norms: the root module is itself a {type(module).__name__}, which cannot be "
             f"replaced in place; use convert_norm_layer(module, {to!r}, ...) and keep its result"
         )
-    counts: Counter[tuple[str, str]] = Counter()
+    matches = _matches(module, types)
+    unknown = [(path, layer) for path, layer in matches.values()
+               if not _knows_forward(type(layer)) and _adapter_for(type(layer)) is None]
+    if unknown and on_unknown == "error":
+        raise ValueError(_unknown_message(unknown))
+    if unknown:
+        warnings.warn(_unknown_message(unknown).replace(", or pass on_unknown='warn' to leave such layers as "
+                                                        "they are", "; left as they are"), stacklevel=3)
+    skip = {id(layer) for _, layer in unknown}
+    report = ConversionReport()
     converted: dict[int, nn.Module] = {}  # id(old layer) -> new layer, keeps shared layers shared
-    visited: set[int] = set()
 
     def visit(parent: nn.Module) -> None:
-        if id(parent) in visited:
-            return
-        visited.add(id(parent))
         # _modules, not named_children(): the latter skips a second reference to the same child
         for name, child in list(parent._modules.items()):
             if child is None:
                 continue
-            if isinstance(child, types):
+            if id(child) in matches and id(child) not in skip:
                 if id(child) not in converted:
                     new = _convert_layer(child, to, dim, kwargs)
                     converted[id(child)] = new
                     if new is not child:
-                        counts[(type(child).__name__, type(new).__name__)] += 1
+                        report.replaced[(type(child).__name__, _describe(new))] += 1
                 setattr(parent, name, converted[id(child)])
-            else:
+            elif id(child) not in visited:
+                visited.add(id(child))
                 visit(child)
 
+    visited = {id(module)}
     visit(module)
-    return counts
+    new_layers = {id(m) for new in converted.values() for m in new.modules()}
+    for m in module.modules():
+        is_norm = is_norm_layer(m) or isinstance(getattr(m, "running_mean", None), Tensor)
+        if is_norm and id(m) not in new_layers:
+            report.left[type(m).__name__] += 1
+    return report
+
+
+def _matches(module: nn.Module, types: tuple[type[nn.Module], ...]) -> dict[int, tuple[str, nn.Module]]:
+    """``id -> (first path, layer)`` for each layer of ``types`` under ``module``, not inside another."""
+    found: dict[int, tuple[str, nn.Module]] = {}
+    visited: set[int] = set()
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            path = f"{prefix}{name}"
+            if isinstance(child, types):
+                found.setdefault(id(child), (path, child))
+            elif id(child) not in visited:
+                visited.add(id(child))
+                visit(child, path + ".")
+
+    visit(module, "")
+    return found
+
+
+def _describe(new: nn.Module) -> str:
+    from .norm_act import NormAct
+
+    if isinstance(new, NormAct):
+        return f"{type(new).__name__}({type(new.norm).__name__})"
+    return type(new).__name__
 
 
 def _source_dim(layer: nn.Module, dim: int | None, to: str) -> int | None:
@@ -222,6 +427,7 @@ def _convert_layer(layer: nn.Module, to: str, dim: int | None, kwargs: dict[str,
         new = _build(to, num_features, target_dim, {**kwargs, **inherited})
     if type(new) is type(layer):
         return layer
+    adapter = _adapter_for(type(layer))
     reference = _first_tensor(layer)
     if reference is not None:
         new.to(device=reference.device, dtype=reference.dtype)
@@ -235,7 +441,16 @@ def _convert_layer(layer: nn.Module, to: str, dim: int | None, kwargs: dict[str,
     new.train(layer.training)
     if hasattr(layer, "qconfig"):
         new.qconfig = layer.qconfig
-    return new
+    if adapter is None:
+        return new
+    replacement = adapter(layer, new)
+    if not isinstance(replacement, nn.Module):
+        raise ValueError(
+            f"convert_norms: the adapter {getattr(adapter, '__name__', adapter)!r} for "
+            f"{type(layer).__name__} returned {type(replacement).__name__}, not an nn.Module"
+        )
+    replacement.training = layer.training
+    return replacement
 
 
 def _build(to: str, num_features: int, dim: int | None, kwargs: dict[str, Any]) -> nn.Module:

@@ -34,7 +34,7 @@ from .layers import (
     PositionalNorm,
 )
 
-__all__ = ["available_norms", "build_norm", "is_norm_layer", "norm_layer", "register_norm"]
+__all__ = ["RegistryNorm", "available_norms", "build_norm", "is_norm_layer", "norm_layer", "register_norm"]
 
 NormFactory = Callable[..., nn.Module]
 """``factory(num_features, dim, **kwargs) -> nn.Module``."""
@@ -192,14 +192,39 @@ def build_norm(name: str, num_features: int, dim: int = 2, **kwargs: Any) -> nn.
     return factory(num_features, dim, **kwargs)
 
 
-def norm_layer(name: str, dim: int = 2, **kwargs: Any) -> Callable[[int], nn.Module]:
-    """A ``num_features -> nn.Module`` callable, as torchvision's ``norm_layer=`` expects.
+class RegistryNorm:
+    """``RegistryNorm(num_features, norm=name, dim=d, **kw)`` is ``build_norm(name, num_features, d, **kw)``.
 
-    Example: ``torchvision.models.resnet18(norm_layer=norm_layer("bgn", num_groups="auto"))``.
-    The result is a :func:`functools.partial` (picklable); the name is checked now.
+    The class :func:`norm_layer` binds: a class taking ``num_features`` first and everything else
+    by keyword is what model zoos expect of a ``norm_layer`` (timm unbinds a ``partial`` and
+    rebinds only its keywords), and timm's norm-act lookup maps it to
+    :class:`~bgn_lightning.norm_act.NormActLayer` (see :mod:`bgn_lightning._timm`).
+    """
+
+    def __new__(cls, num_features: int, *, norm: str, dim: int = 2, **kwargs: Any) -> nn.Module:
+        return build_norm(norm, num_features, dim, **kwargs)
+
+
+def norm_layer(name: str, dim: int = 2, **kwargs: Any) -> Callable[..., nn.Module]:
+    """A ``num_features -> nn.Module`` callable, for the ``norm_layer=`` of torchvision and timm.
+
+    Examples::
+
+        torchvision.models.resnet18(norm_layer=norm_layer("bgn", num_groups="auto"))
+        timm.create_model("efficientnet_b0", norm_layer=norm_layer("bgn"))   # keeps the activations
+
+    The result is ``functools.partial(RegistryNorm, norm=name, dim=dim, **kwargs)`` (picklable);
+    the name is checked now. timm models that fuse norm and activation (EfficientNet, RegNet,
+    DenseNet, ...) build a :class:`~bgn_lightning.NormAct` (the norm, then timm's drop and
+    activation) when timm was imported before this call. timm models whose constructor takes no
+    ``norm_layer`` (e.g. MobileNetV3) reject it with timm's ``TypeError``: convert those with
+    :func:`bgn_lightning.convert_norms`.
     """
     _check_name(name)
-    return functools.partial(build_norm, name, dim=dim, **kwargs)
+    from . import _timm
+
+    _timm.register_norm_act(RegistryNorm)
+    return functools.partial(RegistryNorm, norm=name, dim=dim, **kwargs)
 
 
 def is_norm_layer(module: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from lightning.pytorch.plugins import LayerSync, TorchSyncBatchNorm
 from torch import Tensor, nn
 
 from . import _autograd as ops
-from . import _triton
+from . import _lightning, _triton
 from ._triton import KernelFailure, TritonKernels
 from .functional import auto_num_groups
 from .layers import BatchGroupNorm, NumGroups
@@ -450,6 +450,7 @@ class BGNSync(LayerSync):
     """
 
     def __init__(self, process_group: ProcessGroup | None = None, batchnorm: bool = False) -> None:
+        _lightning.register_layer_sync(type(self))  # also a pytorch_lightning LayerSync, if imported
         self.process_group = process_group
         self.batchnorm = batchnorm
 
