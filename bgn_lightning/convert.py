@@ -164,9 +164,11 @@ def _adapter_for(cls: type[nn.Module]) -> NormAdapter | None:
 
     owner = _forward_owner(cls)
     for adapters in (_ADAPTERS, _timm.adapters()):
-        for candidate in (cls, owner):
+        for candidate in cls.__mro__:  # up to the class that defines forward: same computation
             if candidate in adapters:
                 return adapters[candidate]
+            if candidate is owner:
+                break
     return None
 
 

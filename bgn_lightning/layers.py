@@ -136,6 +136,17 @@ class BatchGroupNorm(nn.Module):
             self.running_mean.resize_(num_groups).zero_()
             self.running_var.resize_(num_groups).fill_(1)
 
+    def _adopt_shared_num_groups(self) -> None:
+        """Take ``G`` from the running buffers when a copy sharing them has fixed it.
+
+        learn2learn's ``clone_module`` (MAML) copies a layer's ``__dict__`` but shares its buffer
+        tensors: the clone fixes ``G`` in its own ``__dict__`` and sizes the shared buffers in
+        place. The original (and every later clone) must then use that ``G`` and those
+        statistics, not fix ``G`` again (which would reset them) or act as if untrained.
+        """
+        if self.num_groups is None and self.track_running_stats and self.running_mean.numel():
+            self.num_groups = self.running_mean.numel()
+
     def fix_num_groups(self, batch_size: int, feature_numel: int) -> int:
         """Return ``G``, fixing it first (auto mode) for a batch of this size and feature size.
 
@@ -146,6 +157,7 @@ class BatchGroupNorm(nn.Module):
             batch_size: ``N`` of the batch.
             feature_numel: ``D = C * prod(S)`` of one sample.
         """
+        self._adopt_shared_num_groups()
         if self.num_groups is None:
             self._set_num_groups(
                 auto_num_groups(batch_size, self.num_features, feature_numel, self.reference_batch_size)
@@ -154,6 +166,7 @@ class BatchGroupNorm(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         """The chosen ``G`` and the feature size the running statistics are tied to."""
+        self._adopt_shared_num_groups()
         return {"num_groups": self.num_groups, "feature_numel": self.feature_numel}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -174,7 +187,7 @@ class BatchGroupNorm(nn.Module):
         saved_groups = None
         if extra_key in state_dict:
             saved_groups = state_dict[extra_key].get("num_groups")
-        elif self.track_running_stats and prefix + "running_mean" in state_dict:
+        if saved_groups is None and self.track_running_stats and prefix + "running_mean" in state_dict:
             saved_groups = state_dict[prefix + "running_mean"].numel() or None
         if saved_groups is not None and saved_groups != self.num_groups:
             if self.auto_groups:
@@ -208,6 +221,8 @@ class BatchGroupNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` of shape ``(N, C, *S)``."""
         name = type(self).__name__
+        if self.num_groups is None:
+            self._adopt_shared_num_groups()
         key = (x.shape[1:], self.training, self.num_groups, self.feature_numel)
         if self._validated is not None and self._validated[0] == key:
             g, d = self.num_groups, self._validated[1]

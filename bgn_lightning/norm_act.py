@@ -46,7 +46,7 @@ class NormAct(nn.Module):
         self.norm = norm
         self.drop = nn.Identity() if drop is None else drop
         self.act = nn.Identity() if act is None else act
-        self._register_load_state_dict_pre_hook(_accept_fused_keys)
+        self.register_load_state_dict_pre_hook(_accept_fused_keys)
 
     def __getattr__(self, name: str) -> Any:
         try:

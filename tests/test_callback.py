@@ -78,9 +78,9 @@ def trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
     return pl.Trainer(callbacks=list(callbacks), **options)
 
 
-def assert_swapped(model: pl.LightningModule, cls: type[nn.Module] = BatchGroupNorm) -> None:
+def assert_swapped(model: pl.LightningModule, cls: type[nn.Module] = BatchGroupNorm, layers: int = 2) -> None:
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    assert sum(isinstance(m, cls) for m in model.modules()) == 2
+    assert sum(isinstance(m, cls) for m in model.modules()) == layers
 
 
 @pytest.mark.parametrize("model_cls", [TinyNet, LateNet])
@@ -266,3 +266,57 @@ def test_sync_converts_to_sync_batchgroupnorm(tmp_path):
     trainer(tmp_path, [NormSwap("bgn", sync=True, num_groups=2)]).fit(model, loader())
     assert type(model.net[1]) is type(expected) and type(expected) is not BatchGroupNorm2d
     assert any(p is model.net[1].weight for p in model.optimized)
+
+
+# -- the pytorch_lightning namespace: learn2learn's Lightning modules ----------------------------
+def _episodic_data():
+    import learn2learn as l2l
+    from learn2learn.utils.lightning import EpisodicBatcher
+
+    g = torch.Generator().manual_seed(0)
+    dataset = l2l.data.MetaDataset(TensorDataset(torch.randn(60, 1, 8, 8, generator=g),
+                                                 torch.arange(10).repeat_interleave(6)))
+    transforms = [l2l.data.transforms.NWays(dataset, 5), l2l.data.transforms.KShots(dataset, 2),
+                  l2l.data.transforms.LoadData(dataset), l2l.data.transforms.RemapLabels(dataset)]
+    tasks = l2l.data.TaskDataset(dataset, transforms, num_tasks=20)
+    return EpisodicBatcher(tasks, tasks, tasks, epoch_length=3)
+
+
+def _l2l_module(algorithm: str):
+    from learn2learn.algorithms.lightning import LightningMAML, LightningPrototypicalNetworks
+
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten())
+    episodes = {"train_shots": 1, "train_queries": 1, "test_shots": 1, "test_queries": 1}
+    if algorithm == "protonet":
+        return LightningPrototypicalNetworks, {"features": features}, episodes
+    return LightningMAML, {"model": nn.Sequential(features, nn.Linear(8 * 64, 5))}, {**episodes,
+                                                                                     "adaptation_steps": 1}
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "maml"])
+def test_pytorch_lightning_trainer_with_learn2learn_modules(tmp_path, algorithm):
+    """learn2learn's Lightning modules are ``pytorch_lightning`` modules: fit, resume and reload."""
+    ptl = pytest.importorskip("pytorch_lightning")
+    pytest.importorskip("learn2learn")
+    cls, modules, hparams = _l2l_module(algorithm)
+    model = cls(**modules, **hparams)
+    options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+               "limit_val_batches": 1, "default_root_dir": tmp_path}
+    checkpoint = ptl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last")
+    ptl.Trainer(max_epochs=1, callbacks=[NormSwap("bgn"), checkpoint], **options).fit(model, _episodic_data())
+    assert_swapped(model, layers=1)
+    ckpt = checkpoint.best_model_path
+
+    resumed = cls(**_l2l_module(algorithm)[1], **hparams)
+    t = ptl.Trainer(max_epochs=2, callbacks=[NormSwap("bgn")], **options)
+    t.fit(resumed, _episodic_data(), ckpt_path=ckpt)
+    assert_swapped(resumed, layers=1)
+    assert t.current_epoch == 2 and t.global_step == 6
+
+    # the standard reload: pytorch_lightning calls NormSwap's instantiator, then loads the weights
+    loaded = cls.load_from_checkpoint(ckpt, **_l2l_module(algorithm)[1])
+    assert_swapped(loaded, layers=1)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, state[key], msg=key)

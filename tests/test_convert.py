@@ -306,3 +306,119 @@ def test_errors():
         convert_norms(nn.Sequential(nn.LazyBatchNorm2d()), types=nn.LazyBatchNorm2d)
     with pytest.raises(ValueError, match="num_groups=12 > C=8 requires num_groups to be a multiple of C"):
         convert_norms(net(), num_groups=12)
+
+
+# -- layers whose forward does more than normalize ---------------------------------------------
+class BNReLU(nn.BatchNorm2d):
+    """A fused norm-act layer the converter does not know."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+class PlainSubclass(nn.BatchNorm2d):
+    """A subclass that keeps BatchNorm's forward: a plain norm."""
+
+
+def fused_net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(BNReLU(8)), nn.Conv2d(8, 8, 3), trained_bn(8))
+
+
+def test_unknown_forward_is_refused_before_anything_changes():
+    model = fused_net()
+    pattern = r"1\.0 \(tests\.test_convert\.BNReLU\).*register_norm_adapter.*on_unknown='warn'"
+    with pytest.raises(ValueError, match=pattern):
+        convert_norms(model, "bgn", num_groups=2)
+    assert isinstance(model[1][0], BNReLU) and isinstance(model[3], nn.BatchNorm2d)  # nothing replaced
+    with pytest.raises(ValueError, match="BNReLU"):
+        convert_norm_layer(BNReLU(8), "bgn")
+
+
+def test_unknown_forward_left_with_a_warning_when_asked():
+    from bgn_lightning.convert import convert_tree
+
+    model = fused_net()
+    with pytest.warns(UserWarning, match=r"1\.0 .*BNReLU.*left as they are"):
+        report = convert_tree(model, "bgn", nn.BatchNorm2d, dim=None, on_unknown="warn",
+                              kwargs={"num_groups": 2})
+    assert report.total == 1 and report.left == {"BNReLU": 1}
+    assert isinstance(model[1][0], BNReLU) and isinstance(model[3], BatchGroupNorm2d)
+    assert report.describe() == "1 BatchNorm2d -> BatchGroupNorm2d; left: 1 BNReLU"
+    with pytest.raises(ValueError, match="on_unknown must be one of error, warn, got 'skip'"):
+        convert_norms(fused_net(), on_unknown="skip")
+
+
+def test_subclass_with_batchnorms_forward_is_converted():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), PlainSubclass(8))
+    assert convert_norms(model, "bgn", num_groups=8) == 1 and isinstance(model[1], BatchGroupNorm2d)
+
+
+def test_registered_adapter_keeps_the_activation():
+    from bgn_lightning import NormAct, register_norm_adapter
+
+    class MyBNReLU(BNReLU):
+        pass
+
+    class SubclassOfIt(MyBNReLU):  # keeps MyBNReLU's forward: the adapter applies
+        pass
+
+    @register_norm_adapter(MyBNReLU)
+    def keep_relu(source: nn.Module, norm: nn.Module) -> nn.Module:
+        return NormAct(norm, act=nn.ReLU())
+
+    for cls in (MyBNReLU, SubclassOfIt):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), cls(8))
+        reference = copy.deepcopy(model)
+        assert convert_norms(model, "bgn", num_groups="auto", reference_batch_size=4) == 1
+        assert isinstance(model[1], NormAct) and isinstance(model[1].norm, BatchGroupNorm2d)
+        x = torch.randn(4, 3, 6, 6)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+        assert model(x).min() >= 0
+    with pytest.raises(ValueError, match="already has an adapter"):
+        register_norm_adapter(MyBNReLU, keep_relu)
+    register_norm_adapter(MyBNReLU, keep_relu, overwrite=True)
+
+
+def test_bad_adapters_are_one_clear_error():
+    from bgn_lightning import register_norm_adapter
+
+    class Fused(BNReLU):
+        pass
+
+    with pytest.raises(ValueError, match=r"callable as adapter\(source_layer, new_norm\), got 'one_arg'"):
+        register_norm_adapter(Fused, one_arg)
+    with pytest.raises(ValueError, match=r"source_type must be an nn\.Module subclass, got 'BatchNorm2d'"):
+        register_norm_adapter("BatchNorm2d", lambda s, n: n)
+    register_norm_adapter(Fused, lambda source, norm: "not a module")
+    with pytest.raises(ValueError, match=r"for Fused returned str, not an nn\.Module"):
+        convert_norms(nn.Sequential(Fused(4)))
+
+
+def one_arg(layer):
+    return layer
+
+
+def test_norm_act_reads_through_and_loads_fused_state_dicts():
+    from bgn_lightning import NormAct
+
+    fused = BNReLU(8)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        fused.running_mean.normal_()
+    wrapped = NormAct(nn.BatchNorm2d(8), act=nn.ReLU())
+    wrapped.load_state_dict(fused.state_dict())  # fused keys: weight, running_mean, ...
+    assert torch.equal(wrapped.norm.weight, fused.weight)
+    assert torch.equal(wrapped.running_mean, fused.running_mean)
+    assert set(wrapped.state_dict()) == {f"norm.{k}" for k in fused.state_dict()}
+    wrapped.load_state_dict(wrapped.state_dict())  # its own keys
+    assert wrapped.weight is wrapped.norm.weight and wrapped.eps == 1e-5 and wrapped.num_features == 8
+    wrapped.eps = 1e-3  # hyper-parameters and parameters are set on the norm
+    nn.init.zeros_(wrapped.weight)
+    assert wrapped.norm.eps == 1e-3 and not wrapped.norm.weight.any() and "eps" not in vars(wrapped)
+    wrapped.eval()
+    assert not wrapped.training and not wrapped.norm.training
+    with pytest.raises(AttributeError, match=r"wrapping BatchNorm2d.*no attribute 'nope'"):
+        _ = wrapped.nope
+    clone = pickle.loads(pickle.dumps(wrapped))
+    x = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(clone(x), wrapped(x))

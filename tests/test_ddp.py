@@ -17,19 +17,22 @@ from bgn_lightning import BatchGroupNorm2d, NormSwap
 
 SCRIPT = textwrap.dedent(
     '''
+    import importlib
     import json
     import sys
     from pathlib import Path
 
-    import lightning.pytorch as pl
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from bgn_lightning import NormSwap, is_norm_layer
+    pl = importlib.import_module(sys.argv[3])  # lightning.pytorch or pytorch_lightning
+
+    from bgn_lightning import BGNSync, NormSwap, is_norm_layer
 
     out = Path(sys.argv[1])
     sync = sys.argv[2] == "sync"
+    plugins = [BGNSync()] if sys.argv[2] == "plugin" else []
 
 
     class Net(pl.LightningModule):
@@ -66,7 +69,7 @@ SCRIPT = textwrap.dedent(
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out, filename="last")
         trainer = pl.Trainer(
             strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, logger=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=[
+            enable_progress_bar=False, enable_model_summary=False, plugins=plugins, callbacks=[
                 NormSwap("bgn", sync=sync, num_groups="auto"), checkpoint],
         )
         trainer.fit(model, DataLoader(data, batch_size=8))
@@ -89,13 +92,13 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_ddp(tmp_path, mode: str) -> list[dict]:
+def run_ddp(tmp_path, mode: str, namespace: str = "lightning.pytorch") -> list[dict]:
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    done = subprocess.run([sys.executable, str(script), str(tmp_path), mode], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), mode, namespace], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -138,3 +141,12 @@ def test_ddp_fit_with_sync_batchgroupnorm(tmp_path):
     # synchronized statistics pool both ranks' batches: auto-G sees the global batch, 8 * 16 / 32
     check_ddp_run(tmp_path, reports, reports[0]["norm_type"], groups=4)
     assert reports[0]["norm_type"] != "BatchGroupNorm2d"
+
+
+def test_ddp_in_a_pytorch_lightning_trainer_with_the_bgnsync_plugin(tmp_path):
+    """The ``pytorch_lightning`` copy of Lightning takes NormSwap and BGNSync (its own LayerSync check)."""
+    pytest.importorskip("pytorch_lightning")
+    reports = run_ddp(tmp_path, "plugin", namespace="pytorch_lightning")
+    # auto-G saw the global batch (8 * 16 / 32): the statistics were synchronized while fitting;
+    # like Lightning's sync_batchnorm, the plugin reverts the layers when fitting ends
+    check_ddp_run(tmp_path, reports, "BatchGroupNorm2d", groups=4)

@@ -229,3 +229,24 @@ def test_positional_norm_normalizes_over_channels_at_each_position() -> None:
     torch.testing.assert_close(layer(x), expected)
     with pytest.raises(ValueError, match="PositionalNorm"):
         layer(torch.randn(2, 4, 3, 3))
+
+
+def test_auto_groups_fixed_by_a_clone_that_shares_the_buffers():
+    """learn2learn's clone_module (MAML) shares buffers but not __dict__: G fixed by a clone holds."""
+    clone_module = pytest.importorskip("learn2learn.utils").clone_module
+    layer = BatchGroupNorm2d(8)  # auto: G = 8 * 4 / 32 = 1
+    x = torch.randn(4, 8, 3, 3) * 2 + 1
+    first = clone_module(layer)
+    first(x)
+    assert first.num_groups == 1 and layer.running_mean.shape == (1,)
+    stats = layer.running_mean.clone()
+    second = clone_module(layer)
+    second(x)  # adopts G from the shared buffers: the statistics are updated, not reset
+    assert second.num_groups == 1 and not torch.equal(layer.running_mean, stats)
+    assert layer.state_dict()["_extra_state"]["num_groups"] == 1
+    layer.eval()  # the original normalizes with the clones' statistics, not as an untrained layer
+    expected = (x - layer.running_mean) / torch.sqrt(layer.running_var + layer.eps)
+    torch.testing.assert_close(layer(x), expected)
+    fresh = BatchGroupNorm2d(8)
+    fresh.load_state_dict({**layer.state_dict(), "_extra_state": {"num_groups": None, "feature_numel": None}})
+    assert fresh.num_groups == 1  # a checkpoint saved before this fix: G from the buffers' size
