@@ -320,3 +320,44 @@ def test_pytorch_lightning_trainer_with_learn2learn_modules(tmp_path, algorithm)
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     for key, value in loaded.state_dict().items():
         torch.testing.assert_close(value, state[key], msg=key)
+
+
+class ZooNet(TinyNet):
+    """TinyNet plus layers NormSwap must leave alone (unused in forward)."""
+
+    def __init__(self, width: int = 8, lr: float = 0.1, fused: bool = False) -> None:
+        super().__init__(width, lr)
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        self.extra = nn.Sequential(FrozenBatchNorm2d(width), nn.LayerNorm(4))
+        if fused:
+            self.extra.append(FusedBN(width))
+
+
+class FusedBN(nn.BatchNorm2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def test_log_line_counts_what_was_replaced_and_left(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    trainer(tmp_path, [NormSwap("bgn", num_groups=2)]).fit(ZooNet(), loader())
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NormSwap")]
+    assert messages == [
+        "NormSwap: replaced 2 norm layers with 'bgn' (num_groups=2) in setup: "
+        "1 BatchNorm1d -> BatchGroupNorm1d, 1 BatchNorm2d -> BatchGroupNorm2d; "
+        "left: 1 FrozenBatchNorm2d, 1 LayerNorm"
+    ]
+
+
+def test_unknown_norm_subclass_stops_the_run_or_is_left_when_asked(tmp_path):
+    with pytest.raises(ValueError, match=r"extra\.2 \(tests\.test_callback\.FusedBN\)"):
+        trainer(tmp_path, [NormSwap("bgn")]).fit(ZooNet(fused=True), loader())
+    model = ZooNet(fused=True)
+    swap = NormSwap("bgn", on_unknown="warn")
+    with pytest.warns(UserWarning, match="FusedBN.*left as they are"):
+        trainer(tmp_path, [swap]).fit(model, loader())
+    assert isinstance(model.extra[2], FusedBN) and isinstance(model.net[1], BatchGroupNorm2d)
+    assert swap.state_dict()["on_unknown"] == "warn" and "on_unknown='warn'" in repr(swap)
+    with pytest.raises(ValueError, match="on_unknown must be one of error, warn, got 'ignore'"):
+        NormSwap("bgn", on_unknown="ignore")
