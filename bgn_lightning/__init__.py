@@ -3,14 +3,24 @@
 Public API: the BGN op and layers, the normalization registry, model conversion, the
 :class:`NormSwap` Lightning callback and helpers that make other tools (torchattacks, Lightning's
 SWA) treat BGN as a norm layer.
+
+``from bgn_lightning import BatchGroupNorm2d`` imports torch and nothing else: the names that need
+Lightning (:class:`NormSwap`, :class:`NormAwareSWA`, :class:`BGNSync`) are imported on first use,
+and torchattacks and timm only where they are used. Where to start reading the code:
+``docs/architecture.md``.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from . import _lightning
 from ._ext import cpu_kernels_available
 from ._triton import cuda_kernels_available
-from .callback import NormSwap
 from .convert import ConversionReport, convert_norm_layer, convert_norms, register_norm_adapter
 from .functional import auto_num_groups, batch_group_norm
-from .interop import NormAwareSWA, keeps_running_stats, norm_aware_attack, norm_mode, set_norm_mode
+from .interop import keeps_running_stats, norm_aware_attack, norm_mode, set_norm_mode
 from .layers import (
     BatchGroupNorm,
     BatchGroupNorm1d,
@@ -20,9 +30,33 @@ from .layers import (
 )
 from .norm_act import NormAct
 from .registry import available_norms, build_norm, is_norm_layer, norm_layer, register_norm
-from .sync import BGNSync, SyncBatchGroupNorm, convert_sync_batchgroupnorm, revert_sync_batchgroupnorm
+from .sync import SyncBatchGroupNorm, convert_sync_batchgroupnorm, revert_sync_batchgroupnorm
+
+if TYPE_CHECKING:
+    from .callback import NormSwap
+    from .layer_sync import BGNSync
+    from .swa import NormAwareSWA
 
 __version__ = "0.1.0"
+
+_LAZY = {"NormSwap": ".callback", "NormAwareSWA": ".swa", "BGNSync": ".layer_sync"}
+"""Public names whose modules import Lightning: imported when first used."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+# A checkpoint written with NormSwap names its instantiator; Lightning only calls it if allowed.
+_lightning.allow_instantiator(_lightning.INSTANTIATOR)
 
 __all__ = [
     "BGNSync",

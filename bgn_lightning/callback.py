@@ -16,7 +16,6 @@ resumes into them. The settings are saved in the checkpoint (``state_dict``), wh
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -37,6 +36,9 @@ __all__ = ["NormSwap"]
 M = TypeVar("M", bound=pl.LightningModule)
 
 _PLAIN = (str, int, float, bool, type(None))
+
+INSTANTIATOR = _lightning.INSTANTIATOR
+"""The ``_instantiator`` path :meth:`NormSwap.on_save_checkpoint` writes into checkpoints."""
 
 
 def _type_name(cls: type) -> str:
@@ -201,25 +203,13 @@ class NormSwap(pl.Callback):
         self._swap(pl_module, "in setup")
         overridden = _lightning.is_overridden("configure_model", pl_module)
         if overridden and "configure_model" not in vars(pl_module):
-            original = pl_module.configure_model
-
-            @functools.wraps(original)
-            def configure_model_then_swap() -> None:
-                try:
-                    original()
-                finally:
-                    vars(pl_module).pop("configure_model", None)
-                self._swap(pl_module, "after configure_model")
-
-            # An instance attribute shadows the method for this one call; Lightning looks the
-            # hook up on the instance and sees it as overridden through ``__wrapped__``.
-            pl_module.configure_model = configure_model_then_swap
-            self._wrapper = configure_model_then_swap
+            self._wrapper = _lightning.call_once_around(
+                pl_module, "configure_model", after=lambda: self._swap(pl_module, "after configure_model")
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Drop the ``configure_model`` wrapper if the run stopped before calling it."""
-        if self._wrapper is not None and vars(pl_module).get("configure_model") is self._wrapper:
-            del vars(pl_module)["configure_model"]
+        _lightning.remove_once(pl_module, "configure_model", self._wrapper)
         self._wrapper = None
 
     # -- checkpoint --------------------------------------------------------------------------
@@ -309,24 +299,14 @@ class NormSwap(pl.Callback):
             A ``model_class`` instance with swapped layers and the checkpoint's weights.
         """
 
-        def on_load_checkpoint(self: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-            # Lightning calls this after __init__/configure_model and before load_state_dict.
-            cls.from_checkpoint(checkpoint).convert(self)
-            super(swapping, self).on_load_checkpoint(checkpoint)
-
         _lightning.allow_instantiator(INSTANTIATOR)
-        swapping = type(model_class.__name__, (model_class,), {
-            "on_load_checkpoint": on_load_checkpoint,
-            "__module__": model_class.__module__,
-            "__qualname__": model_class.__qualname__,
-        })
-        model = swapping.load_from_checkpoint(checkpoint_path, **kwargs)
-        model.__class__ = model_class  # same layout: the helper subclass only added a hook
-        return model
+
+        def convert(model: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+            cls.from_checkpoint(checkpoint).convert(model)
+
+        return _lightning.load_with_hook(model_class, checkpoint_path, convert, **kwargs)
 
 
-INSTANTIATOR = f"{__name__}.instantiate_swapped"
-"""The ``_instantiator`` path :meth:`NormSwap.on_save_checkpoint` writes into checkpoints."""
 
 
 def instantiate_swapped(cls: type[M], init_args: dict[str, Any]) -> M:
@@ -339,14 +319,9 @@ def instantiate_swapped(cls: type[M], init_args: dict[str, Any]) -> M:
     """
     model = cls(**init_args)
 
-    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-        del vars(model)["on_load_checkpoint"]  # one use: later calls are the class's own hook
+    def convert(checkpoint: dict[str, Any]) -> None:
         if (checkpoint.get("callbacks") or {}).get(NormSwap.__qualname__) is not None:
             NormSwap.from_checkpoint(checkpoint).convert(model)
-        model.on_load_checkpoint(checkpoint)
 
-    model.on_load_checkpoint = on_load_checkpoint
+    _lightning.call_once_around(model, "on_load_checkpoint", before=convert)
     return model
-
-
-_lightning.allow_instantiator(INSTANTIATOR)

@@ -14,7 +14,8 @@ passes run on the fused Triton kernels (:mod:`bgn_lightning._triton`) on each si
 collectives; on CPU, and where those kernels are unavailable, on native ops.
 
 Use :func:`convert_sync_batchgroupnorm` before wrapping the model in DDP, the Lightning plugin
-``Trainer(strategy="ddp", plugins=[BGNSync()])``, or ``NormSwap(..., sync=True)``.
+``Trainer(strategy="ddp", plugins=[BGNSync()])`` (:mod:`bgn_lightning.layer_sync`), or
+``NormSwap(..., sync=True)``. Only torch is imported here.
 """
 
 from __future__ import annotations
@@ -25,17 +26,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.plugins import LayerSync, TorchSyncBatchNorm
 from torch import Tensor, nn
 
 from . import _autograd as ops
-from . import _lightning, _triton
+from . import _triton
 from ._triton import KernelFailure, TritonKernels
 from .functional import auto_num_groups
 from .layers import BatchGroupNorm, NumGroups
 
 __all__ = [
-    "BGNSync",
     "SyncBatchGroupNorm",
     "convert_sync_batchgroupnorm",
     "revert_sync_batchgroupnorm",
@@ -433,36 +432,3 @@ def revert_sync_batchgroupnorm(module: nn.Module) -> nn.Module:
         if new is not child:
             setattr(module, name, new)
     return module
-
-
-class BGNSync(LayerSync):
-    """Lightning plugin: synchronized BGN statistics under DDP.
-
-    ``Trainer(strategy="ddp", plugins=[BGNSync()])`` converts every BatchGroupNorm of the model to
-    :class:`SyncBatchGroupNorm` before DDP wraps it (and back after fitting), as
-    ``Trainer(sync_batchnorm=True)`` does for BatchNorm — which leaves BatchGroupNorm alone, and
-    which Lightning does not combine with another layer-sync plugin: for models that keep BatchNorm
-    layers too, ``BGNSync(batchnorm=True)`` also converts those to ``torch.nn.SyncBatchNorm``.
-
-    Args:
-        process_group: the group to synchronize over (default: the whole world).
-        batchnorm: also synchronize torch's BatchNorm layers (``torch.nn.SyncBatchNorm``, CUDA only).
-    """
-
-    def __init__(self, process_group: ProcessGroup | None = None, batchnorm: bool = False) -> None:
-        _lightning.register_layer_sync(type(self))  # also a pytorch_lightning LayerSync, if imported
-        self.process_group = process_group
-        self.batchnorm = batchnorm
-
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Convert the model's BatchGroupNorm (and, if asked, BatchNorm) layers to synchronized ones."""
-        model = convert_sync_batchgroupnorm(model, self.process_group)
-        if self.batchnorm:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model, self.process_group)
-        return model
-
-    def revert(self, model: nn.Module) -> nn.Module:
-        """Convert the synchronized layers back."""
-        if self.batchnorm:
-            model = TorchSyncBatchNorm().revert(model)
-        return revert_sync_batchgroupnorm(model)
