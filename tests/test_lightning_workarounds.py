@@ -101,7 +101,7 @@ def test_layer_sync_is_an_abc_that_takes_virtual_subclasses(namespace):
 
 def test_the_core_imports_torch_and_nothing_else():
     heavy = ("lightning", "pytorch_lightning", "torchattacks", "learn2learn", "timm", "torchvision")
-    code = (f"import sys; from bgn_lightning import BatchGroupNorm2d, convert_norms, norm_layer, set_norm_mode; "
+    code = ("import sys; from bgn_lightning import BatchGroupNorm2d, convert_norms, norm_layer; "
             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
