@@ -57,6 +57,8 @@ SHORTCUTS: dict[str, str] = {
 FLAG_SHORTCUTS: dict[str, tuple[str, str]] = {
     "--download": ("--data.download", "true"),
     "--sync-norm": ("--sync_norm", "true"),
+    "--overwrite": ("--overwrite", "true"),
+    "--resume": ("--resume", "true"),
 }
 """Value-less shortcut flags -> (LightningCLI argument, value)."""
 
@@ -154,7 +156,8 @@ def usage() -> str:
             f"usage: {PROG} <task> [--norm NAME] [--groups G|auto] [--batch-size N] [--data NAME]",
             "                [--data-dir PATH] [--download] [--max-epochs E] [--seed S] [--output DIR]",
             "                [--accelerator A] [--devices D] [--threads T] [--config FILE] [--print_config]",
-            "                [--debug] [task shortcuts] [--trainer.* / --model.* / --data.* ...]",
+            "                [--overwrite | --resume] [--debug] [task shortcuts]",
+            "                [--trainer.* / --model.* / --data.* ...]",
             f"       {PROG} bench --task TASK --norms a,b --batch-sizes 2,4 --seeds 0,1 [--vary KEY=V1,V2]",
             "                [--metrics M1,M2] [--max-epochs E] [--output DIR] [--config GRID.yaml]",
             "                [--jobs J]",

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from tasks.common.contract import Task
 
-__all__ = ["Run", "default_config", "run_task"]
+__all__ = ["Run", "claim_output", "default_config", "run_task"]
 
 PROG = "bgn-task"
 log = logging.getLogger("tasks")
@@ -79,8 +79,97 @@ def check_config_files(argv: Sequence[str]) -> None:
             raise UsageError(f"{where}: invalid YAML: {problem}") from None
 
 
-def _make_cli_class(task: Task) -> type:
-    """A LightningCLI subclass for ``task`` (built lazily: importing Lightning is slow)."""
+_BENCH_FILES = frozenset({"bench_args.json", "run.log"})
+"""What ``bgn-task bench`` writes into a cell before its run starts (its own rules keep cells apart)."""
+
+
+def _run_entries(root: Path) -> list[str]:
+    """The entries of ``root`` a run (or anything else) put there, leaving out the bench's own files."""
+    return sorted(p.name for p in root.iterdir() if p.name not in _BENCH_FILES) if root.is_dir() else []
+
+
+def _last_checkpoint(root: Path) -> Path | None:
+    """``<root>/checkpoints/last.ckpt`` if there, else the newest ``*.ckpt`` there; ``None``: none."""
+    last = root / "checkpoints" / "last.ckpt"
+    if last.exists():
+        return last
+    found = sorted((root / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def claim_output(root: Path, *, overwrite: bool = False, resume: bool = False) -> Path | None:
+    """Make sure a run may write into ``root``; the checkpoint to resume from with ``resume``.
+
+    A run never writes into a folder that holds another run: ``root`` must not exist, be empty or
+    hold only what ``bgn-task bench`` puts into its cells (``bench_args.json``, ``run.log``).
+    ``overwrite`` moves a held folder aside to ``<root>.previous-<time>`` first; ``resume``
+    continues an unfinished run (no ``results.json``) from its own ``<root>/checkpoints``.
+
+    Raises:
+        UsageError: naming the folder, what it holds and the way out.
+    """
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--output {root}: exists and is not a folder; choose another --output")
+    held = _run_entries(root)
+    if resume:
+        if overwrite:
+            raise UsageError(
+                "--resume continues the run in --output and --overwrite moves it aside: pass one"
+            )
+        if (root / "results.json").is_file():
+            raise UsageError(
+                f"--resume: {root} holds a finished run (results.json); --overwrite runs it anew"
+            )
+        checkpoint = _last_checkpoint(root)
+        if checkpoint is None:
+            raise UsageError(f"--resume: no checkpoint in {root / 'checkpoints'} to continue from")
+        return checkpoint
+    if not held:
+        return None
+    if overwrite:
+        if Path.cwd().resolve().is_relative_to(root.resolve()):
+            raise UsageError(
+                f"--overwrite: {root} is (or holds) the working directory; choose another --output"
+            )
+        base = root.with_name(f"{root.name}.previous-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        aside, k = base, 1
+        while aside.exists():
+            k += 1
+            aside = base.with_name(f"{base.name}-{k}")
+        root.rename(aside)
+        log.info("%s: moved the earlier run in %s aside to %s", PROG, root, aside)
+        return None
+    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    how = "--overwrite moves it aside"
+    if not (root / "results.json").is_file() and _last_checkpoint(root) is not None:
+        how += ", --resume continues it from its last checkpoint"
+    raise UsageError(f"--output {root} already holds a run ({shown}); {how}, or choose a fresh --output")
+
+
+def _discard(root: Path, kept: Sequence[str] | None) -> None:
+    """Remove what a run that stopped on a usage error created in ``root``: all but ``kept``.
+
+    ``kept`` is ``None`` when the run created ``root`` itself: then an emptied ``root`` goes too.
+    """
+    import shutil
+
+    if not root.is_dir() or _last_checkpoint(root) is not None:
+        return  # trained weights are never thrown away
+    for name in _run_entries(root):
+        if name not in (kept or ()):
+            path = root / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if kept is None and not any(root.iterdir()):
+        root.rmdir()
+
+
+def _make_cli_class(task: Task, claims: list[tuple[Path, list[str] | None]]) -> type:
+    """A LightningCLI subclass for ``task`` (built lazily: importing Lightning is slow).
+
+    Once the output folder is claimed (:func:`claim_output`), ``(folder, entries it held)`` (``None``
+    when it did not exist) is appended to ``claims``, so a run that stops on a usage error can
+    remove what it created.
+    """
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     datasets = getattr(task.datamodule_class, "DATASETS", None)
@@ -103,6 +192,20 @@ def _make_cli_class(task: Task) -> type:
                 help="synchronise BGN (and, on GPUs, BatchNorm) statistics across processes: "
                 "bgn_lightning.BGNSync (shortcut --sync-norm); otherwise each device normalises with "
                 "its own batch",
+            )
+            parser.add_argument(
+                "--overwrite",
+                type=bool,
+                default=False,
+                help="when --output holds an earlier run, move it aside to <output>.previous-<time> first "
+                "(without it, such a run is refused)",
+            )
+            parser.add_argument(
+                "--resume",
+                type=bool,
+                default=False,
+                help="continue the unfinished run in --output from its last checkpoint "
+                "(<output>/checkpoints): same command plus --resume",
             )
             for source, target in task.links:
                 parser.link_arguments(source, target, apply_on="instantiate")
@@ -133,6 +236,9 @@ def _make_cli_class(task: Task) -> type:
                     f"-seed{cfg.get('seed_everything')}"
                 )
                 cfg.trainer.default_root_dir = str(Path("outputs") / task.name / name)
+            root = Path(cfg.trainer.default_root_dir)
+            self.resume_from = claim_output(root, overwrite=cfg.overwrite, resume=cfg.resume)
+            claims.append((root, _run_entries(root) if root.exists() else None))
 
         def instantiate_classes(self) -> None:
             try:
@@ -146,7 +252,7 @@ def _make_cli_class(task: Task) -> type:
             root = Path(self.config.trainer.default_root_dir)
             init = self.config_init.trainer
             if init.get("logger") in (None, True):
-                kwargs["logger"] = _loggers(root)
+                kwargs["logger"] = _loggers(root, resumed=self.resume_from is not None)
             if self.config.get("sync_norm"):
                 kwargs["plugins"] = [*_as_list(init.get("plugins")), _sync_plugin(init)]
             callbacks = init.get("callbacks") or []
@@ -190,11 +296,18 @@ def _progress_bar() -> Any:
     return ProgressBar()
 
 
-def _loggers(root: Path) -> list[Any]:
-    """CSV and TensorBoard loggers writing ``<root>/csv`` and ``<root>/tensorboard``."""
+def _loggers(root: Path, resumed: bool = False) -> list[Any]:
+    """CSV and TensorBoard loggers writing ``<root>/csv`` and ``<root>/tensorboard``.
+
+    A resumed run logs its CSV to ``<root>/csv-resume<k>``: Lightning's CSV logger would delete
+    the interrupted part's ``metrics.csv``. TensorBoard adds an event file beside the earlier ones.
+    """
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    return [CSVLogger(root, name="", version="csv"), TensorBoardLogger(root, name="", version="tensorboard")]
+    csv, k = "csv", 1
+    while resumed and (root / csv).exists():
+        csv, k = f"csv-resume{k}", k + 1
+    return [CSVLogger(root, name="", version=csv), TensorBoardLogger(root, name="", version="tensorboard")]
 
 
 def _checkpoints_under(trainer: Trainer, root: Path) -> None:
@@ -232,6 +345,7 @@ class Run:
         self.metrics: dict[str, float] = {}
         self.checkpoint: str | None = None
         self.times = {"fit_time_s": 0.0, "test_time_s": 0.0}
+        self.resume_from: Path | None = cli.resume_from
         # The trainer's init arguments before any fit: make_trainer() builds later stages from copies.
         self._trainer_init = copy.deepcopy(dict(cli.config_init.trainer))
 
@@ -252,8 +366,9 @@ class Run:
             hint = "" if synced else " (--sync-norm pools BGN's statistics over all of them)"
             how = "synchronised" if synced else "per device"
             log.info("norm statistics: %s across %d processes%s", how, trainer.world_size, hint)
+        resume = self.resume_from if trainer is self.cli.trainer else None
         start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=None if resume is None else str(resume))
         self.times["fit_time_s"] += time.perf_counter() - start
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         callback = trainer.checkpoint_callback
@@ -300,7 +415,8 @@ def _plain_config(cli: Any) -> dict[str, Any]:
 def _shortcut_help() -> str:
     return (
         "Shortcuts: --norm NAME, --groups G|auto, --batch-size N, --data NAME, --data-dir PATH, "
-        "--download, --sync-norm, --max-epochs E, --seed S, --output DIR, --accelerator A, --devices D. "
+        "--download, --sync-norm, --max-epochs E, --seed S, --output DIR, --overwrite, --resume, "
+        "--accelerator A, --devices D. "
         "--threads T sets torch's CPU threads (1 is fastest for small models on a busy CPU)."
     )
 
@@ -314,20 +430,38 @@ def run_task(task: Task, argv: Sequence[str], command: Sequence[str]) -> int:
         command: the command line as the user gave it (recorded in ``results.json``).
 
     Raises:
-        UsageError: for a bad norm, dataset, init value or a setting the data cannot serve.
+        UsageError: for a bad norm, dataset, init value or a setting the data cannot serve, or an
+            ``--output`` that holds another run (:func:`claim_output`). A run that stops on one
+            removes what it created in ``--output`` unless it saved a checkpoint.
     """
+    start = time.perf_counter()
+    check_config_files(argv)
+    claims: list[tuple[Path, list[str] | None]] = []
+    try:
+        return _run(task, argv, command, start, claims)
+    except UsageError:
+        for root, kept in claims:
+            _discard(root, kept)
+        raise
+
+
+def _run(
+    task: Task,
+    argv: Sequence[str],
+    command: Sequence[str],
+    start: float,
+    claims: list[tuple[Path, list[str] | None]],
+) -> int:
     from bgn_lightning import available_norms
     from tasks.common.data import DatasetNotFoundError, TaskConfigError
     from tasks.common.results import results_record, write_results
 
-    start = time.perf_counter()
-    check_config_files(argv)
     config = default_config(task)
     description = (
         f"{PROG} {task.name}: fit, test the best checkpoint, write <output>/results.json. "
         f"Norms: {', '.join(available_norms())}. Metrics: {', '.join(m.name for m in task.metrics)}. "
     )
-    cli = _make_cli_class(task)(
+    cli = _make_cli_class(task, claims)(
         model_class=task.model_class,
         datamodule_class=task.datamodule_class,
         args=list(argv),
@@ -357,8 +491,15 @@ def run_task(task: Task, argv: Sequence[str], command: Sequence[str]) -> int:
             log.warning("%s %s: the run did not log %s (declared by the task)", PROG, task.name, missing)
         swap = _norm_swap(run.trainer)
         if swap is not None:  # the norm that ran is the swapped-in one; the config's is the source
-            extra = {"norm_swap": {"from": run.config["model"].get("norm"), "to": swap.norm,
-                                   "kwargs": swap.kwargs, "replaced": dict(swap.swapped)}, **extra}
+            extra = {
+                "norm_swap": {
+                    "from": run.config["model"].get("norm"),
+                    "to": swap.norm,
+                    "kwargs": swap.kwargs,
+                    "replaced": dict(swap.swapped),
+                },
+                **extra,
+            }
         record = results_record(
             task=task.name,
             norm=swap.norm if swap is not None else None,
