@@ -255,7 +255,8 @@ def _load_mini_imagenet(root: Path, seed: int, size: int | None) -> FewShotData:
 # -- image folders -----------------------------------------------------------------------------
 def _load_imagefolder(root: Path, seed: int, size: int | None) -> FewShotData:
     from torchvision import transforms
-    from torchvision.datasets import ImageFolder
+
+    from tasks.common.images import ImageFolder
 
     side = size or MINI_IMAGENET_SIZE
     transform = transforms.Compose(

@@ -51,12 +51,14 @@ SHORTCUTS: dict[str, str] = {
     "--output": "--trainer.default_root_dir",
     "--accelerator": "--trainer.accelerator",
     "--devices": "--trainer.devices",
+    "--bad-images": "--bad_images",
 }
 """Shortcut flag -> LightningCLI argument (each takes one value)."""
 
 FLAG_SHORTCUTS: dict[str, tuple[str, str]] = {
     "--download": ("--data.download", "true"),
     "--sync-norm": ("--sync_norm", "true"),
+    "--check-data": ("--check_data", "true"),
     "--overwrite": ("--overwrite", "true"),
     "--resume": ("--resume", "true"),
 }
@@ -156,8 +158,8 @@ def usage() -> str:
             f"usage: {PROG} <task> [--norm NAME] [--groups G|auto] [--batch-size N] [--data NAME]",
             "                [--data-dir PATH] [--download] [--max-epochs E] [--seed S] [--output DIR]",
             "                [--accelerator A] [--devices D] [--threads T] [--config FILE] [--print_config]",
-            "                [--overwrite | --resume] [--debug] [task shortcuts]",
-            "                [--trainer.* / --model.* / --data.* ...]",
+            "                [--check-data] [--bad-images stop|skip] [--overwrite | --resume] [--debug]",
+            "                [task shortcuts] [--trainer.* / --model.* / --data.* ...]",
             f"       {PROG} bench --task TASK --norms a,b --batch-sizes 2,4 --seeds 0,1 [--vary KEY=V1,V2]",
             "                [--metrics M1,M2] [--max-epochs E] [--output DIR] [--config GRID.yaml]",
             "                [--jobs J]",

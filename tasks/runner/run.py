@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import UsageError
 
@@ -172,6 +172,8 @@ def _make_cli_class(task: Task, claims: list[tuple[Path, list[str] | None]]) -> 
     """
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+    from tasks.common.images import POLICY
+
     datasets = getattr(task.datamodule_class, "DATASETS", None)
 
     class TaskCLI(LightningCLI):
@@ -192,6 +194,21 @@ def _make_cli_class(task: Task, claims: list[tuple[Path, list[str] | None]]) -> 
                 help="synchronise BGN (and, on GPUs, BatchNorm) statistics across processes: "
                 "bgn_lightning.BGNSync (shortcut --sync-norm); otherwise each device normalises with "
                 "its own batch",
+            )
+            parser.add_argument(
+                "--bad_images",
+                type=Literal["stop", "skip"],
+                default="stop",
+                help="an image file that cannot be read: stop the run with one line naming it (exit 2), or "
+                "skip: leave every bad file out (one warning each; listed in results.json) "
+                "(shortcut --bad-images)",
+            )
+            parser.add_argument(
+                "--check_data",
+                type=bool,
+                default=False,
+                help="decode every file of an image-folder dataset before training, so a bad one is found "
+                "at set-up, not when first drawn (shortcut --check-data; --bad-images skip implies it)",
             )
             parser.add_argument(
                 "--overwrite",
@@ -236,6 +253,7 @@ def _make_cli_class(task: Task, claims: list[tuple[Path, list[str] | None]]) -> 
                     f"-seed{cfg.get('seed_everything')}"
                 )
                 cfg.trainer.default_root_dir = str(Path("outputs") / task.name / name)
+            POLICY.set(cfg.bad_images, cfg.check_data)
             root = Path(cfg.trainer.default_root_dir)
             self.resume_from = claim_output(root, overwrite=cfg.overwrite, resume=cfg.resume)
             claims.append((root, _run_entries(root) if root.exists() else None))
@@ -412,11 +430,20 @@ def _plain_config(cli: Any) -> dict[str, Any]:
     return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_validation=True))
 
 
+def _last_line(err: Exception) -> str:
+    """An error's message; from a DataLoader worker (the worker's traceback first), its last line."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return str(err)
+    name = f"{type(err).__module__}.{type(err).__name__}: "
+    return lines[-1].removeprefix(name)
+
+
 def _shortcut_help() -> str:
     return (
         "Shortcuts: --norm NAME, --groups G|auto, --batch-size N, --data NAME, --data-dir PATH, "
-        "--download, --sync-norm, --max-epochs E, --seed S, --output DIR, --overwrite, --resume, "
-        "--accelerator A, --devices D. "
+        "--download, --sync-norm, --check-data, --bad-images stop|skip, --max-epochs E, --seed S, "
+        "--output DIR, --overwrite, --resume, --accelerator A, --devices D. "
         "--threads T sets torch's CPU threads (1 is fastest for small models on a busy CPU)."
     )
 
@@ -454,6 +481,7 @@ def _run(
 ) -> int:
     from bgn_lightning import available_norms
     from tasks.common.data import DatasetNotFoundError, TaskConfigError
+    from tasks.common.images import POLICY
     from tasks.common.results import results_record, write_results
 
     config = default_config(task)
@@ -483,23 +511,17 @@ def _run(
         else:
             run.metrics = run.fit_and_test(run.model, run.trainer)
     except (DatasetNotFoundError, TaskConfigError) as err:
-        raise UsageError(str(err)) from err
+        raise UsageError(_last_line(err)) from err
     extra = task.extra_results(run) if task.extra_results is not None else {}
+    extra = {"images": POLICY.record(), **extra}
     if run.trainer.is_global_zero:
         missing = [m.name for m in task.metrics if m.name not in run.metrics]
         if missing:
             log.warning("%s %s: the run did not log %s (declared by the task)", PROG, task.name, missing)
         swap = _norm_swap(run.trainer)
         if swap is not None:  # the norm that ran is the swapped-in one; the config's is the source
-            extra = {
-                "norm_swap": {
-                    "from": run.config["model"].get("norm"),
-                    "to": swap.norm,
-                    "kwargs": swap.kwargs,
-                    "replaced": dict(swap.swapped),
-                },
-                **extra,
-            }
+            extra = {"norm_swap": {"from": run.config["model"].get("norm"), "to": swap.norm,
+                                   "kwargs": swap.kwargs, "replaced": dict(swap.swapped)}, **extra}
         record = results_record(
             task=task.name,
             norm=swap.norm if swap is not None else None,
