@@ -430,6 +430,23 @@ def _plain_config(cli: Any) -> dict[str, Any]:
     return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_validation=True))
 
 
+def _kernel_path(model: LightningModule) -> str | None:
+    """Which implementation the model's BGN layers ran on (``cpu: C++ kernels``, ``cuda: native ops``...).
+
+    ``None`` for a model without BGN layers.
+    """
+    from bgn_lightning import BatchGroupNorm, cpu_kernels_available, cuda_kernels_available
+
+    if not any(isinstance(m, BatchGroupNorm) for m in model.modules()):
+        return None
+    device = next(model.parameters()).device.type
+    if device == "cpu" and cpu_kernels_available():
+        return "cpu: C++ kernels"
+    if device == "cuda" and cuda_kernels_available():
+        return "cuda: Triton kernels"
+    return f"{device}: native ops"
+
+
 def _last_line(err: Exception) -> str:
     """An error's message; from a DataLoader worker (the worker's traceback first), its last line."""
     lines = [line for line in str(err).splitlines() if line.strip()]
@@ -513,7 +530,7 @@ def _run(
     except (DatasetNotFoundError, TaskConfigError) as err:
         raise UsageError(_last_line(err)) from err
     extra = task.extra_results(run) if task.extra_results is not None else {}
-    extra = {"images": POLICY.record(), **extra}
+    extra = {"images": POLICY.record(), "bgn_kernels": _kernel_path(run.model), **extra}
     if run.trainer.is_global_zero:
         missing = [m.name for m in task.metrics if m.name not in run.metrics]
         if missing:
