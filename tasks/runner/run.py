@@ -302,8 +302,17 @@ def _sync_plugin(trainer_init: Any) -> Any:
 
 
 def _progress_bar() -> Any:
-    """Lightning's rich progress bar without ``v_num`` (which showed the logger dir's tail, "oard")."""
+    """On a terminal, Lightning's rich progress bar without ``v_num`` (which showed the logger dir's
+    tail, "oard"); otherwise (a cluster job, ``> log``) a progress line every 50 steps or 30 s
+    (:class:`~tasks.common.progress.LogProgress`)."""
+    import sys
+
     from lightning.pytorch.callbacks import RichProgressBar
+
+    from tasks.common.progress import LogProgress
+
+    if not sys.stdout.isatty():
+        return LogProgress()
 
     class ProgressBar(RichProgressBar):
         def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
