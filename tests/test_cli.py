@@ -69,6 +69,11 @@ def test_no_arguments_prints_usage_and_fails(capsys) -> None:
         (["bench", "--task", "nope", "--norms", "bn", "--batch-sizes", "2"], "unknown task 'nope'"),
         (["bench", "--task", "classification", "--norms", "bn,x", "--batch-sizes", "2"], "unknown norm 'x'"),
         (["bench", "--task", "classification", "--norms", "bn", "--batch-sizes", "2,x"], "list of int"),
+        # exact names only: a prefix is a typo, with the nearest name suggested
+        (["uda", "--model.trade_of", "1"], "arguments: --model.trade_of 1; did you mean --model.trade_off?"),
+        (["classification", "--trainer.max_epoch", "1"], "did you mean --trainer.max_epochs?"),
+        (["classification", "--max-epoch", "1", "--nrom", "bn"], "--max-epochs for --max-epoch, --norm for"),
+        (["bench", "--task", "classification", "--norm", "bn", "--batch-sizes", "2"], "you mean --norms?"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(argv: list[str], message: str, capsys, tmp_path) -> None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from tasks.common.contract import Task
 
-__all__ = ["Run", "claim_output", "default_config", "run_task"]
+__all__ = ["Run", "claim_output", "default_config", "did_you_mean", "run_task"]
 
 PROG = "bgn-task"
 log = logging.getLogger("tasks")
@@ -163,6 +163,28 @@ def _discard(root: Path, kept: Sequence[str] | None) -> None:
         root.rmdir()
 
 
+def did_you_mean(message: str, options: Sequence[str]) -> str:
+    """``"; did you mean --model.trade_off?"`` for the unrecognized arguments named in ``message``.
+
+    ``options``: the names the parser knows. ``""`` when ``message`` names no unrecognized
+    argument or none is close to a known one.
+    """
+    import difflib
+
+    if "nrecognized arguments:" not in message:
+        return ""
+    known = sorted(set(options))
+    given = message.split("nrecognized arguments:", 1)[1].split()
+    close = [
+        (flag, match[0])
+        for flag in (arg.split("=", 1)[0] for arg in given if arg.startswith("--"))
+        if (match := difflib.get_close_matches(flag, known, n=1, cutoff=0.75))
+    ]
+    if len(close) == 1:
+        return f"; did you mean {close[0][1]}?"
+    return f"; did you mean {', '.join(f'{m} for {f}' for f, m in close)}?" if close else ""
+
+
 def _make_cli_class(task: Task, claims: list[tuple[Path, list[str] | None]]) -> type:
     """A LightningCLI subclass for ``task`` (built lazily: importing Lightning is slow).
 
@@ -235,7 +257,11 @@ def _make_cli_class(task: Task, claims: list[tuple[Path, list[str] | None]]) -> 
                 self.config = parser.parse_args(args)
             except ArgumentError as err:  # unknown key, bad type, ...: the message, not the usage
                 message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-                raise UsageError(f"{message} ('{PROG} {task.name} --help' lists the options)") from err
+                from .cli import FLAG_SHORTCUTS, SHORTCUTS
+
+                shortcuts = [*SHORTCUTS, *FLAG_SHORTCUTS, *task.shortcuts, *task.flags]
+                hint = did_you_mean(message, [*parser._option_string_actions, *shortcuts])
+                raise UsageError(f"{message}{hint} ('{PROG} {task.name} --help' lists the options)") from err
             check_config(self.config, datasets)
 
         def before_instantiate_classes(self) -> None:
@@ -522,6 +548,7 @@ def _run(
         run=False,
         parser_kwargs={
             "exit_on_error": False,
+            "allow_abbrev": False,  # --model.trade_of is a typo, not --model.trade_off
             "prog": f"{PROG} {task.name}",
             "description": description + _shortcut_help(),
             "default_config_files": [str(config)] if config else [],
