@@ -399,6 +399,7 @@ class Run:
         self.checkpoint: str | None = None
         self.times = {"fit_time_s": 0.0, "test_time_s": 0.0}
         self.resume_from: Path | None = cli.resume_from
+        self.norm: str | None = None
         # The trainer's init arguments before any fit: make_trainer() builds later stages from copies.
         self._trainer_init = copy.deepcopy(dict(cli.config_init.trainer))
 
@@ -568,7 +569,9 @@ def _run(
     extra = task.extra_results(run) if task.extra_results is not None else {}
     extra = {"images": POLICY.record(), "bgn_kernels": _kernel_path(run.model), **extra}
     if run.trainer.is_global_zero:
-        missing = [m.name for m in task.metrics if m.name not in run.metrics]
+        stage = run.config["model"].get("stage")
+        declared = [m for m in task.metrics if not m.stages or stage in m.stages]
+        missing = [m.name for m in declared if m.name not in run.metrics]
         if missing:
             log.warning("%s %s: the run did not log %s (declared by the task)", PROG, task.name, missing)
         swap = _norm_swap(run.trainer)
@@ -577,7 +580,7 @@ def _run(
                                    "kwargs": swap.kwargs, "replaced": dict(swap.swapped)}, **extra}
         record = results_record(
             task=task.name,
-            norm=swap.norm if swap is not None else None,
+            norm=swap.norm if swap is not None else run.norm,
             config=run.config,
             metrics=run.metrics,
             model=run.model,
