@@ -173,6 +173,16 @@ def test_groups_that_do_not_fit_a_layer_are_one_line_before_any_step(tmp_path, c
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+def test_a_groups_error_comes_before_the_model_summary_and_lightning_chatter(tmp_path, capsys) -> None:
+    summary = "--trainer.enable_model_summary=true"
+    argv = ["classification", "--output", str(tmp_path / "run"), *QUICK, summary]
+    assert main([*argv, "--norm", "bgn", "--groups", "7"]) == 2
+    captured = capsys.readouterr()
+    assert "--groups 7 does not fit layer" in captured.err.strip().splitlines()[-1]
+    assert "Trainable params" not in captured.out + captured.err  # the summary waits for the first forward
+    assert "Seed set to" not in captured.err and "model summary" not in captured.err
+
+
 def test_normswap_from_the_cli_joins_the_tasks_callbacks_and_is_recorded(tmp_path) -> None:
     out = tmp_path / "run"
     argv = ["classification", "--norm", "bn", "--trainer.callbacks=bgn_lightning.NormSwap",

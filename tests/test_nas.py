@@ -307,6 +307,8 @@ def test_search_then_eval_end_to_end_then_eval_alone_from_its_genotype(tmp_path:
         (["--model.ops", "[none, sep_conv_3x3, conv_9x9]"], "unknown op 'conv_9x9'; choose from: none"),
         (["--stage", "eval"], "stage 'eval' retrains a given genotype: pass --genotype FILE"),
         (["--stage", "eval", "--genotype", "<bad>"], "not JSON"),
+        (["--stage", "eval", "--genotype", "<ckpt>"], "not a genotype JSON file (binary data; a checkpoint?"),
+        (["--stage", "eval", "--genotype", "nothere.json"], "--genotype nothere.json: no such file"),
         (["--stage", "eval", "--genotype", "<ops>"], "op 'conv_9x9' is not in the space"),
         (["--stage", "eval", "--genotype", "<deep>"], "normal cell has 2 nodes, more than the network's 1"),
         (["--genotype", "<deep>"], "is only read by --stage eval"),
@@ -320,6 +322,8 @@ def test_bad_nas_values_are_one_line_exit_2(flags, message, tmp_path: Path, caps
     files = {"bad": "{not json", "ops": json.dumps(outside), "deep": json.dumps(GENOTYPE)}
     for name, text in files.items():
         (tmp_path / f"{name}.json").write_text(text)
+    files["ckpt"] = ""
+    (tmp_path / "ckpt.json").write_bytes(b"PK\x03\x04\x80\x81 torch zip")
     for name in files:
         flags = [str(tmp_path / f"{name}.json") if f == f"<{name}>" else f for f in flags]
     assert main(["nas", "--output", str(tmp_path / "run"), "--model.nodes", "1", *flags]) == 2

@@ -218,19 +218,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-class _DropTips(logging.Filter):
-    """Drops Lightning's advertising tips (litlogger) from its rank-zero log."""
+_NOISE = ("💡 Tip", "Seed set to", "Trainer already configured with model summary")
+"""Lightning log lines a run does without: its advertising tip (litlogger), the seed (results.json
+has it) and the note that the runner's own (later) model summary replaces its default."""
+
+
+class _DropNoise(logging.Filter):
+    """Drops :data:`_NOISE` from Lightning's log, so a one-line error is not preceded by it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip")
+        return not record.getMessage().startswith(_NOISE)
 
 
 def _quiet_third_party() -> None:
-    """Keep every run's log to what matters: no litlogger tip, no torch-internal deprecation lines."""
+    """Keep every run's log to what matters: no Lightning noise, no torch-internal deprecation lines."""
     import warnings
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropTips())
+    for name in ("pytorch.utilities.rank_zero", "fabric.utilities.rank_zero", "fabric.utilities.seed"):
+        logging.getLogger(f"lightning.{name}").addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 

@@ -291,7 +291,7 @@ def _make_cli_class(task: Task, claims: list[tuple[Path, list[str] | None]]) -> 
                 raise UsageError(str(err).splitlines()[0], debug_hint=True) from err
 
         def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-            from lightning.pytorch.callbacks import ProgressBar
+            from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichProgressBar
 
             root = Path(self.config.trainer.default_root_dir)
             init = self.config_init.trainer
@@ -303,7 +303,12 @@ def _make_cli_class(task: Task, claims: list[tuple[Path, list[str] | None]]) -> 
             if init.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in callbacks
             ):
-                init["callbacks"] = [*callbacks, _progress_bar()]
+                init["callbacks"] = callbacks = [*callbacks, _progress_bar()]
+            if init.get("enable_model_summary") is not False and not any(
+                isinstance(c, ModelSummary) for c in callbacks
+            ):
+                rich = any(isinstance(c, RichProgressBar) for c in callbacks)
+                init["callbacks"] = [*callbacks, _late_summary(rich)]
             trainer = super().instantiate_trainer(**kwargs)
             _checkpoints_under(trainer, root)
             return trainer
@@ -347,6 +352,21 @@ def _progress_bar() -> Any:
             return items
 
     return ProgressBar()
+
+
+def _late_summary(rich: bool) -> Any:
+    """Lightning's model summary (rich with the rich bar), shown after the sanity check instead of
+    before it, so an error of the first forward (a ``--groups`` that does not fit) comes first."""
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+
+    class LateSummary(RichModelSummary if rich else ModelSummary):  # type: ignore[misc]
+        def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            pass
+
+        def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+            super().on_fit_start(trainer, pl_module)
+
+    return LateSummary()
 
 
 def _loggers(root: Path, resumed: bool = False) -> list[Any]:

@@ -104,12 +104,16 @@ def _image_files(root: Path, classes: list[str]) -> Iterator[Path]:
                 yield p
 
 
-def folder_domain(root: str | Path, test_fraction: float, split_seed: int) -> Domain:
+def folder_domain(
+    root: str | Path, test_fraction: float, split_seed: int, flag: str = "--data-dir"
+) -> Domain:
     """An ImageFolder domain: ``root/train`` and ``root/test`` as its splits, or a flat ``root/<class>``.
 
     A flat folder (Office-31's ``amazon/<class>/<image>``) gets a fixed stratified split holding
     out ``test_fraction`` of each class (seeded by ``split_seed``). The domain is grey when its
     first image is (mode ``L``, ``1``...), otherwise RGB; its size is that image's shorter side.
+
+    ``flag`` is the option that set ``root``, for the error message.
 
     Raises:
         DatasetNotFoundError: when ``root`` is missing or holds no class folders with images.
@@ -117,16 +121,17 @@ def folder_domain(root: str | Path, test_fraction: float, split_seed: int) -> Do
     root = Path(root).expanduser()
     expected = "<class>/<image> folders, or train/<class>/<image> and test/<class>/<image>"
     if not root.is_dir():
-        raise dataset_not_found(f"domain folder {root.name!r}", root, expected, download=False)
+        raise dataset_not_found(f"domain folder {root.name!r}", root, expected, download=False, flag=flag)
     split = (root / "train").is_dir() and (root / "test").is_dir()
     train_dir = root / "train" if split else root
     try:
         classes, _ = find_classes(str(train_dir))
     except FileNotFoundError as err:
-        raise dataset_not_found(f"domain folder {root.name!r}", root, expected, download=False) from err
+        name = f"domain folder {root.name!r}"
+        raise dataset_not_found(name, root, expected, download=False, flag=flag) from err
     first = first_image(_image_files(train_dir, classes))
     if first is None:
-        raise dataset_not_found(f"domain folder {root.name!r}", root, expected, download=False)
+        raise dataset_not_found(f"domain folder {root.name!r}", root, expected, download=False, flag=flag)
     channels, size = (1 if first.mode in _GREY_MODES else 3), min(first.size)
     train: Dataset = _FolderImages(train_dir, channels)
     labels = np.asarray(train.targets)
