@@ -450,9 +450,12 @@ class Run:
             metrics[f"{callback.monitor}_best"] = float(callback.best_model_score)
         checkpoint = _checkpoint_to_test(trainer)
         start = time.perf_counter()
-        trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint)
+        trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
         self.times["test_time_s"] += time.perf_counter() - start
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        if trainer.is_global_zero:
+            _print_table(tested)
+        metrics.update(tested)
         self.model, self.trainer, self.checkpoint = model, trainer, checkpoint
         return metrics
 
@@ -470,6 +473,17 @@ class Run:
             if isinstance(callback, ModelCheckpoint):
                 callback.dirpath = str(root / "checkpoints")
         return Trainer(**kwargs)
+
+
+def _print_table(metrics: dict[str, float]) -> None:
+    """The test metrics, one table (Lightning's repeats every metric under each test dataloader)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("Test metric", "Value")
+    for name, value in sorted(metrics.items()):
+        table.add_row(name, f"{value:.4f}")
+    Console().print(table)
 
 
 def _norm_swap(trainer: Trainer) -> Any:
