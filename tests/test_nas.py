@@ -330,3 +330,33 @@ def test_bad_nas_values_are_one_line_exit_2(flags, message, tmp_path: Path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def _crosses(box, a, b) -> bool:
+    """Whether the segment a-b passes through ``box`` (display units), sampled finely."""
+    steps = [t / 200 for t in range(201)]
+    return any(box.contains(a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])) for t in steps)
+
+
+@pytest.mark.parametrize("nodes", [2, 4, 5])
+def test_genotype_drawing_has_no_edge_behind_a_node_and_no_overlapping_labels(nodes: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tasks.nas.plot import _draw_cell
+
+    ops = ["sep_conv_3x3", "max_pool_3x3", "skip_connect", "dil_conv_5x5"]
+    edges = tuple((ops[k % 4], j) for i in range(nodes) for k, j in enumerate((0, i + 1) if i else (0, 1)))
+    fig, ax = plt.subplots(figsize=(1.7 * (3 + nodes), 3.4))
+    drawing = _draw_cell(ax, edges, tuple(range(2, 2 + nodes)), "reduction cell")
+    to_display = ax.transData.transform
+    for src, dst in drawing.edges:
+        a, b = to_display(drawing.positions[src]), to_display(drawing.positions[dst])
+        others = [box for state, box in drawing.nodes.items() if state not in (src, dst)]
+        assert not any(_crosses(box, a, b) for box in others), (src, dst)
+    boxes = [*drawing.labels, *drawing.nodes.values()]
+    for i, label in enumerate(drawing.labels):
+        assert not any(label.overlaps(other) for other in boxes[i + 1:]), i
+    plt.close(fig)
