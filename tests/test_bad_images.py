@@ -138,3 +138,20 @@ def test_fsl_image_folders_skip_a_bad_file(tmp_path: Path) -> None:
     POLICY.set("skip")
     data = load_fewshot_data("imagefolder", tmp_path, image_size=8)
     assert sum(len(split) for split in data.splits.values()) == 29 and POLICY.skipped == [str(bad)]
+
+
+def test_a_bad_file_met_in_a_dataloader_worker_is_still_one_line(tmp_path: Path) -> None:
+    from torch._utils import ExceptionWrapper
+
+    from tasks.runner.run import _last_line
+
+    path = tmp_path / "00007.png"
+    path.write_text("text")
+    try:
+        open_image(path)
+    except BadImageError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")  # what a worker sends back
+    with pytest.raises(BadImageError) as raised:
+        wrapped.reraise()
+    assert "Traceback" in str(raised.value)
+    assert _last_line(raised.value).startswith(f"bad image file {path}: cannot identify image file")

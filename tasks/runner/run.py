@@ -193,6 +193,7 @@ def _make_cli_class(task: Task, claims: list[tuple[Path, list[str] | None]]) -> 
     remove what it created.
     """
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.utilities import rank_zero_only
 
     from tasks.common.images import POLICY
 
@@ -281,8 +282,11 @@ def _make_cli_class(task: Task, claims: list[tuple[Path, list[str] | None]]) -> 
                 cfg.trainer.default_root_dir = str(Path("outputs") / task.name / name)
             POLICY.set(cfg.bad_images, cfg.check_data)
             root = Path(cfg.trainer.default_root_dir)
-            self.resume_from = claim_output(root, overwrite=cfg.overwrite, resume=cfg.resume)
-            claims.append((root, _run_entries(root) if root.exists() else None))
+            if rank_zero_only.rank == 0:
+                self.resume_from = claim_output(root, overwrite=cfg.overwrite, resume=cfg.resume)
+                claims.append((root, _run_entries(root) if root.exists() else None))
+            else:  # a DDP process Lightning launched: rank 0 claimed the folder
+                self.resume_from = _last_checkpoint(root) if cfg.resume else None
 
         def instantiate_classes(self) -> None:
             try:
