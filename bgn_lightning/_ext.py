@@ -78,6 +78,20 @@ def build_directory(name: str) -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
 
 
+def _stable_copy(directory: Path) -> Path:
+    """The source, copied into the build directory (rewritten only when it differs).
+
+    ninja rebuilds when the source's path in its build file changes: compiling the copy lets two
+    clones with the same source (same key) share one build instead of rebuilding it in turn.
+    """
+    source, text = directory / _SOURCE.name, _SOURCE.read_bytes()
+    if not source.is_file() or source.read_bytes() != text:
+        tmp = directory / f".{_SOURCE.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(text)
+        tmp.replace(source)
+    return source
+
+
 def _build() -> ModuleType | None:
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -95,10 +109,11 @@ def _build() -> ModuleType | None:
         if first:  # at WARNING, Python's default level: a run that pays ~45 s says why
             _log.warning("bgn_lightning: building BGN CPU kernels, once, ~45 s (cached in %s)", directory)
         directory.mkdir(parents=True, exist_ok=True)
+        source = _stable_copy(directory)
         start = time.perf_counter()
         module = load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(source)],
             extra_cflags=cflags,
             extra_ldflags=ldflags,
             build_directory=str(directory),

@@ -666,7 +666,11 @@ def test_the_first_build_says_so_at_the_default_level(monkeypatch, tmp_path, cap
 
     from bgn_lightning import _ext
 
-    def fake_load(name: str, build_directory: str, **kwargs) -> object:
+    def fake_load(name: str, build_directory: str, sources: list[str], **kwargs) -> object:
+        # the source is compiled from a copy in the build directory: clones share one build
+        assert sources == [str(Path(build_directory) / "batch_group_norm_cpu.cpp")]
+        original = Path(_ext.__file__).parent / "csrc" / "batch_group_norm_cpu.cpp"
+        assert Path(sources[0]).read_bytes() == original.read_bytes()
         (Path(build_directory) / f"{name}.so").write_bytes(b"")
         return object()
 
