@@ -59,9 +59,10 @@ def _flags() -> tuple[str, list[str], list[str]]:
 def cache_key(source: bytes, cflags: list[str], ldflags: list[str]) -> str:
     """The hash that names a build: everything that makes one binary differ from another.
 
-    The source, the flags, the compiler (``$CXX``), torch's build (version, git commit, CUDA) and
-    the interpreter's environment (version, ``sys.prefix``, executable): two clones, or a clone and
-    an installed copy, in two environments never share (and so never evict) each other's build.
+    The source's content, the flags, the compiler (``$CXX``), torch's build (version, git commit,
+    CUDA) and the interpreter's environment (version, ``sys.prefix``, executable): two
+    environments (two venvs, a clone and an installed copy) keep a build each instead of evicting
+    each other's; two clones of the same source in one environment share one.
     """
     parts = [
         str(_VERSION), hashlib.sha256(source).hexdigest(), *cflags, "|", *ldflags, os.environ.get("CXX", ""),
