@@ -181,6 +181,7 @@ def test_a_groups_error_comes_before_the_model_summary_and_lightning_chatter(tmp
     assert "--groups 7 does not fit layer" in captured.err.strip().splitlines()[-1]
     assert "Trainable params" not in captured.out + captured.err  # the summary waits for the first forward
     assert "Seed set to" not in captured.err and "model summary" not in captured.err
+    assert "TPU available: False" not in captured.err  # accelerators that do not exist go unmentioned
 
 
 def test_normswap_from_the_cli_joins_the_tasks_callbacks_and_is_recorded(tmp_path) -> None:

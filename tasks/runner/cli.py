@@ -218,9 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-_NOISE = ("💡 Tip", "Seed set to", "Trainer already configured with model summary")
+_NOISE = (
+    "💡 Tip", "Seed set to", "Trainer already configured with model summary", "GPU available: False",
+    "TPU available: False", "HPU available: False", "Loading `train_dataloader` to estimate",
+)  # fmt: skip
 """Lightning log lines a run does without: its advertising tip (litlogger), the seed (results.json
-has it) and the note that the runner's own (later) model summary replaces its default."""
+has it), the note that the runner's own (later) model summary replaces its default, accelerators
+that do not exist (a GPU that exists but is unused is still reported) and a data-loading note."""
 
 
 class _DropNoise(logging.Filter):
