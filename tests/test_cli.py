@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import types
 from pathlib import Path
@@ -173,15 +174,17 @@ def test_groups_that_do_not_fit_a_layer_are_one_line_before_any_step(tmp_path, c
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-def test_a_groups_error_comes_before_the_model_summary_and_lightning_chatter(tmp_path, capsys) -> None:
+def test_a_groups_error_comes_before_the_model_summary_and_lightning_noise(tmp_path, capsys, caplog) -> None:
     summary = "--trainer.enable_model_summary=true"
     argv = ["classification", "--output", str(tmp_path / "run"), *QUICK, summary]
-    assert main([*argv, "--norm", "bgn", "--groups", "7"]) == 2
+    with caplog.at_level(logging.INFO):
+        assert main([*argv, "--norm", "bgn", "--groups", "7"]) == 2
     captured = capsys.readouterr()
     assert "--groups 7 does not fit layer" in captured.err.strip().splitlines()[-1]
-    assert "Trainable params" not in captured.out + captured.err  # the summary waits for the first forward
-    assert "Seed set to" not in captured.err and "model summary" not in captured.err
-    assert "TPU available: False" not in captured.err  # accelerators that do not exist go unmentioned
+    shown = captured.out + captured.err + caplog.text
+    assert "Trainable params" not in shown  # the summary waits for the first forward
+    assert "Seed set to" not in shown and "model summary" not in shown
+    assert "TPU available: False" not in shown  # accelerators that do not exist go unmentioned
 
 
 def test_normswap_from_the_cli_joins_the_tasks_callbacks_and_is_recorded(tmp_path) -> None:
