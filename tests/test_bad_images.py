@@ -155,3 +155,18 @@ def test_a_bad_file_met_in_a_dataloader_worker_is_still_one_line(tmp_path: Path)
         wrapped.reraise()
     assert "Traceback" in str(raised.value)
     assert _last_line(raised.value).startswith(f"bad image file {path}: cannot identify image file")
+
+
+def test_fsl_omniglot_names_a_bad_file_or_skips_it(tmp_path: Path) -> None:
+    from tasks.fsl.datasets import load_fewshot_data
+    from tests.test_fsl_data import _omniglot_tree
+
+    _omniglot_tree(tmp_path)
+    bad = tmp_path / "images_evaluation" / "evaluation_alpha1" / "character02" / "0101_02.png"
+    bad.write_bytes(_truncated("PNG"))
+    with pytest.raises(BadImageError, match=f"bad image file {bad}: "):
+        load_fewshot_data("omniglot", tmp_path, seed=0)
+    POLICY.set("skip")
+    data = load_fewshot_data("omniglot", tmp_path, seed=0)
+    assert sum(len(split) for split in data.splits.values()) == 4 * 71  # 72 drawings less one, 4 rotations
+    assert POLICY.skipped == [str(bad)]
