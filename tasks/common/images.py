@@ -1,9 +1,10 @@
 """Image files that cannot be read are found and named, never a traceback from inside a DataLoader.
 
-Every task that reads an image-folder tree (classification's and adversarial's ``imagefolder``,
-uda's ``folders``, fsl's ``imagefolder``) reads it through :class:`ImageFolder` and
-:func:`open_image`. What happens to a bad file (not an image, truncated, unreadable) is the run's
-:data:`POLICY`, set by the runner from ``--bad-images`` and ``--check-data``:
+Every task that reads image files (the ``imagefolder`` of classification, adversarial, nas and
+fsl, fsl's ``omniglot``, uda's ``folders``) reads them through :class:`ImageFolder`,
+:func:`open_image` and :func:`screen`. What happens to a bad file (not an image, truncated,
+unreadable) is the run's :data:`POLICY`, set by the runner from ``--bad-images`` and
+``--check-data``:
 
 * ``stop`` (the default): the run stops with one line naming the file (exit code 2) — when the
   file is first drawn, or before training with ``--check-data``;
