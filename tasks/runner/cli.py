@@ -238,8 +238,12 @@ def _quiet_third_party() -> None:
     """Keep every run's log to what matters: no Lightning noise, no torch-internal deprecation lines."""
     import warnings
 
-    for name in ("pytorch.utilities.rank_zero", "fabric.utilities.rank_zero", "fabric.utilities.seed"):
-        logging.getLogger(f"lightning.{name}").addFilter(_DropNoise())
+    # Lightning's rank-zero messages go to the logger of whichever copy was imported last (each of
+    # lightning.pytorch, lightning.fabric, pytorch_lightning, lightning_fabric sets it; learn2learn
+    # imports pytorch_lightning), and seed_everything logs under its own module: filter them all.
+    for package in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        for module in ("utilities.rank_zero", "utilities.seed"):
+            logging.getLogger(f"{package}.{module}").addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
