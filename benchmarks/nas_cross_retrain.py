@@ -59,7 +59,7 @@ def main() -> int:
                 argv = [sys.executable, "-m", "tasks.runner.cli", "nas", "--stage", "eval",
                         "--genotype", str(run["dir"] / "genotype.json"), "--norm", norm,
                         "--seed", str(run["seed"]), "--batch-size", str(run["batch_size"]),
-                        "--threads", str(args.threads), "--output", str(out),
+                        "--threads", str(args.threads), "--output", str(out), "--overwrite",
                         "--trainer.enable_progress_bar", "false", *args.extra]  # fmt: skip
                 subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             record = json.loads((out / "results.json").read_text())

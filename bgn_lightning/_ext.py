@@ -1,8 +1,10 @@
 """The fused C++ CPU kernels of BGN (``csrc/batch_group_norm_cpu.cpp``), built on first use.
 
 :func:`cpu_kernels` compiles the source with ``torch.utils.cpp_extension.load`` the first time it
-is called (about a minute; the result is cached under ``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``, so later processes load it in milliseconds) and returns the module,
+is called (about 45 s, announced at WARNING level; the result is cached under
+``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, in a folder named by
+:func:`cache_key`, so later processes of the same environment load it in milliseconds and other
+environments keep their own builds) and returns the module,
 or ``None`` when it cannot be built (no C++ compiler, no ninja) or is switched off with
 ``BGN_LIGHTNING_CPU_KERNELS=0``. ``None`` means the portable path of native ops in
 :mod:`bgn_lightning._autograd`, which gives the same results; a failed build is reported once as a
@@ -12,23 +14,25 @@ of time (``make install`` does).
 The kernels run one pass over the input for the statistics and one to normalize (and two in the
 backward), like ``nn.BatchNorm2d``, and do every per-group and per-channel step in C++, so small
 inputs do not pay Python's per-op overhead. They are compiled for the CPU capability torch
-reports (AVX2 / AVX-512); that capability and torch's version are part of the cache key.
+reports (AVX2 / AVX-512); those flags are part of the cache key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import re
+import platform
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["ENV_SWITCH", "cpu_kernels", "cpu_kernels_available"]
+__all__ = ["ENV_SWITCH", "build_directory", "cache_key", "cpu_kernels", "cpu_kernels_available"]
 
 ENV_SWITCH = "BGN_LIGHTNING_CPU_KERNELS"
 _SOURCE = Path(__file__).with_name("csrc") / "batch_group_norm_cpu.cpp"
@@ -42,17 +46,58 @@ _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
 
-def _build() -> ModuleType | None:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
+def _flags() -> tuple[str, list[str], list[str]]:
+    """``(ISA name, compiler flags, linker flags)`` for this CPU and platform."""
     capability = torch.backends.cpu.get_cpu_capability()
+    isa = next((name for name in _FLAGS if capability.startswith(name)), "DEFAULT")
     # GCC's OpenMP is the runtime torch's Linux wheels ship (at::parallel_for runs the kernels on
     # torch's threads); elsewhere (Apple clang has no -fopenmp) the kernels build single-threaded.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    # torch's cache is keyed by the sources, not by torch's version: the name carries it, so an
-    # upgraded torch builds afresh instead of loading a binary made for the old ABI.
-    torch_version = re.sub(r"[^0-9A-Za-z]", "_", torch.__version__)
-    isa = next((name for name in _FLAGS if capability.startswith(name)), "DEFAULT")
+    return isa, ["-O3", *openmp, *_FLAGS.get(isa, [])], openmp
+
+
+def cache_key(source: bytes, cflags: list[str], ldflags: list[str]) -> str:
+    """The hash that names a build: everything that makes one binary differ from another.
+
+    The source's content, the flags, the compiler (``$CXX``), torch's build (version, git commit,
+    CUDA) and the interpreter's environment (version, ``sys.prefix``, executable): two
+    environments (two venvs, a clone and an installed copy) keep a build each instead of evicting
+    each other's; two clones of the same source in one environment share one.
+    """
+    parts = [
+        str(_VERSION), hashlib.sha256(source).hexdigest(), *cflags, "|", *ldflags, os.environ.get("CXX", ""),
+        torch.__version__, str(torch.version.git_version), str(torch.version.cuda),
+        sys.version, sys.prefix, sys.executable, platform.machine(),
+    ]  # fmt: skip
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def build_directory(name: str) -> Path:
+    """Where the build named ``name`` lives: ``$TORCH_EXTENSIONS_DIR`` (or torch's default root)/``name``."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+
+
+def _stable_copy(directory: Path) -> Path:
+    """The source, copied into the build directory (rewritten only when it differs).
+
+    ninja rebuilds when the source's path in its build file changes: compiling the copy lets two
+    clones with the same source (same key) share one build instead of rebuilding it in turn.
+    """
+    source, text = directory / _SOURCE.name, _SOURCE.read_bytes()
+    if not source.is_file() or source.read_bytes() != text:
+        tmp = directory / f".{_SOURCE.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(text)
+        tmp.replace(source)
+    return source
+
+
+def _build() -> ModuleType | None:
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    isa, cflags, ldflags = _flags()
+    name = f"bgn_lightning_cpu_{isa.lower()}_{cache_key(_SOURCE.read_bytes(), cflags, ldflags)}"
     # torch's cpp_extension logs a CUDA_HOME notice at import on CPU-only machines: not ours to show.
     ext_log = logging.getLogger("torch.utils.cpp_extension")
     level = ext_log.level
@@ -60,14 +105,24 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        _log.info("bgn_lightning: loading the BGN CPU kernels (built once, about a minute)")
-        return load(
-            name=f"bgn_lightning_cpu_v{_VERSION}_{isa.lower()}_torch{torch_version}",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", *openmp, *_FLAGS.get(isa, [])],
-            extra_ldflags=openmp,
+        directory = build_directory(name)
+        first = not (directory / f"{name}.so").exists()
+        if first:  # at WARNING, Python's default level: a run that pays ~45 s says why
+            _log.warning("bgn_lightning: building BGN CPU kernels, once, ~45 s (cached in %s)", directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        source = _stable_copy(directory)
+        start = time.perf_counter()
+        module = load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(directory),
             verbose=False,
         )
+        if first:
+            _log.warning("bgn_lightning: built the BGN CPU kernels in %.0f s", time.perf_counter() - start)
+        return module
     except Exception as err:  # a missing compiler or ninja must not break the layer
         warnings.warn(
             f"bgn_lightning: could not build the BGN CPU kernels ({type(err).__name__}: "

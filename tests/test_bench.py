@@ -128,6 +128,8 @@ def test_grid_from_yaml_with_epochs_per_batch_size(tmp_path: Path) -> None:
     )
     assert record["epochs"] == 1 and record["config"]["trainer"]["max_epochs"] == 1
     assert not (tmp_path / "sweep" / "classification" / "gn").exists()
+    run_log = (tmp_path / "sweep" / "classification" / "ln" / "bs16" / "seed0" / "run.log").read_text()
+    assert "train epoch 1/1 step 2/2: loss " in run_log  # progress lines, not a terminal's bar
 
 
 def test_grid_argv_puts_the_cell_last() -> None:

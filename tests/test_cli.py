@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import types
 from pathlib import Path
@@ -69,6 +70,11 @@ def test_no_arguments_prints_usage_and_fails(capsys) -> None:
         (["bench", "--task", "nope", "--norms", "bn", "--batch-sizes", "2"], "unknown task 'nope'"),
         (["bench", "--task", "classification", "--norms", "bn,x", "--batch-sizes", "2"], "unknown norm 'x'"),
         (["bench", "--task", "classification", "--norms", "bn", "--batch-sizes", "2,x"], "list of int"),
+        # exact names only: a prefix is a typo, with the nearest name suggested
+        (["uda", "--model.trade_of", "1"], "arguments: --model.trade_of 1; did you mean --model.trade_off?"),
+        (["classification", "--trainer.max_epoch", "1"], "did you mean --trainer.max_epochs?"),
+        (["classification", "--max-epoch", "1", "--nrom", "bn"], "--max-epochs for --max-epoch, --norm for"),
+        (["bench", "--task", "classification", "--norm", "bn", "--batch-sizes", "2"], "you mean --norms?"),
     ],
 )
 def test_usage_errors_are_one_line_with_exit_code_2(argv: list[str], message: str, capsys, tmp_path) -> None:
@@ -166,6 +172,19 @@ def test_groups_that_do_not_fit_a_layer_are_one_line_before_any_step(tmp_path, c
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "gn: num_groups=7 must divide the layer's C=32; valid: 1, 2, 4, 8, 16, 32" in last
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_groups_error_comes_before_the_model_summary_and_lightning_noise(tmp_path, capsys, caplog) -> None:
+    summary = "--trainer.enable_model_summary=true"
+    argv = ["classification", "--output", str(tmp_path / "run"), *QUICK, summary]
+    with caplog.at_level(logging.INFO):
+        assert main([*argv, "--norm", "bgn", "--groups", "7"]) == 2
+    captured = capsys.readouterr()
+    assert "--groups 7 does not fit layer" in captured.err.strip().splitlines()[-1]
+    shown = captured.out + captured.err + caplog.text
+    assert "Trainable params" not in shown  # the summary waits for the first forward
+    assert "Seed set to" not in shown and "model summary" not in shown
+    assert "TPU available: False" not in shown  # accelerators that do not exist go unmentioned
 
 
 def test_normswap_from_the_cli_joins_the_tasks_callbacks_and_is_recorded(tmp_path) -> None:

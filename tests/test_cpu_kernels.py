@@ -5,6 +5,7 @@ included), running statistics, reduced precision, bad calls, the env switch and 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import subprocess
@@ -641,3 +642,45 @@ def test_layer_kernels_on_equals_off(monkeypatch: pytest.MonkeyPatch, channels: 
     dy = dys[0][:n].double()
     dx_ref = dy * scale.reshape(shape[1:]) * w.double().view(1, -1, 1, 1)
     torch.testing.assert_close(on["eval_dx"].double(), dx_ref, **tol)
+
+
+# -- 9. the build cache ------------------------------------------------------------------------------
+
+
+def test_the_cache_key_names_everything_that_makes_a_binary_differ(monkeypatch) -> None:
+    from bgn_lightning._ext import cache_key
+
+    key = cache_key(b"source", ["-O3"], [])
+    assert cache_key(b"source", ["-O3"], []) == key
+    assert cache_key(b"source 2", ["-O3"], []) != key
+    assert cache_key(b"source", ["-O2"], []) != key
+    monkeypatch.setattr(sys, "prefix", "/another/venv")
+    assert cache_key(b"source", ["-O3"], []) != key  # a second environment: its own build
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert cache_key(b"source", ["-O3"], []) != key
+
+
+def test_the_first_build_says_so_at_the_default_level(monkeypatch, tmp_path, caplog) -> None:
+    import torch.utils.cpp_extension as cpp_extension
+
+    from bgn_lightning import _ext
+
+    def fake_load(name: str, build_directory: str, sources: list[str], **kwargs) -> object:
+        # the source is compiled from a copy in the build directory: clones share one build
+        assert sources == [str(Path(build_directory) / "batch_group_norm_cpu.cpp")]
+        original = Path(_ext.__file__).parent / "csrc" / "batch_group_norm_cpu.cpp"
+        assert Path(sources[0]).read_bytes() == original.read_bytes()
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+        return object()
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    with caplog.at_level(logging.WARNING, logger="bgn_lightning"):
+        assert _ext._build() is not None
+        first = caplog.text
+        caplog.clear()
+        assert _ext._build() is not None
+    assert "bgn_lightning: building BGN CPU kernels, once, ~45 s (cached in " + str(tmp_path) in first
+    assert "built the BGN CPU kernels in" in first and caplog.text == ""

@@ -26,10 +26,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("protonet", []),
     ("maml", ["--config", str(CONFIGS / "fsl_maml.yaml")]),
 ])
-def test_tiny_fsl_run_writes_accuracy_and_ci(tmp_path, glyph_root, algorithm, extra):
+def test_tiny_fsl_run_writes_accuracy_and_ci(tmp_path, glyph_root, algorithm, extra, capsys):
     out = tmp_path / "run"
     argv = [*extra, "--norm", "bgn", "--data-dir", str(glyph_root), "--output", str(out), *TINY]
     assert main(["fsl", *argv]) == 0
+    shown = capsys.readouterr().out  # one test table, not one column per test dataloader (1- and 5-shot)
+    assert shown.count("Test metric") == 1 and "DataLoader" not in shown
+    assert shown.count("test/acc_5shot ") == 1
     results = json.loads((out / "results.json").read_text())
     metrics = results["metrics"]
     for shots in (1, 5):

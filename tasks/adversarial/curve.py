@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tasks.common.plots import series_style
+
 __all__ = [
     "CURVE_CSV",
     "CURVE_PNG",
@@ -57,7 +59,11 @@ def write_curve_csv(series: Mapping[tuple[str, int], list[CurvePoint]], path: Pa
 
 
 def plot_curves(series: Mapping[tuple[str, int], list[CurvePoint]], path: Path, title: str) -> Path:
-    """Accuracy (%) vs eps, one panel per batch size, one line (with std bars) per row."""
+    """Accuracy (%) vs eps, one panel per batch size, one line (with std bars) per row.
+
+    Each norm has the colour it has in every plot (:mod:`tasks.common.plots`); series sit side by
+    side so ties stay visible; the y-axis is 0-100 (an attack can take accuracy anywhere).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,16 +71,19 @@ def plot_curves(series: Mapping[tuple[str, int], list[CurvePoint]], path: Path, 
 
     batch_sizes = sorted({b for _, b in series})
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(4.5 * len(batch_sizes), 3.6), squeeze=False)
+    rows = list(dict.fromkeys(row for row, _ in series))
+    all_eps = [p[0] for points in series.values() for p in points]
+    spacing = 0.008 * (max(all_eps) - min(all_eps)) if all_eps else 0.0
     for ax, batch_size in zip(axes[0], batch_sizes, strict=True):
         for (row, b), points in series.items():
             if b != batch_size:
                 continue
-            eps = [p[0] for p in points]
-            ax.errorbar(eps, [p[1] for p in points], yerr=[p[2] or 0.0 for p in points], marker="o",
-                        capsize=3, label=row)  # fmt: skip
+            style, offset = series_style(rows, row, spacing)  # the norm's colour; side by side for ties
+            ax.errorbar([p[0] + offset for p in points], [p[1] for p in points],
+                        yerr=[p[2] or 0.0 for p in points], capsize=3, **style)  # fmt: skip
         ax.set_title(f"batch size {batch_size}")
         ax.set_xlabel("L-inf radius eps")
-        ax.set_ylabel("PGD accuracy (%)")
+        ax.set_ylabel("PGD accuracy (%) [axis 0-100]")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

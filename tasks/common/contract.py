@@ -53,6 +53,8 @@ class Metric:
         unit: ``%`` (logged as a fraction in [0, 1], shown in percent), ``""`` (shown as logged)
             or ``s`` (seconds).
         ci: the key of its 95 % confidence half-width in the same unit (few-shot episodes), if any.
+        stages: the ``model.stage`` values whose runs report it (NAS's ``search``, ``eval``...);
+            empty: every run.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Metric:
     direction: Direction = "max"
     unit: Unit = "%"
     ci: str | None = None
+    stages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or "/" not in self.name:
@@ -99,6 +102,8 @@ class TaskRun(Protocol):
     trainer: Trainer
     metrics: dict[str, float]
     checkpoint: str | None
+    norm: str | None
+    """The norm that trained the reported network, when not ``model.norm`` (NAS's ``eval_norm``)."""
 
     def fit_and_test(
         self, model: LightningModule, trainer: Trainer, datamodule: LightningDataModule | None = None

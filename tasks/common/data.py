@@ -57,7 +57,7 @@ class TaskConfigError(ValueError):
 
 
 def dataset_not_found(
-    name: str, path: Path | str, expected: str, download: bool = True
+    name: str, path: Path | str, expected: str, download: bool = True, flag: str = "--data-dir"
 ) -> DatasetNotFoundError:
     """The one-line error for a dataset missing on disk, saying where it was looked for and what to do.
 
@@ -66,9 +66,10 @@ def dataset_not_found(
         path: the directory that was searched.
         expected: what should be there (e.g. ``cifar-10-batches-py/``).
         download: whether ``--download`` can fetch it.
+        flag: the option that sets ``path`` (uda's domains: ``--source-dir``, ``--target-dir``).
     """
-    fix = "pass --download to fetch it, or --data-dir to point at a copy" if download else \
-        "pass --data-dir to point at a copy"
+    fix = f"pass --download to fetch it, or {flag} to point at a copy" if download else \
+        f"pass {flag} to point at a copy"
     return DatasetNotFoundError(f"{name}: dataset not found in {str(path)!r} (expected {expected}); {fix}")
 
 

@@ -25,6 +25,9 @@ command         the argument list of the run
 config          the full resolved LightningCLI config (dict)
 hparams         the model's hyper-parameters, including values linked from the datamodule
 created         ISO-8601 UTC time
+images          bad image files: ``{"bad_images": "stop"|"skip", "checked": n, "skipped": [path]}``
+bgn_kernels     what BGN ran on: ``cpu: C++ kernels``, ``cpu: native ops``, ``cuda: Triton
+                kernels``, ``cuda: native ops``; ``null`` without BGN layers
 ...             task-specific fields (:attr:`Task.extra_results <tasks.common.contract.Task>`),
                 e.g. NAS's ``genotype``
 =============== =========================================================================

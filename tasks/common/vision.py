@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import datasets as tvd
@@ -24,6 +23,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms import v2
 
 from .data import TaskDataModule, TransformSubset, check_choice, dataset_not_found, stratified_split
+from .images import ImageFolder, first_image
 
 __all__ = [
     "DATASETS",
@@ -139,9 +139,9 @@ def imagefolder_layout(root: Path) -> tuple[Path, Path | None, Path]:
 
 def _imagefolder(root: Path) -> tuple[Dataset, Dataset | None, Dataset, np.ndarray]:
     train_dir, val_dir, test_dir = imagefolder_layout(root)
-    train = tvd.ImageFolder(str(train_dir))
-    val = tvd.ImageFolder(str(val_dir)) if val_dir is not None else None
-    test = tvd.ImageFolder(str(test_dir))
+    train = ImageFolder(str(train_dir))
+    val = ImageFolder(str(val_dir)) if val_dir is not None else None
+    test = ImageFolder(str(test_dir))
     for name, split in (("val", val), ("test", test)):
         if split is not None and split.classes != train.classes:
             raise ValueError(
@@ -155,13 +155,12 @@ def imagefolder_info(root: Path) -> tuple[int, int]:
     """Number of classes and the side of the first training image of an ImageFolder tree."""
     train_dir, _, _ = imagefolder_layout(root)
     classes, _ = find_classes(str(train_dir))
-    first = next(
-        (p for p in sorted((train_dir / classes[0]).iterdir()) if p.suffix.lower() in IMG_EXTENSIONS), None
+    first = first_image(
+        p for p in sorted((train_dir / classes[0]).iterdir()) if p.suffix.lower() in IMG_EXTENSIONS
     )
     if first is None:
         raise dataset_not_found("imagefolder", root, f"images in {train_dir / classes[0]}", download=False)
-    with Image.open(first) as im:
-        return len(classes), min(im.size)
+    return len(classes), min(first.size)
 
 
 def load_split_datasets(

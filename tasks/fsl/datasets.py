@@ -187,15 +187,18 @@ def _download_omniglot(root: Path) -> None:
         Omniglot(str(root), background=background, download=True)
 
 
-def _read_omniglot_image(path: Path, size: int) -> np.ndarray:
+def _read_omniglot_image(path: str, size: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as image:
-        resized = image.convert("L").resize((size, size), Image.LANCZOS)
+    from tasks.common.images import open_image
+
+    resized = open_image(path, "L").resize((size, size), Image.LANCZOS)
     return 255 - np.asarray(resized, dtype=np.uint8)  # white ink on black, like learn2learn's 1 - x
 
 
 def _load_omniglot(root: Path, seed: int, size: int | None) -> FewShotData:
+    from tasks.common.images import screen
+
     folder = find_omniglot(root)
     if folder is None:
         raise dataset_not_found(
@@ -210,9 +213,9 @@ def _load_omniglot(root: Path, seed: int, size: int | None) -> FewShotData:
     splits: dict[str, LabeledDataset] = {}
     with ThreadPoolExecutor(max_workers=4) as pool:
         for split, classes in class_sets.items():
-            paths = [p for c in classes for p in files[c]]
-            labels = [c for c in classes for _ in files[c]]
-            arrays = list(pool.map(lambda p: _read_omniglot_image(p, side), paths))
+            samples = screen([(str(p), c) for c in classes for p in files[c]])  # bad files: stop or skip
+            labels = [c for _, c in samples]
+            arrays = list(pool.map(lambda sample: _read_omniglot_image(sample[0], side), samples))
             images = torch.from_numpy(np.stack(arrays).reshape(-1, 1, side, side))
             splits[split] = TensorImages(images, labels)
     return FewShotData(splits, 1, side)
@@ -255,7 +258,8 @@ def _load_mini_imagenet(root: Path, seed: int, size: int | None) -> FewShotData:
 # -- image folders -----------------------------------------------------------------------------
 def _load_imagefolder(root: Path, seed: int, size: int | None) -> FewShotData:
     from torchvision import transforms
-    from torchvision.datasets import ImageFolder
+
+    from tasks.common.images import ImageFolder
 
     side = size or MINI_IMAGENET_SIZE
     transform = transforms.Compose(

@@ -21,8 +21,8 @@ TASK = Task(
     model_class=DartsSearchModule,
     datamodule_class=NasDataModule,
     metrics=(
-        Metric("test/acc", "derived network top-1 accuracy"),
-        Metric("test/search_acc", "supernet top-1 accuracy"),
+        Metric("test/acc", "derived network top-1 accuracy", stages=("eval", "search+eval")),
+        Metric("test/search_acc", "supernet top-1 accuracy", stages=("search", "search+eval")),
     ),
     links=(("data.num_classes", "model.num_classes"), ("data.in_channels", "model.in_channels")),
     shortcuts={

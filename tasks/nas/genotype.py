@@ -135,8 +135,15 @@ def load_genotype(path: str | os.PathLike[str], ops: Sequence[str], max_nodes: i
         ValueError: for malformed JSON or a genotype :meth:`Genotype.from_dict` rejects.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--genotype {path}: no such file")
     try:
         data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"--genotype {path}: not a genotype JSON file (binary data; a checkpoint? pass the genotype.json "
+            "beside a search's results.json)"
+        ) from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not JSON ({err})") from None
     if isinstance(data, dict) and "genotype" in data and "normal" not in data:

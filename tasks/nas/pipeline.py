@@ -55,6 +55,8 @@ def run_nas(run: TaskRun) -> None:
         if search.hparams.eval_epochs is not None:
             trainer.fit_loop.max_epochs = search.hparams.eval_epochs
         metrics.update(run.fit_and_test(model, trainer))
+    if stage == "eval":  # nothing was searched: the reported network's norm is the run's
+        run.norm = search.hparams.eval_norm or search.hparams.norm
     run.metrics = metrics
 
 

@@ -43,12 +43,16 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` (one line) instead of printing the usage and exiting."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"bench: {message} ('{PROG} bench --help' lists the options)")
+        from .run import did_you_mean
+
+        hint = did_you_mean(message, list(self._option_string_actions))
+        raise UsageError(f"bench: {message}{hint} ('{PROG} bench --help' lists the options)")
 
 
 def _bench_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=f"{PROG} bench",
+        allow_abbrev=False,  # exact names only: --norm is a typo of --norms, not a prefix
         description=(
             "Run a grid of runs (norms x batch sizes x seeds x the task's axes) of one task, skipping "
             "runs whose results.json exists with the same arguments (re-running resumes a killed sweep; "

@@ -51,12 +51,16 @@ SHORTCUTS: dict[str, str] = {
     "--output": "--trainer.default_root_dir",
     "--accelerator": "--trainer.accelerator",
     "--devices": "--trainer.devices",
+    "--bad-images": "--bad_images",
 }
 """Shortcut flag -> LightningCLI argument (each takes one value)."""
 
 FLAG_SHORTCUTS: dict[str, tuple[str, str]] = {
     "--download": ("--data.download", "true"),
     "--sync-norm": ("--sync_norm", "true"),
+    "--check-data": ("--check_data", "true"),
+    "--overwrite": ("--overwrite", "true"),
+    "--resume": ("--resume", "true"),
 }
 """Value-less shortcut flags -> (LightningCLI argument, value)."""
 
@@ -154,7 +158,8 @@ def usage() -> str:
             f"usage: {PROG} <task> [--norm NAME] [--groups G|auto] [--batch-size N] [--data NAME]",
             "                [--data-dir PATH] [--download] [--max-epochs E] [--seed S] [--output DIR]",
             "                [--accelerator A] [--devices D] [--threads T] [--config FILE] [--print_config]",
-            "                [--debug] [task shortcuts] [--trainer.* / --model.* / --data.* ...]",
+            "                [--check-data] [--bad-images stop|skip] [--overwrite | --resume] [--debug]",
+            "                [task shortcuts] [--trainer.* / --model.* / --data.* ...]",
             f"       {PROG} bench --task TASK --norms a,b --batch-sizes 2,4 --seeds 0,1 [--vary KEY=V1,V2]",
             "                [--metrics M1,M2] [--max-epochs E] [--output DIR] [--config GRID.yaml]",
             "                [--jobs J]",
@@ -213,19 +218,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-class _DropTips(logging.Filter):
-    """Drops Lightning's advertising tips (litlogger) from its rank-zero log."""
+_NOISE = (
+    "💡 Tip", "Seed set to", "Trainer already configured with model summary", "GPU available: False",
+    "TPU available: False", "HPU available: False", "Loading `train_dataloader` to estimate",
+)  # fmt: skip
+"""Lightning log lines a run does without: its advertising tip (litlogger), the seed (results.json
+has it), the note that the runner's own (later) model summary replaces its default, accelerators
+that do not exist (a GPU that exists but is unused is still reported) and a data-loading note."""
+
+
+class _DropNoise(logging.Filter):
+    """Drops :data:`_NOISE` from Lightning's log, so a one-line error is not preceded by it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip")
+        return not record.getMessage().startswith(_NOISE)
 
 
 def _quiet_third_party() -> None:
-    """Keep every run's log to what matters: no litlogger tip, no torch-internal deprecation lines."""
+    """Keep every run's log to what matters: no Lightning noise, no torch-internal deprecation lines."""
     import warnings
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropTips())
+    # Lightning's rank-zero messages go to the logger of whichever copy was imported last (each of
+    # lightning.pytorch, lightning.fabric, pytorch_lightning, lightning_fabric sets it; learn2learn
+    # imports pytorch_lightning), and seed_everything logs under its own module: filter them all.
+    for package in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        for module in ("utilities.rank_zero", "utilities.seed"):
+            logging.getLogger(f"{package}.{module}").addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 

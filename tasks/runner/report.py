@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tasks.common.contract import Metric
+from tasks.common.plots import series_style, set_value_axis
 
 __all__ = [
     "CellSummary",
@@ -133,21 +134,31 @@ def plot_metrics(
     path: Path,
     title: str,
 ) -> Path:
-    """One panel per metric: value vs batch size (log2 axis), one line per row with error bars."""
+    """One panel per metric: value vs batch size (log2 axis), one line per row with error bars.
+
+    Each norm has its colour (:mod:`tasks.common.plots`), series sit side by side so ties stay
+    visible, and the y-axis holds every mean ± spread and says its range.
+    """
     panels = len(summaries)
     fig = Figure(figsize=(6.4 * min(panels, 3), 4.2 * math.ceil(panels / 3)), layout="constrained")
     FigureCanvasAgg(fig)
     for i, (metric, summary) in enumerate(summaries):
         ax = fig.add_subplot(math.ceil(panels / 3), min(panels, 3), i + 1)
-        for r in rows:
+        shown = [r for r in rows if any((r, b) in summary for b in batch_sizes)]
+        for r in shown:
             points = [(b, summary[(r, b)]) for b in batch_sizes if (r, b) in summary]
-            if points:
-                ax.errorbar([b for b, _ in points], [s.mean for _, s in points],
-                            yerr=[s.spread or 0.0 for _, s in points], marker="o", capsize=3, label=r)
+            style, offset = series_style(shown, r, spacing=0.04)  # side by side: ties stay visible
+            ax.errorbar([b * 2**offset for b, _ in points], [s.mean for _, s in points],
+                        yerr=[s.spread or 0.0 for _, s in points], capsize=3, **style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(batch_sizes), [str(b) for b in batch_sizes])
         ax.set_xlabel("batch size (per device)")
-        ax.set_ylabel(metric.heading)
+        if summary:
+            cells = list(summary.values())
+            set_value_axis(ax, [c.mean - (c.spread or 0.0) for c in cells],
+                           [c.mean + (c.spread or 0.0) for c in cells], metric.heading, metric.unit == "%")
+        else:
+            ax.set_ylabel(metric.heading)
         ax.set_title(metric.label if panels > 1 else title, fontsize="medium")
         ax.grid(True, alpha=0.3)
         ax.legend(title="norm", fontsize="small")

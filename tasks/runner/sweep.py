@@ -205,7 +205,8 @@ class Grid:
         if epochs is not None:
             argv += ["--max-epochs", str(epochs)]
         argv += ["--output", str(cell.directory(self.output, self.task))]
-        argv += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+        # run.log is not a terminal: the run logs a progress line every 50 steps or 30 s into it
+        argv += ["--trainer.enable_model_summary", "false"]
         argv += ["--threads", str(self.threads_per_run())]
         return argv
 

@@ -138,8 +138,8 @@ class DomainAdaptationDataModule(TaskDataModule):
             missing = [n for n, d in (("source_dir", source_dir), ("target_dir", target_dir)) if not d]
             if missing:
                 raise ValueError(
-                    f"dataset 'folders' needs both domain folders; set {' and '.join(missing)} "
-                    "(--source-dir, --target-dir)"
+                    "dataset 'folders' needs both domain folders; pass "
+                    + " and ".join(f"--{name.replace('_', '-')} DIR" for name in missing)
                 )
         elif source_dir or target_dir:
             raise ValueError(
@@ -172,8 +172,8 @@ class DomainAdaptationDataModule(TaskDataModule):
             ValueError: when the two domains' classes differ.
         """
         if self.dataset == FOLDERS:
-            source = folder_domain(str(self.source_dir), self.test_fraction, self.split_seed)
-            target = folder_domain(str(self.target_dir), self.test_fraction, self.split_seed)
+            source = folder_domain(str(self.source_dir), self.test_fraction, self.split_seed, "--source-dir")
+            target = folder_domain(str(self.target_dir), self.test_fraction, self.split_seed, "--target-dir")
         else:
             source, target = (named_domain(n, self.data_dir, self.split_seed, self.synth_per_class)
                               for n in PAIRS[self.dataset])  # fmt: skip

@@ -9,18 +9,17 @@ ImageFolder directory (:func:`folder_domain`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
-from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from tasks.common.data import dataset_not_found, stratified_split
+from tasks.common.images import ImageFolder, first_image
 from tasks.common.vision import DATASETS as VISION_DATASETS
 from tasks.common.vision import load_split_datasets
 
@@ -91,33 +90,30 @@ def _labels(dataset: Dataset) -> np.ndarray:
     raise TypeError(f"no labels found on {type(dataset).__name__}")
 
 
-class _FolderImages(tvd.ImageFolder):
+class _FolderImages(ImageFolder):
     """An ImageFolder that reads images as grey (``L``) or ``RGB``, as its domain's channels say."""
 
     def __init__(self, root: Path, channels: int) -> None:
-        mode = "L" if channels == 1 else "RGB"
-        super().__init__(str(root), loader=partial(_open, mode=mode))
+        super().__init__(str(root), mode="L" if channels == 1 else "RGB")
 
 
-def _open(path: str, mode: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert(mode)
-
-
-def _first_image(root: Path, classes: list[str]) -> Path | None:
+def _image_files(root: Path, classes: list[str]) -> Iterator[Path]:
     for cls in classes:
         for p in sorted((root / cls).rglob("*")):
             if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS:
-                return p
-    return None
+                yield p
 
 
-def folder_domain(root: str | Path, test_fraction: float, split_seed: int) -> Domain:
+def folder_domain(
+    root: str | Path, test_fraction: float, split_seed: int, flag: str = "--data-dir"
+) -> Domain:
     """An ImageFolder domain: ``root/train`` and ``root/test`` as its splits, or a flat ``root/<class>``.
 
     A flat folder (Office-31's ``amazon/<class>/<image>``) gets a fixed stratified split holding
     out ``test_fraction`` of each class (seeded by ``split_seed``). The domain is grey when its
     first image is (mode ``L``, ``1``...), otherwise RGB; its size is that image's shorter side.
+
+    ``flag`` is the option that set ``root``, for the error message.
 
     Raises:
         DatasetNotFoundError: when ``root`` is missing or holds no class folders with images.
@@ -125,18 +121,18 @@ def folder_domain(root: str | Path, test_fraction: float, split_seed: int) -> Do
     root = Path(root).expanduser()
     expected = "<class>/<image> folders, or train/<class>/<image> and test/<class>/<image>"
     if not root.is_dir():
-        raise dataset_not_found(f"domain folder {root.name!r}", root, expected, download=False)
+        raise dataset_not_found(f"domain folder {root.name!r}", root, expected, download=False, flag=flag)
     split = (root / "train").is_dir() and (root / "test").is_dir()
     train_dir = root / "train" if split else root
     try:
         classes, _ = find_classes(str(train_dir))
     except FileNotFoundError as err:
-        raise dataset_not_found(f"domain folder {root.name!r}", root, expected, download=False) from err
-    first = _first_image(train_dir, classes)
+        name = f"domain folder {root.name!r}"
+        raise dataset_not_found(name, root, expected, download=False, flag=flag) from err
+    first = first_image(_image_files(train_dir, classes))
     if first is None:
-        raise dataset_not_found(f"domain folder {root.name!r}", root, expected, download=False)
-    with Image.open(first) as im:
-        channels, size = (1 if im.mode in _GREY_MODES else 3), min(im.size)
+        raise dataset_not_found(f"domain folder {root.name!r}", root, expected, download=False, flag=flag)
+    channels, size = (1 if first.mode in _GREY_MODES else 3), min(first.size)
     train: Dataset = _FolderImages(train_dir, channels)
     labels = np.asarray(train.targets)
     if split:
