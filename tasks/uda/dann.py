@@ -207,12 +207,13 @@ def domain_probe_accuracy(
     if len(source) < 2 or len(target) < 2:
         raise ValueError("domain_probe_accuracy: each domain needs at least 2 rows (one per half)")
     generator = torch.Generator().manual_seed(seed)
-    halves = []
-    for features in (source.detach().float().cpu(), target.detach().float().cpu()):
-        order = torch.randperm(len(features), generator=generator)
-        halves.append((features[order[: len(order) // 2]], features[order[len(order) // 2 :]]))
     accuracies = []
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+    # a test loop runs under inference mode: train the probe outside it, on plain copies
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        halves = []
+        for features in (source.detach().float().cpu().clone(), target.detach().float().cpu().clone()):
+            order = torch.randperm(len(features), generator=generator)
+            halves.append((features[order[: len(order) // 2]], features[order[len(order) // 2 :]]))
         torch.manual_seed(seed)
         for fold in (0, 1):
             fit = [half[fold] for half in halves]
