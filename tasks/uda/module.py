@@ -48,8 +48,8 @@ class DANNModule(pl.LightningModule):
     ``domain_mode`` the feature extractor uses), so its norms cannot standardise the shift away.
     Per step the loss is ``CE(source) + trade_off * domain BCE``; the reversal coefficient warms up
     as ``λ = 2 / (1 + exp(-10 p)) - 1`` and the rate anneals as ``lr · (1 + 10 p)^-0.75`` (``p``:
-    optimizer steps done / total; a per-step ``LambdaLR``). The
-    target's labels never reach a step: its training loader serves images only.
+    optimizer steps done / total; a per-step ``LambdaLR``). The target's labels never reach a
+    step: its training loader serves images only.
 
     * ``method="source_only"``: the same network and budget trained on source batches alone
       (``domain_mode`` does not change its trunk's forward). Its discriminator is a *probe*: it
