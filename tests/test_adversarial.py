@@ -167,6 +167,8 @@ def test_tiny_run_reports_robust_below_clean_and_writes_its_curve(bench_dir: Pat
     metrics = record["metrics"]
     for name in ("test/clean_acc", "test/fgsm_acc", "test/pgd_acc", "test/pgd_acc_eps0.05", "val/pgd_acc"):
         assert 0.0 <= metrics[name] <= 1.0, name
+    # the tested (best) checkpoint validated again scores what it scored when it was selected
+    assert metrics["val/pgd_acc"] == metrics["val/pgd_acc_best"]
     assert metrics["test/pgd_acc"] <= metrics["test/clean_acc"]
     assert metrics["test/fgsm_acc"] <= metrics["test/clean_acc"]
     assert record["attack"]["eps"] == ATTACK_DEFAULTS["digits"].eps and record["attack"]["train_steps"] == 2
@@ -203,7 +205,8 @@ def test_eval_only_tests_a_checkpoint_with_its_own_architecture(bench_dir: Path,
     assert record["epochs"] == 0 and record["global_step"] == 0, "no training"
     assert record["metrics"]["test/pgd_acc"] <= record["metrics"]["test/clean_acc"]
     trained = json.loads((ckpt.parents[1] / "results.json").read_text())
-    assert record["metrics"]["test/clean_acc"] == trained["metrics"]["test/clean_acc"]
+    tests = {k: v for k, v in trained["metrics"].items() if k.startswith("test/")}
+    assert {k: record["metrics"][k] for k in tests} == tests  # the attacks' random starts too
 
 
 def test_eval_only_refuses_another_tasks_checkpoint(tmp_path: Path, capsys) -> None:

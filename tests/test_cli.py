@@ -115,6 +115,7 @@ def test_run_writes_results_logs_and_tests_the_best_checkpoint(tmp_path: Path) -
     threads = torch.get_num_threads()
     try:
         argv = ["--norm", "bgn", "--batch-size", "8", "--seed", "1", "--threads", "2", *QUICK]
+        argv += ["--max-epochs", "3"]  # the best checkpoint need not be the last
         assert main(["classification", *argv, "--output", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -124,12 +125,16 @@ def test_run_writes_results_logs_and_tests_the_best_checkpoint(tmp_path: Path) -
     )  # fmt: skip
     assert set(record["metrics"]) >= {"test/acc", "test/acc_top5", "test/loss", "val/acc", "val/acc_best"}
     assert all(0.0 <= record["metrics"][k] <= 1.0 for k in ("test/acc", "test/acc_top5", "val/acc"))
-    assert record["epochs"] == 1 and record["global_step"] == 3
+    assert record["epochs"] == 3 and record["global_step"] == 9
+    # val/* describe the tested (best) checkpoint, validated again, and say which epoch it is
+    assert record["metrics"]["val/acc"] == pytest.approx(record["metrics"]["val/acc_best"])
+    assert record["checkpoint_step"] == 3 * (record["checkpoint_epoch"] + 1)
+    assert record["checkpoint"].endswith(f"epoch{record['checkpoint_epoch']:03d}.ckpt")
     assert record["wall_time_s"] >= record["fit_time_s"] > 0
     assert Path(record["checkpoint"]).is_file() and Path(record["checkpoint"]).parent == out / "checkpoints"
     # auto-G at batch 8 (reference 32) for widths 32, 64, 128: G = C / 4
     assert record["num_groups"]["histogram"] == {"16": 2, "32": 1, "8": 2}
-    assert record["config"]["model"]["norm"] == "bgn" and record["config"]["trainer"]["max_epochs"] == 1
+    assert record["config"]["model"]["norm"] == "bgn" and record["config"]["trainer"]["max_epochs"] == 3
     assert record["hparams"]["num_classes"] == 10 and record["hparams"]["in_channels"] == 1
     assert record["versions"]["lightning"] and record["command"][:2] == ["bgn-task", "classification"]
     assert record["torch_threads"] == 2 and record["config"]["threads"] == 2

@@ -18,6 +18,7 @@ from tasks.uda.dann import (
     DomainDiscriminator,
     adapt_norm_statistics,
     annealed_lr_factor,
+    domain_probe_accuracy,
     grad_reverse,
     grl_coefficient,
     norm_statistics,
@@ -114,10 +115,10 @@ def _batch_stats_calls(model: DANNModule, mode: str, xs: torch.Tensor, xt: torch
     handle = first.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
     try:
         features = model._pair(model.features, xs, xt)
-        logits = model._pair(model.discriminator, *features)
+        logits = model.discriminator(torch.cat(features))
     finally:
         handle.remove()
-    return seen, torch.cat(features), torch.cat(logits)
+    return seen, torch.cat(features), logits
 
 
 @pytest.mark.parametrize("norm", ["bn", "bgn"])
@@ -129,6 +130,43 @@ def test_joint_and_separate_give_different_batch_statistics(norm: str) -> None:
     separate_seen, separate, _ = _batch_stats_calls(model, "separate", xs, xt)
     assert [len(s) for s in joint_seen] == [16] and [len(s) for s in separate_seen] == [8, 8]
     assert not torch.allclose(joint, separate, atol=1e-3)
+
+
+@pytest.mark.parametrize(("method", "mode"), [
+    ("dann", "separate"), ("dann", "joint"), ("source_only", "separate"),
+])  # fmt: skip
+def test_the_discriminator_always_sees_both_domains_in_one_batch(method: str, mode: str) -> None:
+    """Its norms standardise source and target together, so they cannot erase the domain shift."""
+    torch.manual_seed(0)
+    model = DANNModule(norm="bn", method=method, domain_mode=mode, num_classes=10, in_channels=3).train()
+    seen: list[int] = []
+    handle = model.discriminator[1].register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    batch = {"source": (torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))),
+             "target": torch.randn(6, 3, 16, 16) + 1.0}  # fmt: skip
+    try:
+        with pytest.warns(UserWarning, match="self.log"):
+            model.training_step(batch, 0)
+    finally:
+        handle.remove()
+    assert seen == [14]
+
+
+def test_the_domain_probe_scores_separability_on_held_out_halves() -> None:
+    generator = torch.Generator().manual_seed(0)
+    source = torch.randn(200, 16, generator=generator)
+    same = torch.randn(90, 16, generator=generator)
+    state = torch.random.get_rng_state()
+    chance = domain_probe_accuracy(source, same)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is untouched
+    assert abs(chance - 0.5) < 0.1
+    assert domain_probe_accuracy(source, same) == chance  # deterministic
+    shifted = same.clone()
+    shifted[:, 0] += 6.0  # one coordinate shifted by 6 std: separable
+    assert domain_probe_accuracy(source, shifted) > 0.95
+    with pytest.raises(ValueError, match="one width"):
+        domain_probe_accuracy(source, same[:, :3])
+    with pytest.raises(ValueError, match="at least 2"):
+        domain_probe_accuracy(source, same[:1])
 
 
 @pytest.mark.parametrize("norm", ["gn", "ln", "pn", "none"])

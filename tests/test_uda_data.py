@@ -202,3 +202,39 @@ def test_bad_pairs_and_options_are_one_line_errors(args, message, folders, tmp_p
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_office31_config_is_the_reference_protocol_on_fake_office_folders(tmp_path: Path) -> None:
+    """All source and all target images train, the target is tested on all of them, no source
+    hold-out; λ ramps as 2 / (1 + exp(-i / 1000)) - 1 and the rate decays as (1 + 0.001 i)^-0.75."""
+    import yaml
+
+    from tasks.uda.dann import annealed_lr_factor, grl_coefficient
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "uda_office31.yaml"
+    spec = yaml.safe_load(config.read_text())
+    classes = ("back_pack", "bike", "calculator")  # flat <domain>/<class>/<image> folders, 64 px
+    amazon = make_folder(tmp_path / "amazon", classes, 64, 5, "RGB", splits=False)
+    webcam = make_folder(tmp_path / "webcam", classes, 64, 3, "RGB", splits=False)
+    data = {k: v for k, v in spec["data"].items() if k not in ("num_workers", "image_size")}
+    dm = DomainAdaptationDataModule(**data, source_dir=str(amazon), target_dir=str(webcam), image_size=64)
+    dm.setup()
+    assert len(dm.train_set) == 15 and len(dm.val_set) == 0 and len(dm.test_set) == 15
+    assert len(dm.target_train_set) == len(dm.target_test_set) == 9
+    model, steps = spec["model"], spec["trainer"]["max_steps"]
+    for i in (0, 500, 1000, 5000, steps):
+        ramp = 2 / (1 + np.exp(-i / 1000)) - 1
+        assert grl_coefficient(i / steps, model["grl_gamma"]) == pytest.approx(ramp)
+        assert annealed_lr_factor(i / steps, model["lr_alpha"], model["lr_beta"]) == pytest.approx(
+            (1 + 0.001 * i) ** -0.75
+        )  # fmt: skip
+    out = tmp_path / "run"  # the config's wiring end to end, small: a CNN, 64 px, 2 steps, CPU
+    argv = ["uda", "--config", str(config), "--source-dir", str(amazon), "--target-dir", str(webcam),
+            "--output", str(out), "--model.backbone", "small_cnn", "--model.bottleneck_dim", "8",
+            "--model.discriminator_hidden", "8", "--data.image_size", "64", "--data.num_workers", "0",
+            "--batch-size", "4", "--accelerator", "cpu", "--trainer.precision", "32",
+            "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["global_step"] == 2 and not any(k.startswith("val/") for k in record["metrics"])
+    assert {"test/target_acc", "test/source_acc", "test/domain_acc"} <= set(record["metrics"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -366,6 +367,40 @@ class AdversarialModule(pl.LightningModule):
         """Clean, FGSM, PGD-20 (+ opt-in PGD-100, AutoAttack) and curve accuracies of one test batch."""
         self._evaluate(batch, "test")
 
+    def on_validation_epoch_start(self) -> None:
+        """Seed the validation's attacks from the run's seed (see :meth:`on_test_epoch_start`)."""
+        self._seed_attacks()
+
+    def on_validation_epoch_end(self) -> None:
+        """Put back the random state the validation's attacks were seeded over."""
+        self._unseed_attacks()
+
+    def on_test_epoch_start(self) -> None:
+        """Seed the test's attacks (random starts) from the run's seed, so a re-test reproduces them.
+
+        The global random state is saved and set to ``seed_everything``'s seed (plus the process
+        rank); :meth:`on_test_epoch_end` puts the saved state back. A test of the same checkpoint
+        with the same seed and test batches (``--eval-only --ckpt``) then draws the same random
+        starts and reports the same numbers as the training run did. Validation does the same, so
+        a checkpoint validated again scores what it scored when it was selected, and training's
+        random stream does not depend on how often it validates.
+        """
+        self._seed_attacks()
+
+    def on_test_epoch_end(self) -> None:
+        """Put back the random state the test's attacks were seeded over."""
+        self._unseed_attacks()
+
+    def _seed_attacks(self) -> None:
+        self._rng_fork = torch.random.fork_rng(devices=_devices_of(self.device))
+        self._rng_fork.__enter__()
+        torch.manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.global_rank)
+
+    def _unseed_attacks(self) -> None:
+        fork, self._rng_fork = getattr(self, "_rng_fork", None), None
+        if fork is not None:
+            fork.__exit__(None, None, None)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Mark the checkpoint as the adversarial task's (``--eval-only`` checks it)."""
         checkpoint[CHECKPOINT_TASK_KEY] = "adversarial"
@@ -377,3 +412,8 @@ class AdversarialModule(pl.LightningModule):
             self, hp.lr, hp.base_batch_size, hp.global_batch_size, hp.momentum, hp.nesterov, hp.weight_decay,
             hp.warmup_epochs, hp.lr_schedule, hp.milestones, hp.gamma,
         )  # fmt: skip
+
+
+def _devices_of(device: torch.device) -> list[int]:
+    """CUDA device indices whose random state a fork should save (none on CPU)."""
+    return [device.index or 0] if device.type == "cuda" else []

@@ -2,7 +2,6 @@
 
 Schema (``schema`` = 1), one JSON object:
 
-=============== =========================================================================
 key             value
 =============== =========================================================================
 schema          format version (int)
@@ -31,6 +30,41 @@ bgn_kernels     what BGN ran on: ``cpu: C++ kernels``, ``cpu: native ops``, ``cu
 ...             task-specific fields (:attr:`Task.extra_results <tasks.common.contract.Task>`),
                 e.g. NAS's ``genotype``
 =============== =========================================================================
+=======
+================= =========================================================================
+key               value
+================= =========================================================================
+schema            format version (int)
+task              task suite name, e.g. ``classification``
+dataset           ``data.dataset`` of the run
+norm              registry norm name (``model.norm``)
+groups            ``model.groups`` as configured (int or ``"auto"``)
+num_groups        G actually used after fit: ``{"per_layer": {name: G}, "histogram": {G: count}}``
+                  over every BatchGroupNorm and GroupNorm layer (auto-G resolved)
+batch_size        ``data.batch_size`` (per device)
+seed              ``seed_everything``
+metrics           ``{name: float}``: ``test/*`` and ``val/*`` of the tested weights (the tested
+                  checkpoint is validated again before testing; ``val/*`` are the end of fit's
+                  only when no checkpoint is tested); ``val/<monitor>_best`` the checkpoint
+                  callback's best score
+epochs            training epochs completed
+global_step       optimizer steps taken
+checkpoint        checkpoint tested (path) or ``null`` for the in-memory weights
+checkpoint_epoch  Lightning's 0-based epoch index when the tested checkpoint was saved (``null``:
+                  in-memory weights); ``checkpoint_step`` its optimizer step
+wall_time_s       seconds from start of set-up to results (float); also ``fit_time_s``, ``test_time_s``
+torch_threads     torch intra-op CPU threads of the run
+versions          python, platform and package versions
+command           the argument list of the run
+config            the full resolved LightningCLI config (dict)
+hparams           the model's hyper-parameters, including values linked from the datamodule
+created           ISO-8601 UTC time
+images            bad image files: ``{"bad_images": "stop"|"skip", "checked": n, "skipped": [path]}``
+bgn_kernels       what BGN ran on: ``cpu: C++ kernels``, ``cpu: native ops``, ``cuda: Triton
+                  kernels``, ``cuda: native ops``; ``null`` without BGN layers
+...               task-specific fields (:attr:`Task.extra_results <tasks.common.contract.Task>`),
+                  e.g. NAS's ``genotype``
+================= =========================================================================
 
 The file is written atomically (temporary file + rename), so a killed run never leaves a
 half-written ``results.json``: its presence means the run finished.
@@ -114,6 +148,8 @@ def results_record(
     hparams: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     norm: str | None = None,
+    checkpoint_epoch: int | None = None,
+    checkpoint_step: int | None = None,
 ) -> dict[str, Any]:
     """Assemble the ``results.json`` record (see the module docstring for the schema).
 
@@ -126,6 +162,8 @@ def results_record(
         epochs: epochs completed.
         global_step: optimizer steps taken.
         checkpoint: path of the checkpoint tested, or ``None``.
+        checkpoint_epoch: the tested checkpoint's 0-based epoch index (Lightning's ``epoch``).
+        checkpoint_step: the tested checkpoint's optimizer step.
         times: ``wall_time_s``, ``fit_time_s``, ``test_time_s`` (seconds).
         command: the run's argument list.
         hparams: the model's hyper-parameters.
@@ -151,6 +189,8 @@ def results_record(
         "epochs": epochs,
         "global_step": global_step,
         "checkpoint": checkpoint,
+        "checkpoint_epoch": checkpoint_epoch,
+        "checkpoint_step": checkpoint_step,
         **{key: round(float(v), 3) for key, v in times.items()},
         "torch_threads": torch.get_num_threads(),
         "versions": package_versions(),

@@ -16,7 +16,8 @@ TASK = Task(
     datamodule_class=FewShotDataModule,
     metrics=(
         Metric("test/acc", "few-shot accuracy (configured shots)", ci="test/acc_ci95"),
-        Metric("test/acc_5shot", "5-shot accuracy", ci="test/acc_5shot_ci95"),
+        Metric("test/acc_5shot_from_1shot", "5-shot accuracy of the 1-shot-trained model",
+               ci="test/acc_5shot_from_1shot_ci95"),
     ),
 )
 

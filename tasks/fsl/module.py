@@ -49,8 +49,9 @@ class FewShotModule(LightningModule):
     pass when the encoder is per-sample in eval mode (:class:`~tasks.fsl.protonet.EmbeddingCache`
     checks it), which makes the 600-episode protocol cheap. Test accuracy is the mean over the meta-test
     episodes, with the half-width of its 95 % confidence interval: ``test/acc`` and
-    ``test/acc_ci95`` for the configured shots, and ``test/acc_{K}shot``, ``test/acc_{K}shot_ci95``
-    for every shot count the datamodule evaluates.
+    ``test/acc_ci95`` for the configured shots ``S`` (the ones it trains at), also as
+    ``test/acc_{S}shot``; every other shot count ``K`` the datamodule evaluates tests the same
+    S-shot-trained model and is named for it: ``test/acc_{K}shot_from_{S}shot`` (and ``_ci95``).
 
     Args:
         norm: registry norm name (``bn``, ``bgn``, ``gn``, ``ln``, ``in``, ``pn``, ``none``).
@@ -242,17 +243,25 @@ class FewShotModule(LightningModule):
         self.test_loss[key].update(losses)
 
     def on_test_epoch_end(self) -> None:
-        """Log mean accuracy and 95 % CI per shot count; the first loader's are ``test/acc(_ci95)``."""
+        """Log mean accuracy and 95 % CI per shot count; the first loader's are ``test/acc(_ci95)``.
+
+        The first loader is the configured shots, the ones the model trained at; any other shot
+        count K is a test of that same model and is named so: ``test/acc_{K}shot_from_{S}shot``.
+        """
+        trained = next(iter(self._test_ways), "")
         for i, (key, ways) in enumerate(self._test_ways.items()):
             accs = self.test_acc[key].compute()
             acc, ci95 = mean_ci95(accs)
             loss = float(self.test_loss[key].compute().mean())
-            metrics = {f"test/acc_{key}": acc, f"test/acc_{key}_ci95": ci95, f"test/loss_{key}": loss}
+            name = key if key == trained else f"{key}_from_{trained}"
+            metrics = {f"test/acc_{name}": acc, f"test/acc_{name}_ci95": ci95, f"test/loss_{name}": loss}
             if i == 0:
                 metrics.update({"test/acc": acc, "test/acc_ci95": ci95, "test/loss": loss})
             self.log_dict(metrics)
+            model = "" if key == trained else f" of the {trained[:-4]}-shot-trained model"
             rank_zero_info(
-                f"fsl {self.hparams.algorithm} ({self.hparams.norm}): {ways}-way {key[:-4]}-shot accuracy "
-                f"{100 * acc:.2f} ± {100 * ci95:.2f} % (95 % CI over {accs.numel()} meta-test episodes)"
+                f"fsl {self.hparams.algorithm} ({self.hparams.norm}): {ways}-way {key[:-4]}-shot accuracy"
+                f"{model} {100 * acc:.2f} ± {100 * ci95:.2f} % (95 % CI over {accs.numel()} meta-test "
+                "episodes)"
             )
 

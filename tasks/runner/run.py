@@ -421,6 +421,7 @@ class Run:
         self.trainer: Trainer = cli.trainer
         self.metrics: dict[str, float] = {}
         self.checkpoint: str | None = None
+        self.checkpoint_info: dict[str, int | None] = {"epoch": None, "step": None}
         self.times = {"fit_time_s": 0.0, "test_time_s": 0.0}
         self.resume_from: Path | None = cli.resume_from
         self.norm: str | None = None
@@ -430,10 +431,15 @@ class Run:
     def fit_and_test(
         self, model: LightningModule, trainer: Trainer, datamodule: LightningDataModule | None = None
     ) -> dict[str, float]:
-        """Fit, test the best (or last) checkpoint; the ``val/*`` (end of fit) and ``test/*`` metrics.
+        """Fit, test the best (or last) checkpoint; its ``val/*`` and ``test/*`` metrics.
 
-        Also records ``model``, ``trainer`` and the tested checkpoint as the run's final ones.
+        When fit validated and a checkpoint is tested, that checkpoint is validated again before
+        testing, so ``val/*`` describe the tested weights (not the last epoch's); its epoch and step
+        go to :attr:`checkpoint_info`. Also records ``model``, ``trainer`` and the tested checkpoint
+        as the run's final ones.
         """
+        import torch
+
         from tasks.common.norms import GroupCountCheck
 
         datamodule = datamodule or self.datamodule
@@ -448,12 +454,19 @@ class Run:
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=None if resume is None else str(resume))
         self.times["fit_time_s"] += time.perf_counter() - start
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        checkpoint = _checkpoint_to_test(trainer)
+        validated = any(k.startswith("val/") for k in trainer.callback_metrics)
+        metrics: dict[str, float] = {}
         callback = trainer.checkpoint_callback
         if callback is not None and callback.monitor and callback.best_model_score is not None:
             metrics[f"{callback.monitor}_best"] = float(callback.best_model_score)
-        checkpoint = _checkpoint_to_test(trainer)
         start = time.perf_counter()
+        if checkpoint is not None:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+            self.checkpoint_info = {"epoch": saved.get("epoch"), "step": saved.get("global_step")}
+            if validated:  # the tested weights' own validation metrics
+                trainer.validate(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
         trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)
         self.times["test_time_s"] += time.perf_counter() - start
         tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
@@ -625,6 +638,8 @@ def _run(
             epochs=run.trainer.current_epoch,
             global_step=run.trainer.global_step,
             checkpoint=run.checkpoint,
+            checkpoint_epoch=run.checkpoint_info["epoch"],
+            checkpoint_step=run.checkpoint_info["step"],
             times={"wall_time_s": time.perf_counter() - start, **run.times},
             command=list(command),
             hparams=dict(run.model.hparams),

@@ -2,10 +2,12 @@
 
 ``bgn-task uda --norm bgn`` adapts from digits rendered from matplotlib's fonts (colour, clutter,
 blur) to scikit-learn's handwritten digits with DANN and reports the target's test accuracy
-(``test/target_acc``, primary), the source's, and the domain discriminator's. ``--method
-source_only`` is the baseline on the same budget; ``--model.domain_mode joint|separate`` sets how
-the norms see the two domains and ``--model.adabn true`` re-estimates their statistics on the
-target. See ``docs/uda.md``.
+(``test/target_acc``, primary), the source's, and how separable the two domains' features are
+(a fresh probe's accuracy). ``--method source_only`` is the baseline on the same budget (with
+``--adabn`` the baseline that also sees the target's statistics); ``--model.domain_mode
+joint|separate`` sets how the feature extractor's norms see the two domains and ``--adabn``
+re-estimates their statistics on the target. ``bgn-task bench --task uda`` sweeps method x AdaBN.
+See ``docs/uda.md``.
 """
 
 from typing import Any
@@ -30,10 +32,10 @@ TASK = Task(
     metrics=(
         Metric("test/target_acc", "target accuracy"),
         Metric("test/source_acc", "source accuracy"),
-        Metric("test/domain_acc", "domain discriminator accuracy", direction="min"),
+        Metric("test/domain_acc", "domain probe accuracy", direction="min"),
     ),
     links=(("data.num_classes", "model.num_classes"), ("data.in_channels", "model.in_channels")),
-    bench_axes={"model.method": ("dann", "source_only")},
+    bench_axes={"model.method": ("dann", "source_only"), "model.adabn": ("false", "true")},
     shortcuts={"--method": "--model.method", "--source-dir": "--data.source_dir",
                "--target-dir": "--data.target_dir", "--domain-mode": "--model.domain_mode"},
     flags={"--adabn": ("--model.adabn", "true")},

@@ -6,6 +6,8 @@
 * :class:`DomainDiscriminator`: two hidden layers with registry 1-D norms, one logit.
 * :func:`adapt_norm_statistics`: AdaBN (Li et al. 2016): recompute the running statistics of
   every norm layer (:func:`bgn_lightning.is_norm_layer`: BN and BGN alike) on target data.
+* :func:`domain_probe_accuracy`: how separable two sets of features are, by a fresh classifier
+  scored on held-out halves (the proxy-A-distance protocol of Ben-David et al. / Ganin et al.).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bgn_lightning import keeps_running_stats, norm_mode
@@ -25,6 +28,7 @@ __all__ = [
     "GradientReversal",
     "adapt_norm_statistics",
     "annealed_lr_factor",
+    "domain_probe_accuracy",
     "grad_reverse",
     "grl_coefficient",
     "norm_statistics",
@@ -170,3 +174,68 @@ def adapt_norm_statistics(
     if not seen:
         raise ValueError("adapt_norm_statistics: no batches to estimate the statistics from")
     return seen
+
+
+def domain_probe_accuracy(
+    source: Tensor, target: Tensor, *, hidden: int = 256, steps: int = 300, lr: float = 0.01, seed: int = 0
+) -> float:
+    """Balanced accuracy of a fresh classifier at telling ``source`` from ``target`` features.
+
+    Each domain's rows are split at random into two halves; a new MLP (``Linear -> ReLU -> Linear``,
+    ``hidden`` wide, no norm layer: it has no statistics of its own to erase a shift) is trained
+    full-batch with Adam for ``steps`` steps on one half of both domains (features standardised
+    with that half's mean and std, the two domains weighted equally) and scored on the other half;
+    the result is the mean of the two folds' balanced accuracies (0.5: the features do not tell
+    the domains apart, 1.0: they separate perfectly). It depends only on the features and
+    ``seed`` (the global random state is left untouched), not on any discriminator trained with
+    the model.
+
+    Args:
+        source: ``(N_s, D)`` features of one domain.
+        target: ``(N_t, D)`` features of the other.
+        hidden: the probe's hidden width.
+        steps: full-batch Adam steps per fold.
+        lr: Adam's rate.
+        seed: seeds the split and the probe's initialisation.
+
+    Raises:
+        ValueError: when a domain has fewer than 2 rows or the widths differ.
+    """
+    if source.ndim != 2 or target.ndim != 2 or source.shape[1] != target.shape[1]:
+        raise ValueError(f"domain_probe_accuracy: need (N, D) features of one width, got "
+                         f"{tuple(source.shape)} and {tuple(target.shape)}")  # fmt: skip
+    if len(source) < 2 or len(target) < 2:
+        raise ValueError("domain_probe_accuracy: each domain needs at least 2 rows (one per half)")
+    generator = torch.Generator().manual_seed(seed)
+    accuracies = []
+    # a test loop runs under inference mode: train the probe outside it, on plain copies
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        halves = []
+        for features in (source.detach().float().cpu().clone(), target.detach().float().cpu().clone()):
+            order = torch.randperm(len(features), generator=generator)
+            halves.append((features[order[: len(order) // 2]], features[order[len(order) // 2 :]]))
+        torch.manual_seed(seed)
+        for fold in (0, 1):
+            fit = [half[fold] for half in halves]
+            held = [half[1 - fold] for half in halves]
+            accuracies.append(_fit_and_score_probe(fit, held, hidden, steps, lr))
+    return sum(accuracies) / len(accuracies)
+
+
+def _fit_and_score_probe(fit: list[Tensor], held: list[Tensor], hidden: int, steps: int, lr: float) -> float:
+    """Train a probe on ``fit`` (domain 0 = label 1, domain 1 = label 0), balanced accuracy on ``held``."""
+    x = torch.cat(fit)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    probe = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    labels = torch.cat([torch.ones(len(fit[0])), torch.zeros(len(fit[1]))])
+    weight = torch.cat([torch.full((len(part),), 0.5 / len(part)) for part in fit])  # half per domain
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = probe((x - mean) / std).squeeze(-1)
+        F.binary_cross_entropy_with_logits(logits, labels, weight=weight, reduction="sum").backward()
+        optimizer.step()
+    with torch.no_grad():
+        hits = [((probe((h - mean) / std).squeeze(-1) > 0) == bool(label)).float().mean()
+                for h, label in zip(held, (1, 0), strict=True)]  # fmt: skip
+    return float(sum(hits) / len(hits))

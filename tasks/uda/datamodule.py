@@ -10,10 +10,10 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2
 
-from tasks.common.data import TaskDataModule, TransformSubset, check_choice, paired_loader, stratified_split
+from tasks.common.data import TaskDataModule, TransformSubset, check_choice, paired_loader
 from tasks.common.vision import IMAGENET_MEAN, IMAGENET_RESIZE_RATIO, IMAGENET_STD, load_split_datasets
 
-from .domains import Domain, folder_domain, named_domain
+from .domains import Domain, folder_domain, hold_out, named_domain
 
 __all__ = ["DomainAdaptationDataModule", "Unlabelled"]
 
@@ -105,8 +105,11 @@ class DomainAdaptationDataModule(TaskDataModule):
         target_dir: the target ImageFolder domain (``folders`` only).
         image_size: side of the network's input (``None``: see above).
         channels: the network's input channels, 1 or 3 (``None``: see above).
-        val_fraction: share of the source's training set held out for validation.
-        test_fraction: share of a flat folder domain held out as its test set.
+        val_fraction: share of the source's training set held out for validation (0: none, all
+            source images train; set ``trainer.limit_val_batches: 0`` then).
+        test_fraction: share of a flat folder domain held out as its test set (0: the whole
+            folder is both its training and its test set, the reference library's Office-31
+            protocol: the target's unlabelled training images are the ones it is tested on).
         augment: random crops (small images: shifts with padding; large: resized crops and flips).
         split_seed: seeds every split and the synthetic digits; independent of the run's seed.
         synth_per_class: synthetic digits rendered per class (5/6 train, 1/6 test).
@@ -151,8 +154,8 @@ class DomainAdaptationDataModule(TaskDataModule):
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1, 3 or None (from the domains), got {channels!r}")
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         self.source_dir, self.target_dir = source_dir, target_dir
         self._image_size, self._channels = image_size, channels
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -247,7 +250,7 @@ class DomainAdaptationDataModule(TaskDataModule):
         if self.train_set is not None:
             return
         source, target = self.domains
-        keep, val = stratified_split(source.train_labels, self.val_fraction, seed=self.split_seed)
+        keep, val = hold_out(source.train_labels, self.val_fraction, self.split_seed)
         eval_tf = self._transforms(train=False)
         if self.image_size < LARGE:
             size = self.image_size

@@ -26,7 +26,7 @@ from tasks.common.vision import load_split_datasets
 from .synth_digits import IMAGE_SIZE as SYNTH_SIZE
 from .synth_digits import load_synth_digits
 
-__all__ = ["DIGIT_CLASSES", "NAMED_DOMAINS", "Domain", "folder_domain", "named_domain"]
+__all__ = ["DIGIT_CLASSES", "NAMED_DOMAINS", "Domain", "folder_domain", "hold_out", "named_domain"]
 
 DIGIT_CLASSES = tuple(str(d) for d in range(10))
 NAMED_DOMAINS = ("synth", "digits", "mnist", "usps", "svhn")
@@ -104,13 +104,21 @@ def _image_files(root: Path, classes: list[str]) -> Iterator[Path]:
                 yield p
 
 
+def hold_out(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~tasks.common.data.stratified_split`'s ``(keep, held_out)``; ``fraction=0`` keeps everything."""
+    if fraction == 0:
+        return np.arange(len(labels)), np.zeros(0, dtype=np.int64)
+    return stratified_split(labels, fraction, seed=seed)
+
+
 def folder_domain(
     root: str | Path, test_fraction: float, split_seed: int, flag: str = "--data-dir"
 ) -> Domain:
     """An ImageFolder domain: ``root/train`` and ``root/test`` as its splits, or a flat ``root/<class>``.
 
     A flat folder (Office-31's ``amazon/<class>/<image>``) gets a fixed stratified split holding
-    out ``test_fraction`` of each class (seeded by ``split_seed``). The domain is grey when its
+    out ``test_fraction`` of each class (seeded by ``split_seed``); with ``test_fraction=0`` its
+    test set is the whole folder, the same images as its training set. The domain is grey when its
     first image is (mode ``L``, ``1``...), otherwise RGB; its size is that image's shorter side.
 
     ``flag`` is the option that set ``root``, for the error message.
@@ -142,6 +150,8 @@ def folder_domain(
                 f"domain folder {root}: test/ has classes {test.classes[:5]}..., train/ has "
                 f"{train.classes[:5]}...; both splits must hold the same class folders"
             )
+    elif test_fraction == 0:  # transductive: tested on the images it trains on (unlabelled for a target)
+        test = train
     else:
         keep, held_out = stratified_split(labels, test_fraction, seed=split_seed)
         train, test, labels = Subset(train, keep.tolist()), Subset(train, held_out.tolist()), labels[keep]

@@ -23,6 +23,7 @@ from .dann import (
     DomainDiscriminator,
     adapt_norm_statistics,
     annealed_lr_factor,
+    domain_probe_accuracy,
     grad_reverse,
     grl_coefficient,
     norm_statistics,
@@ -42,15 +43,18 @@ class DANNModule(pl.LightningModule):
 
     A features-only backbone (``build_backbone(name, num_classes=0)``), an optional bottleneck
     (``Linear -> norm -> ReLU``), a linear label classifier and a :class:`~tasks.uda.dann.DomainDiscriminator`
-    behind a gradient-reversal layer. Per step the loss is ``CE(source) + trade_off * domain BCE``;
-    the reversal coefficient warms up as ``λ = 2 / (1 + exp(-10 p)) - 1`` and the rate anneals as
-    ``lr · (1 + 10 p)^-0.75`` (``p``: optimizer steps done / total; a per-step ``LambdaLR``). The
-    target's labels never reach a step: its training loader serves images only.
+    behind a gradient-reversal layer. The discriminator always reads the concatenation of the
+    source and target features (one set of batch statistics for its norms, whatever
+    ``domain_mode`` the feature extractor uses), so its norms cannot standardise the shift away.
+    Per step the loss is ``CE(source) + trade_off * domain BCE``; the reversal coefficient warms up
+    as ``λ = 2 / (1 + exp(-10 p)) - 1`` and the rate anneals as ``lr · (1 + 10 p)^-0.75`` (``p``:
+    optimizer steps done / total; a per-step ``LambdaLR``). The target's labels never reach a
+    step: its training loader serves images only.
 
     * ``method="source_only"``: the same network and budget trained on source batches alone
       (``domain_mode`` does not change its trunk's forward). Its discriminator is a *probe*: it
-      learns, on the same steps, to tell detached eval-mode features of the two domains apart, so
-      ``test/domain_acc`` measures how separable the source-only features are.
+      learns, on the same steps, to tell detached eval-mode features of the two domains apart
+      (``train/domain_acc``).
     * ``domain_mode="joint"``: one forward of the concatenated source + target batch (the
       reference library's way: the norms' batch statistics mix both domains);
       ``"separate"``: one forward per domain (domain-specific batch statistics).
@@ -60,8 +64,10 @@ class DANNModule(pl.LightningModule):
       trained ones.
 
     Test metrics: ``test/target_acc`` (target test set), ``test/source_acc`` (source test set),
-    ``test/domain_acc`` (the discriminator's balanced accuracy at telling the two test sets apart:
-    0.5 is domain-invariant features). All as fractions.
+    ``test/domain_acc`` (how separable the two test sets' features are, by a fresh probe:
+    :func:`~tasks.uda.dann.domain_probe_accuracy`, trained and scored on held-out halves of the
+    features the classifier reads, so neither the adversary's state nor any norm statistics of the
+    discriminator enter it; 0.5 is domain-invariant features). All as fractions.
 
     Args:
         norm: registry norm of every norm layer.
@@ -157,7 +163,7 @@ class DANNModule(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_target_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_source_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_domain_acc = MulticlassAccuracy(2, average="macro")
+        self._test_features: dict[int, list[Tensor]] = {}
         self._total_steps = 1
         self._stats: dict[int, dict[str, Tensor]] = {}
         self._stats_in_use: int | None = None
@@ -177,10 +183,9 @@ class DANNModule(pl.LightningModule):
         return self.classifier(self.features(x))
 
     def _pair(self, fn: nn.Module | Any, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``fn`` on both domains: one call on the concatenation (joint) or one call each (separate)."""
+        """The feature extractor on both domains: one call on the concatenation (joint) or one each."""
         if self.hparams.domain_mode == "joint":
-            out = fn(torch.cat([source, target]))
-            return out[: len(source)], out[len(source) :]
+            return _joint(fn, source, target)
         return fn(source), fn(target)
 
     def _domain_loss(self, d_source: Tensor, d_target: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,14 +212,14 @@ class DANNModule(pl.LightningModule):
             coeff = grl_coefficient(self.progress, hp.grl_gamma)
             f_source, f_target = self._pair(self.features, x_source, x_target)
             logits = self.classifier(f_source)
-            d_source, d_target = self._pair(self.discriminator, grad_reverse(f_source, coeff),
-                                            grad_reverse(f_target, coeff))  # fmt: skip
+            d_source, d_target = _joint(self.discriminator, grad_reverse(f_source, coeff),
+                                        grad_reverse(f_target, coeff))  # fmt: skip
         else:
             coeff = 0.0
             logits = self(x_source)
             with torch.no_grad(), norm_mode(self.backbone, False), norm_mode(self.bottleneck, False):
                 f_source, f_target = self.features(x_source), self.features(x_target)
-            d_source, d_target = self._pair(self.discriminator, f_source, f_target)
+            d_source, d_target = _joint(self.discriminator, f_source, f_target)
         cls_loss = F.cross_entropy(logits, y_source)
         domain_loss, domain_acc = self._domain_loss(d_source, d_target)
         loss = cls_loss + hp.trade_off * domain_loss
@@ -237,7 +242,7 @@ class DANNModule(pl.LightningModule):
 
     def on_test_start(self) -> None:
         """AdaBN (``adabn=True``): target statistics for the target test set, trained ones for the source."""
-        self._stats, self._stats_in_use = {}, None
+        self._stats, self._stats_in_use, self._test_features = {}, None, {}
         if not self.hparams.adabn:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -263,12 +268,11 @@ class DANNModule(pl.LightningModule):
         self._use_stats(dataloader_idx)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Accuracy on the target (dataloader 0) or source (1) test set, and the discriminator's."""
+        """Accuracy on the target (dataloader 0) or source (1) test set; features kept for the probe."""
         x, y = batch
         features = self.features(x)
         logits = self.classifier(features)
-        domain_pred = (self.discriminator(features) > 0).long()
-        self.test_domain_acc.update(domain_pred, torch.full_like(domain_pred, dataloader_idx))
+        self._test_features.setdefault(dataloader_idx, []).append(features.detach().cpu())
         if dataloader_idx == TARGET:
             self.test_target_acc.update(logits, y)
             self.log("test/target_acc", self.test_target_acc, on_epoch=True, batch_size=len(y),
@@ -279,9 +283,12 @@ class DANNModule(pl.LightningModule):
                      add_dataloader_idx=False)  # fmt: skip
 
     def on_test_epoch_end(self) -> None:
-        """The discriminator's balanced accuracy over both test sets; trained statistics back in place."""
-        self.log("test/domain_acc", self.test_domain_acc.compute())
-        self.test_domain_acc.reset()
+        """``test/domain_acc`` from a fresh probe on the two test sets' features; trained statistics back."""
+        features = {domain: torch.cat(parts) for domain, parts in self._test_features.items()}
+        self._test_features = {}
+        if len(features) == 2:
+            accuracy = domain_probe_accuracy(features[SOURCE], features[TARGET])
+            self.log("test/domain_acc", accuracy)
         self._use_stats(SOURCE)
         self._stats, self._stats_in_use = {}, None
 
@@ -301,6 +308,12 @@ class DANNModule(pl.LightningModule):
 
         scheduler = LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _joint(fn: nn.Module, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``fn`` on the concatenation of both domains (one set of batch statistics), split back."""
+    out = fn(torch.cat([source, target]))
+    return out[: len(source)], out[len(source) :]
 
 
 def _load_matching(network: nn.Module, path: str) -> None:
