@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from bgn_lightning import BatchGroupNorm2d
-from tasks.fsl.episodes import Episode, learn2learn
+from tasks.fsl.episodes import Episode
+from tasks.fsl.l2l import learn2learn
 from tasks.fsl.maml import maml_episode
 from tasks.fsl.module import FewShotModule, mean_ci95
 from tasks.fsl.protonet import EmbeddingCache, protonet_logits, prototype_logits, prototypes

@@ -38,6 +38,7 @@ from tasks.common.data import check_choice, dataset_not_found
 
 from .glyphs import IMAGE_SIZE as GLYPH_SIZE
 from .glyphs import load_glyphs
+from .l2l import learn2learn
 
 __all__ = [
     "DATASETS",
@@ -230,8 +231,6 @@ def _mini_imagenet_file(root: Path, split: str) -> Path:
 
 
 def _download_mini_imagenet(root: Path) -> None:
-    from .episodes import learn2learn
-
     l2l = learn2learn()
     for split, mode in _MINI_MODES.items():
         if not _mini_imagenet_file(root, split).is_file():

@@ -15,13 +15,8 @@ from their own seed, so every run and every norm is scored on exactly the same e
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
 import random
-import warnings
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
@@ -31,6 +26,7 @@ from torch.utils.data import Dataset
 from tasks.common.data import TaskConfigError
 
 from .datasets import LabeledDataset
+from .l2l import learn2learn
 
 __all__ = ["EpisodeSpec", "Episodes", "learn2learn", "meta_dataset", "split_episode", "taskset"]
 
@@ -49,23 +45,6 @@ class Episode(NamedTuple):
     """Dataset index of every support image (the same image has the same id in every episode)."""
     query_ids: Tensor
     """Dataset index of every query image."""
-
-
-@functools.cache
-def learn2learn() -> ModuleType:
-    """Import learn2learn quietly.
-
-    learn2learn imports ``gym``, which prints an "unmaintained" notice to stderr when imported:
-    ``gym`` alone is imported with stderr captured (nothing else, so loggers created while
-    learn2learn imports keep the real stderr), then learn2learn with its warnings ignored.
-    """
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        import gym  # noqa: F401
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import learn2learn as l2l
-    return l2l
 
 
 @dataclass(frozen=True)

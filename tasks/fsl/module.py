@@ -17,7 +17,8 @@ from tasks.common.data import TaskConfigError
 from tasks.common.norms import check_norm_args, norm_factory
 from tasks.common.training import feature_dim, grad_enabled
 
-from .episodes import Episode, learn2learn
+from .episodes import Episode
+from .l2l import learn2learn
 from .maml import maml_episode
 from .protonet import EmbeddingCache, protonet_logits
 
