@@ -55,9 +55,9 @@ TORCHVISION_MODELS: list[tuple[str, dict[str, Any], int]] = [
     ("regnet_x_400mf", {}, 64),
     ("shufflenet_v2_x0_5", {}, 64),
     ("mnasnet0_5", {}, 64),
-    ("googlenet", {"aux_logits": False, "init_weights": True}, 64),
 ]
-# More models of these and other families (inception, xception, hrnet, res2net, ...): benchmarks/zoo_check.py
+# More models of these and other families (inception, googlenet, xception, hrnet, res2net, ...):
+# benchmarks/zoo_check.py
 
 
 def _build(zoo: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
