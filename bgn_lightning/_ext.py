@@ -7,7 +7,8 @@ or ``None`` when it cannot be built (no C++ compiler, no ninja) or is switched o
 ``BGN_LIGHTNING_CPU_KERNELS=0``. ``None`` means the portable path of native ops in
 :mod:`bgn_lightning._autograd`, which gives the same results; a failed build is reported once as a
 warning. ``python -c "import bgn_lightning; bgn_lightning.cpu_kernels_available()"`` builds ahead
-of time (``make install`` does).
+of time (``make install`` does). The module is the ``"cpp"`` backend of
+:mod:`bgn_lightning._backends`, where the dispatch between the backends starts.
 
 The kernels run one pass over the input for the statistics and one to normalize (and two in the
 backward), like ``nn.BatchNorm2d``, and do every per-group and per-channel step in C++, so small
@@ -18,15 +19,15 @@ reports (AVX2 / AVX-512); that capability and torch's version are part of the ca
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
-import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from ._shared import LoadOnce, switched_off
 
 __all__ = ["ENV_SWITCH", "cpu_kernels", "cpu_kernels_available"]
 
@@ -38,13 +39,9 @@ _FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 _log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_state: dict[str, ModuleType | None] = {}
 
 
 def _build() -> ModuleType | None:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
     capability = torch.backends.cpu.get_cpu_capability()
     # GCC's OpenMP is the runtime torch's Linux wheels ship (at::parallel_for runs the kernels on
     # torch's threads); elsewhere (Apple clang has no -fopenmp) the kernels build single-threaded.
@@ -81,16 +78,26 @@ def _build() -> ModuleType | None:
         ext_log.setLevel(level)
 
 
+def _load() -> tuple[ModuleType | None, str]:
+    if switched_off(ENV_SWITCH):
+        return None, f"{ENV_SWITCH}=0 switched the C++ CPU kernels off"
+    module = _build()
+    if module is None:
+        return None, "the C++ CPU kernels could not be built here (see the warning)"
+    return module, "CPU input: the fused C++ kernels"
+
+
+_loader: LoadOnce[ModuleType] = LoadOnce(_load)
+
+
 def cpu_kernels() -> ModuleType | None:
     """The compiled kernels module (``train``, ``eval``), or ``None`` where they are unavailable."""
-    try:
-        return _state["module"]
-    except KeyError:
-        with _lock:
-            if "module" not in _state:
-                _state["module"] = _build()
-        return _state["module"]
+    return _loader.get()
 
+
+def cpu_kernels_reason() -> str:
+    """Why the C++ kernels are (or are not) used, once :func:`cpu_kernels` has loaded them."""
+    return _loader.reason
 
 
 def cpu_kernels_available() -> bool:

@@ -17,7 +17,7 @@ from types import ModuleType
 import pytest
 import torch
 
-import bgn_lightning.functional as functional
+import bgn_lightning._backends as backends
 from bgn_lightning import BatchGroupNorm2d
 from bgn_lightning._autograd import batch_group_norm_eval, batch_group_norm_train
 from bgn_lightning._ext import ENV_SWITCH, cpu_kernels
@@ -386,7 +386,7 @@ def test_bfloat16_rounding_matches_torch(channels_last: bool) -> None:
 
 def test_layer_under_cpu_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
     spy = _Spy(KERNELS)
-    monkeypatch.setattr(functional, "cpu_kernels", lambda: spy)
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     torch.manual_seed(5)
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     norm = BatchGroupNorm2d(8, num_groups=16)
@@ -434,7 +434,7 @@ def test_eval_memo_sees_kernel_updates(monkeypatch: pytest.MonkeyPatch, groups: 
                                        channels_last: bool) -> None:
     """The native eval path memoizes on the buffers' version: a kernel training step must show."""
     spy = _Spy(KERNELS)
-    monkeypatch.setattr(functional, "cpu_kernels", lambda: spy)
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     torch.manual_seed(6)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     layer = BatchGroupNorm2d(4, num_groups=groups)
@@ -529,7 +529,7 @@ def test_env_switch_turns_the_kernels_off(tmp_path: Path, monkeypatch: pytest.Mo
     assert "could not build" not in done.stderr
     off = torch.load(tmp_path / "out.pt")
     spy = _Spy(KERNELS)
-    monkeypatch.setattr(functional, "cpu_kernels", lambda: spy)
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     layer = BatchGroupNorm2d(8, num_groups=4).double()
     with torch.no_grad():
         layer.weight.copy_(w)
@@ -604,7 +604,7 @@ def test_layer_kernels_on_equals_off(monkeypatch: pytest.MonkeyPatch, channels: 
     state = copy.deepcopy(base.state_dict())
 
     spy = _Spy(KERNELS)
-    monkeypatch.setattr(functional, "cpu_kernels", lambda: spy)
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     on_layer = BatchGroupNorm2d(channels, num_groups=groups, momentum=momentum).to(dtype)
     on_layer.load_state_dict(state)
     on = _layer_run(on_layer, xs, dys, x_eval)
@@ -612,7 +612,7 @@ def test_layer_kernels_on_equals_off(monkeypatch: pytest.MonkeyPatch, channels: 
     # gradient (parameters or input) took the native path
     assert spy.calls == Counter(train=2, eval=1)
 
-    monkeypatch.setattr(functional, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: None)
     off_layer = BatchGroupNorm2d(channels, num_groups=groups, momentum=momentum).to(dtype)
     off_layer.load_state_dict(state)
     off = _layer_run(off_layer, xs, dys, x_eval)
