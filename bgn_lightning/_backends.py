@@ -31,7 +31,7 @@ from torch import Tensor
 from ._autograd import batch_group_norm_eval, batch_group_norm_train, composite_only
 from ._ext import cpu_kernels, cpu_kernels_reason
 from ._shared import needs_grad, update_running
-from ._triton import KernelFailure, cuda_kernels, disable
+from ._triton import KernelFailure, TritonKernels, cuda_kernels, disable
 
 __all__ = ["NATIVE", "Backend", "FusedBackend", "NativeBackend", "Selection", "fused_kernels", "select"]
 
@@ -159,8 +159,8 @@ class FusedBackend:
                            running_mean=running_mean, running_var=running_var)
 
 
-_TRACED = "traced by torch.compile or torch.func: composite native ops"
-_EVAL_GRAD = "eval mode with a gradient: the fused eval kernels are not differentiable"
+_TRACED = Selection(NATIVE, "traced by torch.compile or torch.func: composite native ops")
+_EVAL_GRAD = Selection(NATIVE, "eval mode with a gradient: the fused eval kernels are not differentiable")
 _BATCH_NORM = "G = C in float32 on CUDA is BatchNorm: cuDNN's batch norm"
 _SYNC_CPU = "synchronized BGN off CUDA: native ops around the collectives"
 
@@ -175,18 +175,19 @@ def fused_kernels(x: Tensor, *, num_groups: int, synchronized: bool = False,
         synchronized: for synchronized BGN, which runs only the Triton kernels' passes.
         tensors: the parameters and buffers of the call (the Triton kernels need them on ``x``'s device).
     """
-    if x.device.type == "cpu" and not synchronized:
-        kernels = cpu_kernels()
-        return kernels, cpu_kernels_reason()
-    if x.device.type == "cpu":
-        return None, _SYNC_CPU
+    if x.is_cpu:  # not x.device.type: building a device costs more than the rest of select
+        if synchronized:
+            return None, _SYNC_CPU
+        return cpu_kernels(), cpu_kernels_reason()
     if not synchronized and num_groups == x.shape[1] and x.dtype == torch.float32:
         return None, _BATCH_NORM
     return cuda_kernels(x, *tensors)
 
 
 @functools.lru_cache(maxsize=8)
-def _fused_selection(kernels: Any, name: str, reason: str) -> Selection:
+def _fused_selection(kernels: Any, reason: str) -> Selection:
+    """The selection of these kernels, made once (``select`` runs on every call)."""
+    name = "triton" if isinstance(kernels, TritonKernels) else "cpp"
     return Selection(FusedBackend(kernels, name), reason)
 
 
@@ -210,12 +211,11 @@ def select(x: Tensor, *, num_groups: int, training: bool, weight: Tensor | None 
         ``(backend, reason)``; ``backend.name`` is ``"cpp"``, ``"triton"`` or ``"native"``.
     """
     if not synchronized and composite_only():
-        return Selection(NATIVE, _TRACED)
+        return _TRACED
     kernels, reason = fused_kernels(x, num_groups=num_groups, synchronized=synchronized,
                                     tensors=(weight, bias, running_mean, running_var))
     if kernels is None:
         return Selection(NATIVE, reason)
     if not training and needs_grad(x, weight, bias):
-        return Selection(NATIVE, _EVAL_GRAD)
-    name = "cpp" if x.device.type == "cpu" and not synchronized else "triton"
-    return _fused_selection(kernels, name, reason)
+        return _EVAL_GRAD
+    return _fused_selection(kernels, reason)

@@ -691,7 +691,7 @@ def cuda_kernels(x: Tensor, *tensors: Tensor | None) -> tuple[TritonKernels | No
     no kernel failed to compile earlier in this process. Otherwise the kernels are ``None`` and the
     reason says which of these failed.
     """
-    if x.device.type != "cuda":
+    if not x.is_cuda:
         return None, f"no fused kernels for {x.device.type} tensors"
     if x.dtype not in SUPPORTED_DTYPES:
         return None, f"{x.dtype} input: the Triton kernels serve float32, float16 and bfloat16"
