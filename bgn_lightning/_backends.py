@@ -67,17 +67,9 @@ class Backend(Protocol):
              running_mean: Tensor, running_var: Tensor) -> Tensor:
         """Eval-mode BGN: normalize ``x`` with the given per-group statistics.
 
-        Args:
-            x: ``(N, C, *S)`` input.
-            num_groups: ``G``, valid for ``x``.
-            weight: per-channel scale ``(C,)`` or ``None``.
-            bias: per-channel shift ``(C,)`` or ``None``.
-            eps: added to the variance.
-            running_mean: ``(G,)`` per-group means.
-            running_var: ``(G,)`` per-group variances.
-
-        Returns:
-            The output, in ``x``'s dtype and memory format.
+        The arguments are :meth:`train`'s, except that ``running_mean`` and ``running_var`` are the
+        ``(G,)`` statistics to normalize with (not updated). Returns the output, in ``x``'s dtype and
+        memory format.
         """
         ...
 

@@ -80,7 +80,7 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
     """Training-mode BGN with statistics pooled over a process group (forward and backward).
 
     ``kernels`` are the fused Triton kernels (CUDA) or ``None`` (native ops); ``x`` is laid out for
-    them (:func:`_layout_for`).
+    them (:func:`bgn_lightning._triton.prepare`, :func:`bgn_lightning._autograd.contiguous_for_cells`).
     """
 
     @staticmethod
