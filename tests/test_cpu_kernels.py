@@ -641,3 +641,22 @@ def test_layer_kernels_on_equals_off(monkeypatch: pytest.MonkeyPatch, channels: 
     dy = dys[0][:n].double()
     dx_ref = dy * scale.reshape(shape[1:]) * w.double().view(1, -1, 1, 1)
     torch.testing.assert_close(on["eval_dx"].double(), dx_ref, **tol)
+
+
+# -- 10. which backend runs, and why -----------------------------------------------------------------
+
+
+def test_select_names_the_backend_and_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(2, 4, 3, 3)
+    chosen = backends.select(x, num_groups=2, training=True)
+    assert (chosen.backend.name, chosen.backend.kernels) == ("cpp", KERNELS)
+    assert chosen.reason == "CPU input: the fused C++ kernels"
+    grad = backends.select(x.requires_grad_(), num_groups=2, training=False)
+    assert grad.backend is backends.NATIVE and "not differentiable" in grad.reason
+    assert backends.select(x, num_groups=2, training=True).backend.name == "cpp"  # training: autograd-aware
+    synced = backends.select(x, num_groups=2, training=True, synchronized=True)
+    assert synced.backend is backends.NATIVE and "synchronized" in synced.reason
+    meta = backends.select(torch.empty(2, 4, 3, 3, device="meta"), num_groups=2, training=True)
+    assert meta == (backends.NATIVE, "no fused kernels for meta tensors")
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: None)
+    assert backends.select(x, num_groups=2, training=True).backend is backends.NATIVE
