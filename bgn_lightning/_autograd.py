@@ -1,7 +1,10 @@
 """Batch Group Normalization from native PyTorch ops: a closed-form backward, float32 statistics.
 
-The path for CUDA, for ``torch.compile``, for synchronized BGN and for CPUs where the fused C++
-kernels (:mod:`bgn_lightning._ext`) cannot be built.
+The ``"native"`` backend of :mod:`bgn_lightning._backends` (start reading there): traced calls
+(``torch.compile``, ``torch.func``), synchronized BGN off CUDA, float64 on CUDA, and wherever the
+fused C++ (:mod:`bgn_lightning._ext`) or Triton (:mod:`bgn_lightning._triton`) kernels are
+unavailable; the Triton kernels and synchronized BGN also reuse its composite and closed-form
+backward pieces.
 
 Private; :func:`bgn_lightning.functional.batch_group_norm` is the public entry point and does the
 validation. Notation: ``x`` is ``(N, C, *S)``, ``D = C * prod(S)``, ``G`` groups of ``L = D / G``
@@ -41,6 +44,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from ._shared import channels_last, memory_format, needs_grad
 
 __all__ = [
     "batch_group_norm_eval",
@@ -127,22 +132,12 @@ def _pool(t: Tensor, size: int) -> Tensor:
     return t.view(*t.shape[:-1], -1, size).sum(-1)
 
 
-def _channels_last(x: Tensor) -> bool:
-    """Whether ``x`` is laid out channels-last (and not also plainly contiguous)."""
-    if x.dim() == 4:
-        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
-
-
 def contiguous_for_cells(x: Tensor, lay: Layout) -> tuple[Tensor, torch.memory_format | None]:
     """``x`` in a layout the cells view can use, and the memory format to give the output back."""
     if lay.channels_are_cells or x.is_contiguous():
         return x, None
-    fmt = torch.channels_last if _channels_last(x) and x.dim() == 4 else (
-        torch.channels_last_3d if _channels_last(x) else None)
-    return x.contiguous(), fmt
+    fmt = memory_format(x)
+    return x.contiguous(), None if fmt == torch.contiguous_format else fmt
 
 
 def _bshape(t: Tensor) -> tuple[int, ...]:
@@ -174,7 +169,7 @@ def group_moments(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     """
     n, c = x.shape[0], x.shape[1]
     x = cast(x, compute_dtype(x))
-    if c % num_groups == 0 and _channels_last(x):
+    if c % num_groups == 0 and channels_last(x):
         mean, within = _aten.batch_norm_update_stats(x, None, None, 0.0)
         if c == num_groups:
             return mean, within
@@ -213,7 +208,7 @@ def normalize(x: Tensor, cells: Tensor, weight: Tensor | None, bias: Tensor | No
     The output has the dtype and memory format of ``x``.
     """
     mean, var, rstd = cells.unbind(0)
-    if _channels_last(x):  # cells are channels here
+    if channels_last(x):  # cells are channels here
         scale = rstd if weight is None else rstd * weight
         shift = (mean * scale).neg_() if bias is None else torch.addcmul(bias, mean, scale, value=-1)
         shape = _bshape(x)
@@ -241,8 +236,7 @@ def _memoized(
     never memoized.
     """
     if composite_only() or var.is_inference() or mean.is_inference() or (
-        repeat_affine and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (weight, bias))
+        repeat_affine and needs_grad(weight, bias)
     ):
         return build()
     key += (id(mean), mean._version, var._version, torch.is_inference_mode_enabled())
@@ -295,9 +289,9 @@ def _eval_split_channels(
 
     scale, shift = _memoized(mean, var, weight, bias, True, ("split", dtype, eps), build)
     grid = (n, c, num_groups // c, -1)
-    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
+    if needs_grad(x, scale, shift):
         return torch.addcmul(shift, x.reshape(grid), scale).view(x.shape).contiguous(
-            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+            memory_format=memory_format(x))
     out = torch.empty_like(x)
     torch.addcmul(shift, x.view(grid), scale, out=out.view(grid))
     return out
@@ -314,7 +308,7 @@ def batch_group_norm_eval(
 ) -> Tensor:
     """Normalize with given per-group statistics (eval mode); differentiable by native autograd."""
     lay = layout(x.shape[1], _spatial(x), num_groups)
-    if not lay.channels_are_cells and num_groups % x.shape[1] == 0 and _channels_last(x):
+    if not lay.channels_are_cells and num_groups % x.shape[1] == 0 and channels_last(x):
         return _eval_split_channels(x, num_groups, mean, var, weight, bias, eps)
     xc, fmt = (x, None) if lay.channels_are_cells else contiguous_for_cells(x, lay)
     cell_mean, cell_var, cell_weight, cell_bias = _eval_cells(mean, var, weight, bias, lay, compute_dtype(x))
@@ -413,7 +407,7 @@ def closed_form_backward(
     # (-k1, -k2) per group.
     count = x.numel() // num_groups if group_count is None else group_count
     neg_k1, neg_k2 = sums.mul_(rstd * (-1.0 / count)).unbind(0)
-    if _channels_last(x_cells):
+    if channels_last(x_cells):
         # -k1 - x_hat * k2 = x * beta + gamma per channel, one broadcast pass.
         beta = neg_k2 * rstd
         beta, gamma = repeat_cells(torch.stack((beta, torch.addcmul(neg_k1, mean, beta, value=-1))),
@@ -489,11 +483,7 @@ def batch_group_norm_train(
     with torch.no_grad():
         mean, var = group_moments(xc, num_groups)
         table = group_table(mean, var, eps, mean.dtype)
-    if torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
+    if needs_grad(x, weight, bias):
         y = _BatchGroupNormFunction.apply(xc, weight, bias, table, num_groups, eps)
     else:
         y = normalize(xc, repeat_cells(table, lay.cells_per_group), cell_affine(weight, lay, table.dtype),

@@ -9,7 +9,8 @@ or ``None`` when it cannot be built (no C++ compiler, no ninja) or is switched o
 ``BGN_LIGHTNING_CPU_KERNELS=0``. ``None`` means the portable path of native ops in
 :mod:`bgn_lightning._autograd`, which gives the same results; a failed build is reported once as a
 warning. ``python -c "import bgn_lightning; bgn_lightning.cpu_kernels_available()"`` builds ahead
-of time (``make install`` does).
+of time (``make install`` does). The module is the ``"cpp"`` backend of
+:mod:`bgn_lightning._backends`, where the dispatch between the backends starts.
 
 The kernels run one pass over the input for the statistics and one to normalize (and two in the
 backward), like ``nn.BatchNorm2d``, and do every per-group and per-channel step in C++, so small
@@ -24,7 +25,6 @@ import logging
 import os
 import platform
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +32,16 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["ENV_SWITCH", "build_directory", "cache_key", "cpu_kernels", "cpu_kernels_available"]
+from ._shared import LoadOnce, switched_off
+
+__all__ = [
+    "ENV_SWITCH",
+    "build_directory",
+    "cache_key",
+    "cpu_kernels",
+    "cpu_kernels_available",
+    "cpu_kernels_reason",
+]
 
 ENV_SWITCH = "BGN_LIGHTNING_CPU_KERNELS"
 _SOURCE = Path(__file__).with_name("csrc") / "batch_group_norm_cpu.cpp"
@@ -42,8 +51,6 @@ _FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 _log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_state: dict[str, ModuleType | None] = {}
 
 
 def _flags() -> tuple[str, list[str], list[str]]:
@@ -94,8 +101,6 @@ def _stable_copy(directory: Path) -> Path:
 
 
 def _build() -> ModuleType | None:
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
     isa, cflags, ldflags = _flags()
     name = f"bgn_lightning_cpu_{isa.lower()}_{cache_key(_SOURCE.read_bytes(), cflags, ldflags)}"
     # torch's cpp_extension logs a CUDA_HOME notice at import on CPU-only machines: not ours to show.
@@ -136,16 +141,26 @@ def _build() -> ModuleType | None:
         ext_log.setLevel(level)
 
 
+def _load() -> tuple[ModuleType | None, str]:
+    if switched_off(ENV_SWITCH):
+        return None, f"{ENV_SWITCH}=0 switched the C++ CPU kernels off"
+    module = _build()
+    if module is None:
+        return None, "the C++ CPU kernels could not be built here (see the warning)"
+    return module, "CPU input: the fused C++ kernels"
+
+
+_loader: LoadOnce[ModuleType] = LoadOnce(_load)
+
+
 def cpu_kernels() -> ModuleType | None:
     """The compiled kernels module (``train``, ``eval``), or ``None`` where they are unavailable."""
-    try:
-        return _state["module"]
-    except KeyError:
-        with _lock:
-            if "module" not in _state:
-                _state["module"] = _build()
-        return _state["module"]
+    return _loader.get()
 
+
+def cpu_kernels_reason() -> str:
+    """Why the C++ kernels are (or are not) used, once :func:`cpu_kernels` has loaded them."""
+    return _loader.reason
 
 
 def cpu_kernels_available() -> bool:

@@ -20,21 +20,20 @@ Launches (statistics and parameters in float32, whatever the input dtype):
 
 Double backward (``create_graph=True``) differentiates the composite graph of
 :func:`bgn_lightning._autograd.composite_batch_group_norm`; ``torch.compile`` and ``torch.func``
-never reach this module (``functional`` sends them to the composite path).
+never reach this module (:func:`bgn_lightning._backends.select` sends them to the composite path).
 
-:func:`cuda_kernels` gives the kernels for a CUDA input they serve (float32, float16, bfloat16; the
-parameters and buffers on the same device), or ``None``: Triton missing, no GPU,
-``BGN_LIGHTNING_CUDA_KERNELS=0``, or a kernel that failed to compile earlier in this process (one
-warning, then the native-op path). Under ``TRITON_INTERPRET=1`` (set before Triton is imported)
-:class:`TritonKernels` runs on CPU tensors in Triton's interpreter, which is how the tests check the
-kernels on machines without a GPU.
+The ``"triton"`` backend of :mod:`bgn_lightning._backends` (start reading there) wraps
+:class:`TritonKernels`. :func:`cuda_kernels` gives the kernels for a CUDA input they serve (float32,
+float16, bfloat16; the parameters and buffers on the same device), or ``None``, with the reason:
+Triton missing, no GPU, ``BGN_LIGHTNING_CUDA_KERNELS=0``, or a kernel that failed to compile
+earlier in this process (one warning, then the native-op path). Under ``TRITON_INTERPRET=1`` (set
+before Triton is imported) :class:`TritonKernels` runs on CPU tensors in Triton's interpreter, which
+is how the tests check the kernels on machines without a GPU.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 import warnings
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -44,16 +43,16 @@ import torch
 from torch import Tensor
 
 from ._autograd import _composite_backward
+from ._shared import LoadOnce, channels_last, memory_format, needs_grad, switched_off
 
 __all__ = ["ENV_SWITCH", "KernelFailure", "TritonKernels", "cuda_kernels", "cuda_kernels_available",
            "disable", "prepare"]
 
 ENV_SWITCH = "BGN_LIGHTNING_CUDA_KERNELS"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FAILED = "a Triton kernel failed earlier in this process"
 _TILE = 2048  # elements per program and loop iteration of the reductions
 _AFFINE_TILE = 4096  # elements per program of the elementwise passes
-_lock = threading.Lock()
-_state: dict[str, Any] = {}
 
 
 class KernelFailure(RuntimeError):
@@ -353,19 +352,11 @@ class _Geometry:
         self.count = float(self.N * self.L)
 
 
-def _channels_last(x: Tensor) -> bool:
-    if x.dim() == 4:
-        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
-
-
 def prepare(x: Tensor) -> tuple[Tensor, bool]:
     """``x`` in a layout the kernels read (itself unless oddly strided) and whether it is channels-last."""
     if x.is_contiguous():
         return x, False
-    if _channels_last(x):
+    if channels_last(x):
         return x, True
     return x.contiguous(), False
 
@@ -463,7 +454,7 @@ class TritonKernels:
         Raises:
             KernelFailure: a kernel failed to compile or launch.
         """
-        geo = _Geometry(x, groups, _channels_last(x))
+        geo = _Geometry(x, groups, channels_last(x))
         stats = torch.empty((3, groups), dtype=torch.float32, device=x.device)
         update = running_mean is not None and running_var is not None
         rm, rv = (running_mean, running_var) if update else (stats, stats)
@@ -525,7 +516,7 @@ class TritonKernels:
                 all-reduced group sums when the collective already ran.
         """
         need_x, need_w, need_b = needs
-        geo = _Geometry(x, groups, _channels_last(x))
+        geo = _Geometry(x, groups, channels_last(x))
         count = geo.count if group_count is None else float(group_count)
         sync = all_reduce is not None and need_x
         try:
@@ -558,7 +549,7 @@ class TritonKernels:
         Raises:
             KernelFailure: a kernel failed to compile or launch.
         """
-        geo = _Geometry(x, groups, _channels_last(x))
+        geo = _Geometry(x, groups, channels_last(x))
         stats = torch.empty((3, groups), dtype=torch.float32, device=x.device)
         try:
             self._group_stats(geo, x, stats, stats, stats, eps, 0.0, False)
@@ -572,7 +563,7 @@ class TritonKernels:
         Raises:
             KernelFailure: the kernel failed to compile or launch.
         """
-        geo = _Geometry(x, table.shape[1], _channels_last(x))
+        geo = _Geometry(x, table.shape[1], channels_last(x))
         try:
             return self._affine(geo, x, None, table[0], table[1], table[2], weight, bias, 0.0, 0)
         except Exception as err:
@@ -605,7 +596,7 @@ class TritonKernels:
         weight, bias = _vector(weight, c, "weight"), _vector(bias, c, "bias")
         running_mean = _vector(running_mean, groups, "running_mean", copy=False)  # updated in place
         running_var = _vector(running_var, groups, "running_var", copy=False)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xp, weight, bias)):
+        if needs_grad(xp, weight, bias):
             return _TritonFunction.apply(xp, weight, bias, self, groups, eps, running_mean, running_var,
                                          factor)
         return self.forward_train(xp, weight, bias, groups, eps, running_mean, running_var, factor)[0]
@@ -663,9 +654,7 @@ class _TritonFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
             dx, dw, db = _composite_backward(ctx, x, weight, bias, dy)
         else:
-            fmt = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if _channels_last(x) \
-                else torch.contiguous_format
-            dy = dy.to(x.dtype).contiguous(memory_format=fmt)
+            dy = dy.to(x.dtype).contiguous(memory_format=memory_format(x))
             dtypes = (x.dtype if weight is None else weight.dtype, x.dtype if bias is None else bias.dtype)
             try:
                 dx, dw, db = ctx.kernels.backward(x, weight, stats, dy, ctx.num_groups, needs, dtypes)
@@ -680,41 +669,36 @@ class _TritonFunction(torch.autograd.Function):
 # -- availability and dispatch -------------------------------------------------------------------
 
 
-def _switched_off() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
-
-
-def _load() -> TritonKernels | None:
-    if _switched_off() or not torch.cuda.is_available():
-        return None
+def _load() -> tuple[TritonKernels | None, str]:
+    if switched_off(ENV_SWITCH):
+        return None, f"{ENV_SWITCH}=0 switched the Triton kernels off"
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU for the Triton kernels"
     try:
-        return TritonKernels()
+        return TritonKernels(), "CUDA input: the fused Triton kernels"
     except ImportError:  # torch without Triton (CPU or ROCm builds without it): the native path
-        return None
+        return None, "Triton is not installed"
 
 
-def _kernels() -> TritonKernels | None:
-    try:
-        return _state["kernels"]
-    except KeyError:
-        with _lock:
-            if "kernels" not in _state:
-                _state["kernels"] = _load()
-        return _state["kernels"]
+_loader: LoadOnce[TritonKernels] = LoadOnce(_load)
 
 
-def cuda_kernels(x: Tensor, *tensors: Tensor | None) -> TritonKernels | None:
-    """The Triton kernels if they serve ``x`` (and the parameters and buffers in ``tensors``), else ``None``.
+def cuda_kernels(x: Tensor, *tensors: Tensor | None) -> tuple[TritonKernels | None, str]:
+    """The Triton kernels if they serve ``x`` (and the parameters and buffers in ``tensors``), and why.
 
     They serve float32, float16 and bfloat16 CUDA inputs whose other tensors are on the same
     device, where Triton and a GPU are available, ``BGN_LIGHTNING_CUDA_KERNELS`` is not ``0`` and
-    no kernel failed to compile earlier in this process.
+    no kernel failed to compile earlier in this process. Otherwise the kernels are ``None`` and the
+    reason says which of these failed.
     """
-    if x.device.type != "cuda" or x.dtype not in SUPPORTED_DTYPES:
-        return None
+    if not x.is_cuda:
+        return None, f"no fused kernels for {x.device.type} tensors"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return None, f"{x.dtype} input: the Triton kernels serve float32, float16 and bfloat16"
     if any(t is not None and t.device != x.device for t in tensors):
-        return None  # the native path raises torch's device-mismatch error
-    return _kernels()
+        # the native path raises torch's device-mismatch error
+        return None, "a parameter or buffer is not on the input's device"
+    return _loader.get(), _loader.reason
 
 
 def cuda_kernels_available() -> bool:
@@ -723,16 +707,13 @@ def cuda_kernels_available() -> bool:
     ``False`` means the native-op path (same results, more kernel launches): no GPU, Triton is not
     installed, ``BGN_LIGHTNING_CUDA_KERNELS=0``, or a kernel failed to compile in this process.
     """
-    return _kernels() is not None
+    return _loader.get() is not None
 
 
 def disable(err: KernelFailure) -> None:
     """Switch the kernels off for this process after a failure, warning once."""
-    with _lock:
-        already = "failed" in _state
-        _state["kernels"] = None
-        _state["failed"] = str(err)
-    if not already:
+    previous = _loader.set(None, f"{_FAILED} ({err})")
+    if not previous.startswith(_FAILED):
         warnings.warn(
             f"bgn_lightning: a BGN Triton kernel failed to compile or run ({err}); using the native-op "
             f"path on CUDA from now on. Set {ENV_SWITCH}=0 to silence this.",

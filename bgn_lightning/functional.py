@@ -5,26 +5,24 @@ Input ``x`` has shape ``(N, C, *S)``. With ``D = C * prod(S)`` and ``G`` groups 
 flattened ``(C, *S)`` vector. Each group is normalized with the mean and biased variance of its
 ``N * D / G`` values across the whole batch, then a per-channel affine transform is applied.
 
-On CPU the computation runs on fused C++ kernels (``csrc/batch_group_norm_cpu.cpp``, built on first
-use by :mod:`bgn_lightning._ext`); on CUDA on fused Triton kernels (:mod:`bgn_lightning._triton`;
-``G = C`` in float32 is BatchNorm and runs cuDNN's batch norm); elsewhere, or where the kernels
-are unavailable or switched off, on native PyTorch ops (:mod:`bgn_lightning._autograd`). All
-have a closed-form backward and float32 statistics under autocast; ``docs/performance.md``
-describes them and their cost.
+This is where a newcomer starts reading: :func:`batch_group_norm` validates its input, then
+:func:`bgn_lightning._backends.select` picks the implementation that runs it and says why. On CPU
+that is fused C++ kernels (``csrc/batch_group_norm_cpu.cpp``, built on first use by
+:mod:`bgn_lightning._ext`); on CUDA fused Triton kernels (:mod:`bgn_lightning._triton`; ``G = C`` in
+float32 is BatchNorm and runs cuDNN's batch norm); elsewhere, or where the kernels are unavailable
+or switched off, native PyTorch ops (:mod:`bgn_lightning._autograd`). All have a closed-form
+backward and float32 statistics under autocast; ``docs/performance.md`` describes them and their
+cost. The layers (:mod:`bgn_lightning.layers`) call the same dispatch after their own checks.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import batch_group_norm_eval, batch_group_norm_train, composite_only
-from ._ext import cpu_kernels
-from ._triton import KernelFailure, cuda_kernels, disable
+from ._backends import select
+from ._shared import running_factor
 
 __all__ = ["auto_num_groups", "batch_group_norm", "check_num_groups", "valid_num_groups"]
 
@@ -93,12 +91,15 @@ def batch_group_norm(
         raise ValueError(f"batch_group_norm: expected input of shape (N, C, *S), got {tuple(x.shape)}")
     feature_numel = math.prod(x.shape[1:])
     check_num_groups(num_groups, x.shape[1], feature_numel, "batch_group_norm")
-    return _batch_group_norm(x, num_groups, feature_numel, running_mean, running_var, weight, bias,
-                             training, momentum, eps, num_batches_tracked, "batch_group_norm")
+    return _batch_group_norm(x, num_groups=num_groups, feature_numel=feature_numel, running_mean=running_mean,
+                             running_var=running_var, weight=weight, bias=bias, training=training,
+                             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
+                             where="batch_group_norm")
 
 
 def _batch_group_norm(
     x: Tensor,
+    *,
     num_groups: int,
     feature_numel: int,
     running_mean: Tensor | None,
@@ -111,19 +112,15 @@ def _batch_group_norm(
     num_batches_tracked: Tensor | None,
     where: str,
 ) -> Tensor:
-    """:func:`batch_group_norm` for callers that already checked the rank and ``num_groups``."""
-    c = x.shape[1]
-    kernels = _fused_kernels(x, num_groups, weight, bias, running_mean, running_var)
+    """:func:`batch_group_norm` for callers that already checked the rank and ``num_groups``.
+
+    ``feature_numel`` is ``D = C * prod(S)``; ``where`` names the caller in error messages.
+    """
     if not (training or running_mean is None or running_var is None):
-        if kernels is not None and not (torch.is_grad_enabled() and _any_requires_grad(x, weight, bias)):
-            try:
-                return kernels.eval(x, weight, bias, num_groups, eps, running_mean, running_var)
-            except KernelFailure as err:  # a Triton kernel that does not compile: the native path
-                disable(err)
-        if num_groups == c and x.dtype == running_mean.dtype:
-            return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
-                                    torch.backends.cudnn.enabled)
-        return batch_group_norm_eval(x, num_groups, running_mean, running_var, weight, bias, eps)
+        backend = select(x, num_groups=num_groups, training=False, weight=weight, bias=bias,
+                         running_mean=running_mean, running_var=running_var).backend
+        return backend.eval(x, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+                            running_mean=running_mean, running_var=running_var)
     count = x.shape[0] * (feature_numel // num_groups)
     if count <= 1:
         raise ValueError(
@@ -131,57 +128,12 @@ def _batch_group_norm(
             f"input {tuple(x.shape)} with num_groups={num_groups} ({count} value per group)"
         )
     update = training and running_mean is not None and running_var is not None
-    factor = 0.0
-    if update:
-        if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError(f"{where}: momentum=None needs num_batches_tracked")
-            factor = 1.0 / float(num_batches_tracked)
-        else:
-            factor = momentum
-    if kernels is not None:  # every G on CPU, G = C included (faster than the native batch norm there)
-        try:
-            return kernels.train(x, weight, bias, num_groups, eps, running_mean if update else None,
-                                 running_var if update else None, factor)
-        except KernelFailure as err:  # a Triton kernel that does not compile: the native path
-            disable(err)
-            update = update and not err.running_updated
-    if num_groups == c and x.dtype in (torch.float32, torch.float64):
-        # G = C is BatchNorm: the native kernel, running statistics included.
-        return F.batch_norm(x, running_mean if update else None, running_var if update else None,
-                            weight, bias, True, factor, eps)
-    y, mean, var = batch_group_norm_train(x, num_groups, weight, bias, eps)
-    if update:
-        with torch.no_grad():
-            unbiased = var * (count / (count - 1))
-            if running_mean.dtype == mean.dtype and running_var.dtype == var.dtype:
-                torch._foreach_lerp_([running_mean, running_var], [mean, unbiased], factor)
-            else:
-                running_mean.lerp_(mean.to(running_mean.dtype), factor)
-                running_var.lerp_(unbiased.to(running_var.dtype), factor)
-    return y
-
-
-def _fused_kernels(
-    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-    running_var: Tensor | None,
-) -> Any:
-    """The fused kernels for this call: C++ on CPU, Triton on CUDA, ``None`` for the native path.
-
-    Traced (``torch.compile``) and ``torch.func`` calls take the composite path. On CUDA, ``G = C``
-    in float32 stays on cuDNN's batch norm, which is BatchNorm's math.
-    """
-    if composite_only():
-        return None
-    if x.device.type == "cpu":
-        return cpu_kernels()
-    if num_groups == x.shape[1] and x.dtype == torch.float32:
-        return None
-    return cuda_kernels(x, weight, bias, running_mean, running_var)
-
-
-def _any_requires_grad(*tensors: Tensor | None) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
+    backend = select(x, num_groups=num_groups, training=True, weight=weight, bias=bias,
+                     running_mean=running_mean, running_var=running_var).backend
+    return backend.train(x, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+                         running_mean=running_mean if update else None,
+                         running_var=running_var if update else None,
+                         factor=running_factor(momentum, num_batches_tracked, where) if update else 0.0)
 
 
 def valid_num_groups(num_channels: int, feature_numel: int) -> list[int]:

@@ -263,17 +263,17 @@ class BatchGroupNorm(nn.Module):
         """Apply the op to a validated input (``SyncBatchGroupNorm`` applies the synchronized one)."""
         return _batch_group_norm(
             x,
-            num_groups,
-            feature_numel,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
-            self.weight,
-            self.bias,
-            self.training or not self.track_running_stats,
-            self.momentum,
-            self.eps,
-            self.num_batches_tracked,
-            name,
+            num_groups=num_groups,
+            feature_numel=feature_numel,
+            running_mean=self.running_mean if self.track_running_stats else None,
+            running_var=self.running_var if self.track_running_stats else None,
+            weight=self.weight,
+            bias=self.bias,
+            training=self.training or not self.track_running_stats,
+            momentum=self.momentum,
+            eps=self.eps,
+            num_batches_tracked=self.num_batches_tracked,
+            where=name,
         )
 
     def extra_repr(self) -> str:

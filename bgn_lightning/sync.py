@@ -11,7 +11,8 @@ process, or in eval mode) it is exactly :class:`~bgn_lightning.BatchGroupNorm`.
 
 Unlike ``torch.nn.SyncBatchNorm`` it runs on CPU (gloo) as well as CUDA (NCCL). On CUDA the local
 passes run on the fused Triton kernels (:mod:`bgn_lightning._triton`) on each side of the
-collectives; on CPU, and where those kernels are unavailable, on native ops.
+collectives; on CPU, and where those kernels are unavailable, on native ops. Which one runs is
+decided by :func:`bgn_lightning._backends.select` (``synchronized=True``), as for plain BGN.
 
 Use :func:`convert_sync_batchgroupnorm` before wrapping the model in DDP, the Lightning plugin
 ``Trainer(strategy="ddp", plugins=[BGNSync()])`` (:mod:`bgn_lightning.layer_sync`), or
@@ -30,6 +31,8 @@ from torch import Tensor, nn
 
 from . import _autograd as ops
 from . import _triton
+from ._backends import select
+from ._shared import memory_format, running_factor, update_running
 from ._triton import KernelFailure, TritonKernels
 from .functional import auto_num_groups
 from .layers import BatchGroupNorm, NumGroups
@@ -76,7 +79,7 @@ class _SyncBatchGroupNormFunction(torch.autograd.Function):
     """Training-mode BGN with statistics pooled over a process group (forward and backward).
 
     ``kernels`` are the fused Triton kernels (CUDA) or ``None`` (native ops); ``x`` is laid out for
-    them (:func:`_layout_for`).
+    them (:func:`bgn_lightning._triton.prepare`, :func:`bgn_lightning._autograd.contiguous_for_cells`).
     """
 
     @staticmethod
@@ -163,7 +166,7 @@ def _fused_backward(
     to the native backward instead of all-reducing again.
     """
     needs = tuple(ctx.needs_input_grad[:3])
-    dy = dy.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    dy = dy.to(x.dtype).contiguous(memory_format=memory_format(x))
     dtypes = (table.dtype, table.dtype)  # as the native path's; autograd casts to the parameters' dtype
     try:
         return ctx.kernels.backward(x, weight, table, dy, ctx.num_groups, needs, dtypes, ctx.group_count,
@@ -177,14 +180,9 @@ def _fused_backward(
         return _native_backward(ctx, x, weight, table, dy, needs[0], lambda t: t.copy_(reduced))
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() in (4, 5) and not x.is_contiguous():
-        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def sync_batch_group_norm(
     x: Tensor,
+    *,
     num_groups: int,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -225,7 +223,8 @@ def sync_batch_group_norm(
     n, c = x.shape[0], x.shape[1]
     feature_numel = math.prod(x.shape[1:])
     lay = ops.layout(c, feature_numel // c, num_groups)
-    kernels = _fused_kernels(x, weight, bias, running_mean, running_var)
+    kernels = select(x, num_groups=num_groups, training=True, weight=weight, bias=bias,
+                     running_mean=running_mean, running_var=running_var, synchronized=True).backend.kernels
     xc, fmt = (_triton.prepare(x)[0], None) if kernels is not None else ops.contiguous_for_cells(x, lay)
     dtype = ops.compute_dtype(x)
     with torch.no_grad():
@@ -250,23 +249,12 @@ def sync_batch_group_norm(
                 f"num_groups={num_groups})"
             )
         if running_mean is not None and running_var is not None:
-            factor = momentum
-            if momentum is None:
-                if num_batches_tracked is None:
-                    raise ValueError(f"{where}: momentum=None needs num_batches_tracked")
-                factor = 1.0 / float(num_batches_tracked)
-            running_mean.lerp_(mean.to(running_mean.dtype), factor)
-            unbiased = var * (group_count / (group_count - 1))
-            running_var.lerp_(unbiased.to(running_var.dtype), factor)
+            update_running(running_mean, running_var, mean, var, count=group_count,
+                           factor=running_factor(momentum, num_batches_tracked, where))
         table = ops.group_table(mean, var, eps, dtype)
     y = _SyncBatchGroupNormFunction.apply(xc, weight, bias, table, num_groups, eps, group_count,
                                           process_group, kernels)
     return y if fmt is None else y.contiguous(memory_format=fmt)
-
-
-def _fused_kernels(x: Tensor, *tensors: Tensor | None) -> TritonKernels | None:
-    """The Triton kernels for a CUDA ``x`` they serve (NCCL), else ``None`` (native ops, gloo)."""
-    return _triton.cuda_kernels(x, *tensors)
 
 
 class SyncBatchGroupNorm(BatchGroupNorm):
@@ -340,16 +328,16 @@ class SyncBatchGroupNorm(BatchGroupNorm):
             return super()._normalize(x, num_groups, feature_numel, name)
         return sync_batch_group_norm(
             x,
-            num_groups,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
-            self.weight,
-            self.bias,
-            self.momentum,
-            self.eps,
-            self.num_batches_tracked,
-            self.process_group,
-            name,
+            num_groups=num_groups,
+            running_mean=self.running_mean if self.track_running_stats else None,
+            running_var=self.running_var if self.track_running_stats else None,
+            weight=self.weight,
+            bias=self.bias,
+            momentum=self.momentum,
+            eps=self.eps,
+            num_batches_tracked=self.num_batches_tracked,
+            process_group=self.process_group,
+            where=name,
         )
 
 

@@ -31,11 +31,11 @@ def glyph_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(params=["kernels", "native"])
 def bgn_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on BGN's C++ CPU kernels and again on the native-op path (CUDA's, the fallback's)."""
-    import bgn_lightning.functional as functional
+    import bgn_lightning._backends as backends
     from bgn_lightning._ext import cpu_kernels
 
     if request.param == "kernels" and cpu_kernels() is None:
         pytest.skip("the BGN C++ CPU kernels could not be built here")
     if request.param == "native":
-        monkeypatch.setattr(functional, "cpu_kernels", lambda: None)
+        monkeypatch.setattr(backends, "cpu_kernels", lambda: None)
     return request.param

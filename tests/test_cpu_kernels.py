@@ -18,7 +18,7 @@ from types import ModuleType
 import pytest
 import torch
 
-import bgn_lightning.functional as functional
+import bgn_lightning._backends as backends
 from bgn_lightning import BatchGroupNorm2d
 from bgn_lightning._autograd import batch_group_norm_eval, batch_group_norm_train
 from bgn_lightning._ext import ENV_SWITCH, cpu_kernels
@@ -387,7 +387,7 @@ def test_bfloat16_rounding_matches_torch(channels_last: bool) -> None:
 
 def test_layer_under_cpu_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
     spy = _Spy(KERNELS)
-    monkeypatch.setattr(functional, "cpu_kernels", lambda: spy)
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     torch.manual_seed(5)
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     norm = BatchGroupNorm2d(8, num_groups=16)
@@ -435,7 +435,7 @@ def test_eval_memo_sees_kernel_updates(monkeypatch: pytest.MonkeyPatch, groups: 
                                        channels_last: bool) -> None:
     """The native eval path memoizes on the buffers' version: a kernel training step must show."""
     spy = _Spy(KERNELS)
-    monkeypatch.setattr(functional, "cpu_kernels", lambda: spy)
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     torch.manual_seed(6)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     layer = BatchGroupNorm2d(4, num_groups=groups)
@@ -530,7 +530,7 @@ def test_env_switch_turns_the_kernels_off(tmp_path: Path, monkeypatch: pytest.Mo
     assert "could not build" not in done.stderr
     off = torch.load(tmp_path / "out.pt")
     spy = _Spy(KERNELS)
-    monkeypatch.setattr(functional, "cpu_kernels", lambda: spy)
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     layer = BatchGroupNorm2d(8, num_groups=4).double()
     with torch.no_grad():
         layer.weight.copy_(w)
@@ -605,7 +605,7 @@ def test_layer_kernels_on_equals_off(monkeypatch: pytest.MonkeyPatch, channels: 
     state = copy.deepcopy(base.state_dict())
 
     spy = _Spy(KERNELS)
-    monkeypatch.setattr(functional, "cpu_kernels", lambda: spy)
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     on_layer = BatchGroupNorm2d(channels, num_groups=groups, momentum=momentum).to(dtype)
     on_layer.load_state_dict(state)
     on = _layer_run(on_layer, xs, dys, x_eval)
@@ -613,7 +613,7 @@ def test_layer_kernels_on_equals_off(monkeypatch: pytest.MonkeyPatch, channels: 
     # gradient (parameters or input) took the native path
     assert spy.calls == Counter(train=2, eval=1)
 
-    monkeypatch.setattr(functional, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: None)
     off_layer = BatchGroupNorm2d(channels, num_groups=groups, momentum=momentum).to(dtype)
     off_layer.load_state_dict(state)
     off = _layer_run(off_layer, xs, dys, x_eval)
@@ -684,3 +684,22 @@ def test_the_first_build_says_so_at_the_default_level(monkeypatch, tmp_path, cap
         assert _ext._build() is not None
     assert "bgn_lightning: building BGN CPU kernels, once, ~45 s (cached in " + str(tmp_path) in first
     assert "built the BGN CPU kernels in" in first and caplog.text == ""
+
+
+# -- 10. which backend runs, and why -----------------------------------------------------------------
+
+
+def test_select_names_the_backend_and_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(2, 4, 3, 3)
+    chosen = backends.select(x, num_groups=2, training=True)
+    assert (chosen.backend.name, chosen.backend.kernels) == ("cpp", KERNELS)
+    assert chosen.reason == "CPU input: the fused C++ kernels"
+    grad = backends.select(x.requires_grad_(), num_groups=2, training=False)
+    assert grad.backend is backends.NATIVE and "not differentiable" in grad.reason
+    assert backends.select(x, num_groups=2, training=True).backend.name == "cpp"  # training: autograd-aware
+    synced = backends.select(x, num_groups=2, training=True, synchronized=True)
+    assert synced.backend is backends.NATIVE and "synchronized" in synced.reason
+    meta = backends.select(torch.empty(2, 4, 3, 3, device="meta"), num_groups=2, training=True)
+    assert meta == (backends.NATIVE, "no fused kernels for meta tensors")
+    monkeypatch.setattr(backends, "cpu_kernels", lambda: None)
+    assert backends.select(x, num_groups=2, training=True).backend is backends.NATIVE

@@ -22,10 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import bgn_lightning._backends as backends
 import bgn_lightning._triton as triton_kernels
 import bgn_lightning.functional as functional
 from bgn_lightning import BatchGroupNorm2d
 from bgn_lightning._autograd import batch_group_norm_train
+from bgn_lightning._shared import LoadOnce
 from tests.reference import reference_bgn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,10 +328,10 @@ def test_layer_on_the_kernels_equals_native_path(kernels, monkeypatch, groups, c
         base.weight.copy_(torch.randn(shape[1], generator=gen))
         base.bias.copy_(torch.randn(shape[1], generator=gen))
     spy = _Spy(kernels)
-    monkeypatch.setattr(functional, "_fused_kernels", lambda *args: spy)
+    monkeypatch.setattr(backends, "fused_kernels", lambda x, **kw: (spy, "test"))
     on = _layer_steps(copy.deepcopy(base), xs, dys, x_eval)
     assert spy.calls == {"train": 2, "eval": 1}
-    monkeypatch.setattr(functional, "_fused_kernels", lambda *args: None)
+    monkeypatch.setattr(backends, "fused_kernels", lambda x, **kw: (None, "test"))
     off = _layer_steps(copy.deepcopy(base), xs, dys, x_eval)
     for a, e in zip(on, off, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
@@ -350,8 +352,8 @@ class _Broken:
 def test_a_kernel_that_fails_to_compile_falls_back_with_one_warning(monkeypatch, broken: str) -> None:
     failing = triton_kernels.TritonKernels()
     monkeypatch.setattr(failing.kernels, broken, _Broken())
-    monkeypatch.setattr(triton_kernels, "_state", {"kernels": failing})
-    monkeypatch.setattr(functional, "_fused_kernels", lambda *args: triton_kernels._kernels())
+    monkeypatch.setattr(triton_kernels, "_loader", LoadOnce(lambda: (failing, "test")))
+    monkeypatch.setattr(backends, "fused_kernels", lambda x, **kw: (triton_kernels._loader.get(), "test"))
     x = _case((4, 8, 3, 3), 2, "contiguous", torch.float32, True)[0]
     layer = BatchGroupNorm2d(8, num_groups=2, momentum=0.5).to(DEVICE)
     with warnings.catch_warnings(record=True) as caught:
@@ -373,7 +375,7 @@ def test_a_kernel_that_fails_to_compile_falls_back_with_one_warning(monkeypatch,
 @kernel_test
 def test_a_backward_kernel_that_fails_falls_back_to_the_composite_gradient(kernels, monkeypatch) -> None:
     failing = triton_kernels.TritonKernels()
-    monkeypatch.setattr(triton_kernels, "_state", {"kernels": failing})
+    monkeypatch.setattr(triton_kernels, "_loader", LoadOnce(lambda: (failing, "test")))
     x, dy, w, b, _, _ = _case((3, 6, 4, 4), 4, "channels_last", torch.float32, True)
     x, w, b = x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
     y = failing.train(x, w, b, 4, EPS, None, None, 0.0)
@@ -417,16 +419,18 @@ class _CountingKernels(triton_kernels.TritonKernels):
 def _sync_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    import bgn_lightning.sync as sync
+    import bgn_lightning._backends as backends
     from bgn_lightning import BatchGroupNorm, convert_sync_batchgroupnorm
     from tests.test_sync import CASES, _layer, _run_steps
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         results = {}
+        pick = backends.fused_kernels
         for fail_dx in (False, True):
             kernels = _CountingKernels(fail_dx)
-            sync._fused_kernels = lambda x, *tensors, k=kernels: k
+            backends.fused_kernels = lambda x, *, synchronized=False, k=kernels, pick=pick, **kw: (
+                (k, "test") if synchronized else pick(x, synchronized=synchronized, **kw))
             names = list(CASES) if not fail_dx else ["channels_last", "groups_straddle_channels_empty_rank"]
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -485,17 +489,17 @@ def test_sync_batch_group_norm_on_the_kernels_matches_one_process(tmp_path: Path
 
 def test_cpu_inputs_never_reach_the_triton_kernels() -> None:
     x = torch.randn(2, 4, 3, 3)
-    assert triton_kernels.cuda_kernels(x) is None
-    assert functional._fused_kernels(x, 2, None, None, None, None) is functional.cpu_kernels()
+    assert triton_kernels.cuda_kernels(x)[0] is None
+    assert backends.fused_kernels(x, num_groups=2)[0] is backends.cpu_kernels()
     meta = torch.empty(2, 4, 3, 3, device="meta")
-    assert functional._fused_kernels(meta, 2, None, None, None, None) is None
+    assert backends.fused_kernels(meta, num_groups=2)[0] is None
 
 
 def test_env_switch_and_missing_gpu_mean_the_native_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(triton_kernels, "_state", {})
+    monkeypatch.setattr(triton_kernels, "_loader", LoadOnce(triton_kernels._load))
     monkeypatch.setenv(triton_kernels.ENV_SWITCH, "0")
     assert not triton_kernels.cuda_kernels_available()
-    monkeypatch.setattr(triton_kernels, "_state", {})
+    monkeypatch.setattr(triton_kernels, "_loader", LoadOnce(triton_kernels._load))
     monkeypatch.delenv(triton_kernels.ENV_SWITCH)
     assert triton_kernels.cuda_kernels_available() == (torch.cuda.is_available() and HAS_TRITON)
 
@@ -560,8 +564,8 @@ def test_kernels_compile_for_a_gpu_target_without_a_gpu() -> None:
 @gpu_test
 def test_layer_on_cuda_runs_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     assert triton_kernels.cuda_kernels_available()
-    spy = _Spy(triton_kernels._kernels())
-    monkeypatch.setattr(triton_kernels, "_kernels", lambda: spy)
+    spy = _Spy(triton_kernels._loader.get())
+    monkeypatch.setattr(triton_kernels, "_loader", LoadOnce(lambda: (spy, "test")))
     layer = BatchGroupNorm2d(8, num_groups=2).cuda()
     x = torch.randn(4, 8, 6, 6, device="cuda").requires_grad_()
     layer(x).sum().backward()
@@ -578,7 +582,7 @@ def test_layer_on_cuda_runs_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) 
 @gpu_test
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
 def test_cuda_dtypes_the_kernels_do_not_serve_take_the_native_path(dtype: torch.dtype) -> None:
-    assert triton_kernels.cuda_kernels(torch.ones(2, 4, 3, 3, device="cuda", dtype=dtype)) is None
+    assert triton_kernels.cuda_kernels(torch.ones(2, 4, 3, 3, device="cuda", dtype=dtype))[0] is None
     if dtype == torch.float64:
         x = torch.randn(4, 8, 3, 3, device="cuda", dtype=dtype)
         y = functional.batch_group_norm(x, 2)
