@@ -15,16 +15,18 @@ from torchmetrics.aggregation import CatMetric
 from tasks.common.backbones import conv4
 from tasks.common.data import TaskConfigError
 from tasks.common.norms import check_norm_args, norm_factory
-from tasks.common.training import feature_dim, grad_enabled
+from tasks.common.training import feature_dim
 
 from .episodes import Episode
-from .l2l import learn2learn
-from .maml import maml_episode
-from .protonet import EmbeddingCache, protonet_logits
+from .maml import MAML
+from .protonet import ProtoNet
 
 __all__ = ["FewShotModule", "mean_ci95"]
 
 Algorithm = Literal["protonet", "maml"]
+ALGORITHMS: dict[str, type[ProtoNet] | type[MAML]] = {"protonet": ProtoNet, "maml": MAML}
+"""``algorithm`` -> what it adds to the module (:class:`~tasks.fsl.protonet.ProtoNet`,
+:class:`~tasks.fsl.maml.MAML`): its network, its norm mode and its episode logits."""
 
 
 def mean_ci95(values: Tensor) -> tuple[float, float]:
@@ -94,7 +96,7 @@ class FewShotModule(LightningModule):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if algorithm not in ("protonet", "maml"):
+        if algorithm not in ALGORITHMS:
             raise ValueError(f"{name}: algorithm must be 'protonet' or 'maml', got {algorithm!r}")
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"{name}: lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
@@ -103,38 +105,35 @@ class FewShotModule(LightningModule):
                 raise ValueError(f"{name}: {arg} must be an int >= 0, got {value!r}")
         check_norm_args(norm, groups, norm_kwargs)
         self.save_hyperparameters()
-        self.encoder: nn.Module | None = None  # protonet: the backbone
-        self.learner: nn.Module | None = None  # maml: learn2learn MAML around backbone + linear head
+        self.algo = ALGORITHMS[algorithm](self.hparams)
         self.test_acc = nn.ModuleDict()  # per shot count: per-episode accuracies
         self.test_loss = nn.ModuleDict()
         self._test_ways: dict[str, int] = {}  # "<K>shot" -> ways, in test dataloader order
-        self._eval_cache = EmbeddingCache()
-        self._lazy_state_ready = False
-        if in_channels and input_size and (algorithm == "protonet" or num_classes):
+        if in_channels and input_size and (not self.algo.has_head or num_classes):
             self._build(in_channels, input_size, num_classes)
 
     # -- model -------------------------------------------------------------------------------
+    @property
+    def network(self) -> nn.Module | None:
+        """The network (``encoder`` for ProtoNet, ``learner`` for MAML); ``None`` until it is built."""
+        return getattr(self, self.algo.network_name, None)
+
     def _build(self, in_channels: int, input_size: int, num_classes: int | None) -> None:
         hp = self.hparams
-        norm_kwargs = dict(hp.norm_kwargs or {})
-        if hp.algorithm == "maml":
-            norm_kwargs.setdefault("track_running_stats", False)
+        norm_kwargs = self.algo.norm_kwargs(dict(hp.norm_kwargs or {}))
         backbone = conv4(norm_factory(hp.norm, hp.groups, norm_kwargs), in_channels=in_channels,
                          hidden=hp.hidden, depth=hp.depth)
-        if hp.algorithm == "protonet":
-            self.encoder = backbone
-        else:
+        head = None
+        if self.algo.has_head:
             head = nn.Linear(feature_dim(backbone, (in_channels, input_size, input_size)), num_classes)
-            self.learner = learn2learn().algorithms.MAML(
-                nn.Sequential(backbone, head), lr=hp.adapt_lr, first_order=hp.first_order
-            )
+        setattr(self, self.algo.network_name, self.algo.build(backbone, head))
 
     def configure_model(self) -> None:
         """Build the network from the datamodule's image shape and ways when not given.
 
         The resolved values are written into ``hparams``, so checkpoints rebuild the same network.
         """
-        if self.encoder is not None or self.learner is not None:
+        if self.network is not None:
             return
         hp = self.hparams
         datamodule = self.trainer.datamodule
@@ -144,7 +143,7 @@ class FewShotModule(LightningModule):
                 f"num_classes for maml) to the model"
             )
         train_ways, eval_ways = datamodule.train_spec.ways, datamodule.eval_specs[0].ways
-        if hp.algorithm == "maml" and hp.num_classes is None and train_ways != eval_ways:
+        if self.algo.has_head and hp.num_classes is None and train_ways != eval_ways:
             raise TaskConfigError(
                 f"{type(self).__name__}: MAML's classifier head has one output per class, so training and "
                 f"evaluation episodes need the same ways; got train_ways={train_ways}, ways={eval_ways} "
@@ -153,7 +152,7 @@ class FewShotModule(LightningModule):
         resolved = {
             "in_channels": hp.in_channels or datamodule.in_channels,
             "input_size": hp.input_size or datamodule.image_size,
-            "num_classes": hp.num_classes or (train_ways if hp.algorithm == "maml" else None),
+            "num_classes": hp.num_classes or (train_ways if self.algo.has_head else None),
         }
         self.hparams.update(resolved)
         self._build(resolved["in_channels"], resolved["input_size"], resolved["num_classes"])
@@ -170,28 +169,9 @@ class FewShotModule(LightningModule):
 
     # -- episodes ----------------------------------------------------------------------------
     def _episode_logits(self, episode: Episode, training: bool) -> Tensor:
-        hp = self.hparams
-        support, support_labels, query = episode.support, episode.support_labels, episode.query
-        if hp.algorithm == "protonet":
-            images = torch.cat([support, query])
-            if training:
-                return protonet_logits(self.encoder(images), support_labels)
-            ids = torch.cat([episode.support_ids, episode.query_ids])
-            return protonet_logits(self._eval_cache.embed(self.encoder, images, ids), support_labels)
-        if not self._lazy_state_ready:
-            # Lazy layer state (BGN's auto-G) must be fixed on the meta-parameters, not on a clone
-            # that is thrown away after the episode: one no-grad forward on a support set does it.
-            with torch.no_grad():
-                self.learner(support)
-            self._lazy_state_ready = True
-        if training:
-            return maml_episode(self.learner, support, support_labels, query, hp.adapt_steps)
-        # Evaluation adapts too: leave Lightning's inference mode and adapt first-order.
-        with grad_enabled():
-            support, query = support.clone(), query.clone()
-            logits = maml_episode(self.learner, support, support_labels.clone(), query, hp.eval_adapt_steps,
-                                  first_order=True)
-        return logits.detach()
+        ids = torch.cat([episode.support_ids, episode.query_ids])
+        return self.algo.logits(self.network, episode.support, episode.support_labels, episode.query,
+                                ids, training)
 
     def _episodes(self, batch: Episode, training: bool) -> tuple[Tensor, Tensor]:
         """Per-episode query losses and accuracies of a meta-batch."""
@@ -214,8 +194,8 @@ class FewShotModule(LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        """A fresh embedding cache: the encoder changed since the last pass."""
-        self._eval_cache = EmbeddingCache()
+        """A new evaluation pass: the network changed since the last one (ProtoNet's embedding cache)."""
+        self.algo.new_pass()
 
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         """Query loss and accuracy, averaged over the validation episodes."""
@@ -226,7 +206,7 @@ class FewShotModule(LightningModule):
 
     def on_test_epoch_start(self) -> None:
         """Forget the previous test run's episodes and embeddings."""
-        self._eval_cache = EmbeddingCache()
+        self.algo.new_pass()
         self.test_acc.clear()
         self.test_loss.clear()
         self._test_ways = {}

@@ -1,12 +1,17 @@
-"""Prototypical Networks (Snell et al., 2017): class prototypes, distance logits, evaluation cache."""
+"""Prototypical Networks (Snell et al., 2017): class prototypes, distance logits, evaluation cache.
+
+:class:`ProtoNet` is what :class:`~tasks.fsl.module.FewShotModule` runs for ``algorithm="protonet"``.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EmbeddingCache", "protonet_logits", "prototype_logits", "prototypes"]
+__all__ = ["EmbeddingCache", "ProtoNet", "protonet_logits", "prototype_logits", "prototypes"]
 
 
 def prototypes(support: Tensor, labels: Tensor, ways: int) -> Tensor:
@@ -65,3 +70,39 @@ class EmbeddingCache:
         if missing:
             self.table.update(zip((keys[i] for i in missing), encoder(images[missing]), strict=True))
         return torch.stack([self.table[key] for key in keys])
+
+
+class ProtoNet:
+    """The ProtoNet algorithm of a few-shot module: the backbone is the encoder.
+
+    The norm is used as configured (running statistics at evaluation, if it keeps them).
+    Evaluation embeds each image once per pass when the encoder is per-sample in eval mode
+    (:class:`EmbeddingCache` checks it), which makes the 600-episode protocol cheap.
+    """
+
+    network_name = "encoder"
+    """The module attribute the network is stored as (checkpoint keys ``encoder.*``)."""
+    has_head = False
+
+    def __init__(self, hparams: Any) -> None:
+        self.cache = EmbeddingCache()
+
+    def norm_kwargs(self, configured: dict[str, Any]) -> dict[str, Any]:
+        """The norm arguments as configured."""
+        return configured
+
+    def build(self, backbone: nn.Module, head: nn.Module | None) -> nn.Module:
+        """The encoder: the backbone itself."""
+        return backbone
+
+    def logits(self, encoder: nn.Module, support: Tensor, support_labels: Tensor, query: Tensor,
+               ids: Tensor, training: bool) -> Tensor:
+        """Query logits: support and query embedded in one forward (one episode, one batch)."""
+        images = torch.cat([support, query])
+        if training:
+            return protonet_logits(encoder(images), support_labels)
+        return protonet_logits(self.cache.embed(encoder, images, ids), support_labels)
+
+    def new_pass(self) -> None:
+        """A fresh embedding cache: the encoder changed since the last evaluation pass."""
+        self.cache = EmbeddingCache()
