@@ -17,17 +17,13 @@ from torch.utils.data import TensorDataset
 from bgn_lightning import BatchGroupNorm2d
 from tasks.common.backbones import small_cnn
 from tasks.common.contract import Metric
-from tasks.common.data import (
-    DatasetNotFoundError,
-    TransformSubset,
-    check_choice,
-    dataset_not_found,
-    stratified_split,
-)
+from tasks.common.data import TransformSubset, dataset_not_found, stratified_split
+from tasks.common.errors import DatasetNotFoundError
 from tasks.common.metrics import classification_metrics
 from tasks.common.norms import norm_factory
 from tasks.common.optim import lr_multiplier, param_groups, scaled_lr, warmup_scheduler
 from tasks.common.results import RESULTS_FILE, read_results, resolved_groups, results_record, write_results
+from tasks.common.validate import check_choice
 from tasks.runner.report import markdown_table, summarize, write_report
 
 # -- data -----------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from .validate import check_choice
+
 if TYPE_CHECKING:
     from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
@@ -189,10 +191,6 @@ class Task:
         Raises:
             ValueError: listing the declared metrics.
         """
-        for m in self.metrics:
-            if m.name == name:
-                return m
-        raise ValueError(
-            f"task {self.name} reports no metric {name!r}; "
-            f"choose from: {', '.join(m.name for m in self.metrics)}"
-        )
+        names = [m.name for m in self.metrics]
+        check_choice("metric", name, names, problem=f"task {self.name} reports no metric {name!r}")
+        return self.metrics[names.index(name)]

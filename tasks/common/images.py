@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image
 from torchvision import datasets as tvd
 
-from .data import TaskConfigError
+from .errors import TaskConfigError
 
 __all__ = [
     "BAD_IMAGES",

@@ -584,7 +584,7 @@ def _run(
     claims: list[tuple[Path, list[str] | None]],
 ) -> int:
     from bgn_lightning import available_norms
-    from tasks.common.data import DatasetNotFoundError, TaskConfigError
+    from tasks.common.errors import DatasetNotFoundError, TaskConfigError
     from tasks.common.images import POLICY
     from tasks.common.results import results_record, write_results
 
