@@ -113,6 +113,10 @@ def test_failed_runs_are_reported_and_retried(tmp_path: Path, caplog) -> None:
     run_log = out / "classification" / "bn" / "bs4" / "seed0" / "run.log"
     assert "imagefolder: dataset not found" in run_log.read_text()
     assert any("FAILED (exit 2)" in r.getMessage() for r in caplog.records)
+    failure = json.loads((run_log.parent / "error.json").read_text())  # the run's error, not its log
+    assert (failure["kind"], failure["exit_code"]) == ("DatasetNotFoundError", 2)
+    assert failure["message"].startswith("imagefolder: dataset not found")
+    assert any(f"FAILED (exit 2): {failure['message']}, see " in r.getMessage() for r in caplog.records)
     assert not (out / "results.md").exists()
 
 
