@@ -168,8 +168,7 @@ def build_attack(
         attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, n_classes=num_classes, seed=seed)
     norm_aware_attack(attack)
     if norm_mode is not None:
-        if norm_mode not in ATTACK_NORM_MODES:
-            raise ValueError(f"attack_norm_mode must be one of {ATTACK_NORM_MODES}, got {norm_mode!r}")
+        check_choice("attack_norm_mode", norm_mode, ATTACK_NORM_MODES)
         attack.set_model_training_mode(model_training=True, batchnorm_training=norm_mode == "train")
     return attack
 
