@@ -61,6 +61,8 @@ class TaskCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The runner's own options (``--threads``, ``--sync_norm``, ``--bad_images``...) and the
+        task's argument links."""
         parser.add_argument(
             "--threads",
             type=int | None,
@@ -109,9 +111,12 @@ class TaskCLI(LightningCLI):
             parser.link_arguments(source, target, apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        # LightningCLI warns when args are given while sys.argv is set; here both are ours.
-        task = self.task
+        """Parse ``args`` (not ``sys.argv``); a parse error or a bad early value is one line.
 
+        Raises:
+            UserError: naming the bad argument (with a "did you mean" hint for a typo).
+        """
+        task = self.task
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as err:  # unknown key, bad type, ...: the message, not the usage
@@ -122,6 +127,7 @@ class TaskCLI(LightningCLI):
         check_config(self.config, getattr(task.datamodule_class, "DATASETS", None))
 
     def before_instantiate_classes(self) -> None:
+        """Apply ``--threads`` and ``--bad_images``, default and claim the output folder."""
         cfg = self.config
         if cfg.get("threads") is not None:
             check_int("--threads", cfg.threads, expected="a positive int or null")
@@ -142,6 +148,8 @@ class TaskCLI(LightningCLI):
             self.resume_from = last_checkpoint(root) if cfg.resume else None
 
     def instantiate_classes(self) -> None:
+        """Build model, DataModule and trainer; a bad init value (a ``ValueError``) or a missing
+        file is a :class:`UsageError` whose line points at ``--debug``; any other error is a bug."""
         try:
             super().instantiate_classes()
         except UserError:
@@ -150,6 +158,8 @@ class TaskCLI(LightningCLI):
             raise UsageError(str(err).splitlines()[0], debug_hint=True) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with the run's loggers, the BGN sync plugin when asked, a progress bar (or
+        progress lines) and the late model summary; checkpoints go under ``<output>/checkpoints``."""
         root = Path(self.config.trainer.default_root_dir)
         init = self.config_init.trainer
         if init.get("logger") in (None, True):
@@ -206,9 +216,10 @@ class _ShownLate:
     the first forward (a ``--groups`` that does not fit) comes first."""
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pass
+        """Nothing yet: the summary waits for training."""
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Show the summary (what the summary class does at fit start)."""
         super().on_fit_start(trainer, pl_module)  # type: ignore[misc]
 
 
