@@ -120,6 +120,15 @@ def test_failed_runs_are_reported_and_retried(tmp_path: Path, caplog) -> None:
     assert not (out / "results.md").exists()
 
 
+def test_a_run_failure_round_trips_through_its_cell(tmp_path: Path) -> None:
+    from tasks.runner.failure import RunFailure
+
+    assert RunFailure.read(tmp_path) is None  # a run killed before it could write one
+    bug = RunFailure.of(TypeError("unsupported operand"), 1)
+    bug.write(tmp_path)
+    assert RunFailure.read(tmp_path) == bug == RunFailure("TypeError", "unsupported operand", 1)
+
+
 def test_grid_from_yaml_with_epochs_per_batch_size(tmp_path: Path) -> None:
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump({
