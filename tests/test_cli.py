@@ -267,3 +267,22 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
     monkeypatch.setattr("tasks.runner.bench.bench_main", interrupted)
     assert main(["bench", "--task", "classification"]) == 130
     assert capsys.readouterr().err.strip() == "bgn-task: interrupted; re-run the same command to resume"
+
+
+def test_the_runner_modules_import_each_other_without_a_circle() -> None:
+    import ast
+    import graphlib
+
+    import tasks.runner
+
+    root = Path(tasks.runner.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        deps = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):  # lazy imports inside functions too
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasks.runner."):
+                deps.add(node.module.split(".")[2])
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a circle
+    assert order.index("discovery") < order.index("cli") and order.index("sweep") < order.index("cli")
