@@ -143,7 +143,7 @@ def test_fsl_image_folders_skip_a_bad_file(tmp_path: Path) -> None:
 def test_a_bad_file_met_in_a_dataloader_worker_is_still_one_line(tmp_path: Path) -> None:
     from torch._utils import ExceptionWrapper
 
-    from tasks.runner.run import _last_line
+    from tasks.runner.failure import one_line as _last_line
 
     path = tmp_path / "00007.png"
     path.write_text("text")

@@ -113,7 +113,20 @@ def test_failed_runs_are_reported_and_retried(tmp_path: Path, caplog) -> None:
     run_log = out / "classification" / "bn" / "bs4" / "seed0" / "run.log"
     assert "imagefolder: dataset not found" in run_log.read_text()
     assert any("FAILED (exit 2)" in r.getMessage() for r in caplog.records)
+    failure = json.loads((run_log.parent / "error.json").read_text())  # the run's error, not its log
+    assert (failure["kind"], failure["exit_code"]) == ("DatasetNotFoundError", 2)
+    assert failure["message"].startswith("imagefolder: dataset not found")
+    assert any(f"FAILED (exit 2): {failure['message']}, see " in r.getMessage() for r in caplog.records)
     assert not (out / "results.md").exists()
+
+
+def test_a_run_failure_round_trips_through_its_cell(tmp_path: Path) -> None:
+    from tasks.runner.failure import RunFailure
+
+    assert RunFailure.read(tmp_path) is None  # a run killed before it could write one
+    bug = RunFailure.of(TypeError("unsupported operand"), 1)
+    bug.write(tmp_path)
+    assert RunFailure.read(tmp_path) == bug == RunFailure("TypeError", "unsupported operand", 1)
 
 
 def test_grid_from_yaml_with_epochs_per_batch_size(tmp_path: Path) -> None:

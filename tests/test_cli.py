@@ -12,8 +12,11 @@ import pytest
 import torch
 import yaml
 
-from tasks.runner import cli
-from tasks.runner.cli import UsageError, available_tasks, main, translate_shortcuts
+from tasks.common.errors import UsageError
+from tasks.runner import cli, discovery
+from tasks.runner.cli import main
+from tasks.runner.discovery import available_tasks
+from tasks.runner.shortcuts import translate_shortcuts
 
 QUICK = [
     "--max-epochs", "1", "--accelerator", "cpu", "--trainer.limit_train_batches", "3",
@@ -85,10 +88,34 @@ def test_usage_errors_are_one_line_with_exit_code_2(argv: list[str], message: st
 
 
 def test_task_package_without_the_contract_is_a_bug_not_a_usage_error(monkeypatch) -> None:
-    monkeypatch.setattr(cli, "available_tasks", lambda: ["classification", "stub"])
+    monkeypatch.setattr(discovery, "available_tasks", lambda: ["classification", "stub"])
     monkeypatch.setitem(sys.modules, "tasks.stub", types.ModuleType("tasks.stub"))
     with pytest.raises(TypeError, match=r"tasks.stub must export TASK = Task\(name='stub'"):
         main(["stub"])
+
+
+def test_a_type_error_in_a_task_is_a_bug_with_its_traceback_not_a_usage_error(monkeypatch, tmp_path) -> None:
+    import functools
+
+    from tasks.classification.model import ClassificationModule
+
+    original = ClassificationModule.__init__
+
+    @functools.wraps(original)
+    def buggy(self, *args, **kwargs) -> None:
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(ClassificationModule, "__init__", buggy)
+    with pytest.raises(TypeError, match="unsupported operand"):  # propagates: traceback, exit code 1
+        main(["classification", "--output", str(tmp_path / "run")])
+
+
+def test_task_cli_is_a_module_level_lightning_cli() -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from tasks.runner.task_cli import TaskCLI
+
+    assert issubclass(TaskCLI, LightningCLI) and TaskCLI.__qualname__ == "TaskCLI"
 
 
 def test_print_config_shows_shortcuts_over_the_packaged_defaults(capsys) -> None:
@@ -240,3 +267,22 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys) -> None:
     monkeypatch.setattr("tasks.runner.bench.bench_main", interrupted)
     assert main(["bench", "--task", "classification"]) == 130
     assert capsys.readouterr().err.strip() == "bgn-task: interrupted; re-run the same command to resume"
+
+
+def test_the_runner_modules_import_each_other_without_a_circle() -> None:
+    import ast
+    import graphlib
+
+    import tasks.runner
+
+    root = Path(tasks.runner.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        deps = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):  # lazy imports inside functions too
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasks.runner."):
+                deps.add(node.module.split(".")[2])
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a circle
+    assert order.index("discovery") < order.index("cli") and order.index("sweep") < order.index("cli")

@@ -17,17 +17,13 @@ from torch.utils.data import TensorDataset
 from bgn_lightning import BatchGroupNorm2d
 from tasks.common.backbones import small_cnn
 from tasks.common.contract import Metric
-from tasks.common.data import (
-    DatasetNotFoundError,
-    TransformSubset,
-    check_choice,
-    dataset_not_found,
-    stratified_split,
-)
+from tasks.common.data import TransformSubset, dataset_not_found, stratified_split
+from tasks.common.errors import DatasetNotFoundError, TaskConfigError
 from tasks.common.metrics import classification_metrics
 from tasks.common.norms import norm_factory
 from tasks.common.optim import lr_multiplier, param_groups, scaled_lr, warmup_scheduler
 from tasks.common.results import RESULTS_FILE, read_results, resolved_groups, results_record, write_results
+from tasks.common.validate import check_choice, check_int
 from tasks.runner.report import markdown_table, summarize, write_report
 
 # -- data -----------------------------------------------------------------------------------------
@@ -71,6 +67,32 @@ def test_check_choice_and_not_found_messages_are_one_line() -> None:
     assert isinstance(err, DatasetNotFoundError) and isinstance(err, FileNotFoundError)
     assert "/nowhere" in str(err) and "--download" in str(err) and "\n" not in str(err)
     assert "--download" not in str(dataset_not_found("imagefolder", "/x", "train/", download=False))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "value", "message"),
+    [
+        ({}, 0, "n must be a positive int, got 0"),
+        ({}, True, "n must be a positive int, got True"),
+        ({}, 2.0, "n must be a positive int, got 2.0"),
+        ({"minimum": 0, "owner": "f"}, -1, "f: n must be an int >= 0, got -1"),
+        ({"optional": True}, "x", "n must be a positive int or None, got 'x'"),
+        ({"expected": "an int >= 1"}, 0, "n must be an int >= 1, got 0"),
+    ],
+)
+def test_check_int_is_the_one_int_validator(kwargs: dict, value: object, message: str) -> None:
+    with pytest.raises(TaskConfigError) as info:
+        check_int("n", value, **kwargs)
+    assert str(info.value) == message and isinstance(info.value, ValueError)
+    assert check_int("n", 3) == 3 and check_int("n", None, optional=True) is None
+
+
+def test_check_choice_names_the_owner_or_the_problem() -> None:
+    assert check_choice("mode", "a", ("a", "b")) == "a"
+    with pytest.raises(TaskConfigError, match=r"^f: unknown mode 'c'; choose from: a, b$"):
+        check_choice("mode", "c", ("a", "b"), owner="f")
+    with pytest.raises(TaskConfigError, match=r"^op 'c' is not here; choose from: a$"):
+        check_choice("op", "c", ["a"], problem="op 'c' is not here")
 
 
 # -- metrics --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.common.data import DatasetNotFoundError
+from tasks.common.errors import DatasetNotFoundError
 from tasks.fsl.datamodule import FewShotDataModule
 from tasks.fsl.datasets import RotatedClasses, TensorImages, load_fewshot_data, prepare_fewshot_data
 from tasks.fsl.episodes import Episodes, EpisodeSpec, meta_dataset, split_episode, taskset

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tasks.common.progress import LogProgress, format_duration
-from tasks.runner import run
+from tasks.runner import task_cli
 
 
 class _Tiny(pl.LightningModule):
@@ -57,9 +57,9 @@ def test_log_progress_writes_a_line_every_n_steps(caplog) -> None:
 
 def test_the_runner_logs_progress_lines_when_stdout_is_not_a_terminal(monkeypatch) -> None:
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)
-    assert isinstance(run._progress_bar(), LogProgress)
+    assert isinstance(task_cli._progress_bar(), LogProgress)
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
-    assert type(run._progress_bar()).__name__ == "ProgressBar"  # Lightning's rich bar, on a terminal
+    assert type(task_cli._progress_bar()).__name__ == "ProgressBar"  # Lightning's rich bar, on a terminal
 
 
 @pytest.mark.parametrize(("seconds", "shown"), [(4.4, "4s"), (65, "1m05s"), (3725, "1h02m")])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.common.errors import UsageError
 from tasks.runner.cli import main
-from tasks.runner.errors import UsageError
-from tasks.runner.run import claim_output
+from tasks.runner.folders import claim_output
 
 QUICK = [
     "--norm", "bn", "--max-epochs", "1", "--accelerator", "cpu", "--trainer.limit_train_batches", "2",

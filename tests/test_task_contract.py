@@ -14,7 +14,8 @@ import pytest
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from tasks.common.contract import Task
-from tasks.runner.cli import available_tasks, load_task, main
+from tasks.runner.cli import main
+from tasks.runner.discovery import available_tasks, load_task
 from tasks.runner.run import default_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -21,6 +21,7 @@ from torchattacks.attack import Attack
 
 import bgn_lightning
 from bgn_lightning import norm_aware_attack
+from tasks.common.validate import check_choice, check_int
 
 __all__ = [
     "ATTACK_DEFAULTS",
@@ -108,9 +109,7 @@ def check_steps(name: str, value: object) -> int:
     Raises:
         ValueError: naming ``name``, the value and the rule.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+    return check_int(name, value, expected="an int >= 1")
 
 
 def eval_step_size(eps: float, steps: int, base_eps: float, base_step: float) -> float:
@@ -156,6 +155,7 @@ def build_attack(
     Raises:
         ValueError: for an unknown ``name`` or ``norm_mode``.
     """
+    check_choice("attack", name, EVAL_ATTACKS)
     if name == "pgd":
         attack: Attack = torchattacks.PGD(
             model, eps=eps, alpha=step_size, steps=steps, random_start=random_start
@@ -164,14 +164,11 @@ def build_attack(
         attack = torchattacks.FGSM(model, eps=eps)
     elif name == "ffgsm":
         attack = torchattacks.FFGSM(model, eps=eps, alpha=step_size)
-    elif name == "autoattack":
+    else:  # autoattack
         attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, n_classes=num_classes, seed=seed)
-    else:
-        raise ValueError(f"unknown attack {name!r}; choose from: {', '.join(EVAL_ATTACKS)}")
     norm_aware_attack(attack)
     if norm_mode is not None:
-        if norm_mode not in ATTACK_NORM_MODES:
-            raise ValueError(f"attack_norm_mode must be one of {ATTACK_NORM_MODES}, got {norm_mode!r}")
+        check_choice("attack_norm_mode", norm_mode, ATTACK_NORM_MODES)
         attack.set_model_training_mode(model_training=True, batchnorm_training=norm_mode == "train")
     return attack
 

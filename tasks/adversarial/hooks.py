@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tasks.common.contract import TaskRun
-from tasks.common.data import TaskConfigError
+from tasks.common.errors import TaskConfigError
 
 from .curve import CURVE_CSV, CURVE_PNG, curve_points, plot_curves, sweep_curves, write_curve_csv
 from .module import ARCHITECTURE_KEYS, CHECKPOINT_TASK_KEY, AdversarialModule

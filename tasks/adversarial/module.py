@@ -16,6 +16,7 @@ from tasks.common.backbones import build_backbone
 from tasks.common.norms import norm_factory
 from tasks.common.optim import Schedule, sgd_with_lr_rule
 from tasks.common.training import grad_enabled
+from tasks.common.validate import check_choice
 
 from .attacks import (
     ATTACK_NORM_MODES,
@@ -197,10 +198,7 @@ class AdversarialModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         norm_layer = norm_factory(norm, groups, norm_kwargs)
-        if train_attack not in TRAIN_ATTACKS:
-            raise ValueError(
-                f"unknown train_attack {train_attack!r}; choose from: {', '.join(TRAIN_ATTACKS)}"
-            )
+        check_choice("train_attack", train_attack, TRAIN_ATTACKS)
         if attack_norm_mode not in ATTACK_NORM_MODES:
             raise ValueError(
                 f"attack_norm_mode must be one of: {', '.join(ATTACK_NORM_MODES)}; got {attack_norm_mode!r}"

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
 from .norms import NormFactory, norm_factory
+from .validate import check_choice, check_int
 
 __all__ = [
     "CifarResNet",
@@ -60,10 +61,7 @@ def _head(features: int, num_classes: int) -> nn.Module:
 
 def _check_positive(fn: str, allow_zero: tuple[str, ...] = (), **values: int) -> None:
     for arg, value in values.items():
-        low = 0 if arg in allow_zero else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            kind = "an int >= 0" if low == 0 else "a positive int"
-            raise ValueError(f"{fn}: {arg} must be {kind}, got {value!r}")
+        check_int(arg, value, minimum=0 if arg in allow_zero else 1, owner=fn)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -274,8 +272,7 @@ def torchvision_resnet(
         ValueError: for an unknown ``arch`` or a bad size.
     """
     known = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-    if arch not in known:
-        raise ValueError(f"torchvision_resnet: unknown arch {arch!r}; choose from: {', '.join(known)}")
+    check_choice("arch", arch, known, owner="torchvision_resnet")
     _check_positive("torchvision_resnet", ("num_classes",), num_classes=num_classes, in_channels=in_channels)
     builder = getattr(torchvision.models, arch)
     net = builder(weights=None, num_classes=max(num_classes, 1), norm_layer=norm_layer or _default_norm())
@@ -322,6 +319,5 @@ def build_backbone(
     Raises:
         ValueError: for an unknown backbone name or a bad size.
     """
-    if name not in _BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from: {', '.join(_BACKBONES)}")
+    check_choice("backbone", name, _BACKBONES)
     return _BACKBONES[name](num_classes=num_classes, in_channels=in_channels, norm_layer=norm_layer)

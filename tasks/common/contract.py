@@ -27,16 +27,19 @@ runner's single fit + test and gets a :class:`TaskRun`; :attr:`Task.extra_result
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from .validate import check_choice
+
 if TYPE_CHECKING:
     from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
-__all__ = ["Metric", "Task", "TaskRun"]
+__all__ = ["AXIS_OWNERS", "Metric", "Task", "TaskRun", "check_axis"]
 
 Direction = Literal["max", "min"]
 Unit = Literal["%", "", "s"]
@@ -168,10 +171,10 @@ class Task:
         if len(set(names)) != len(names):
             raise ValueError(f"Task {self.name}: duplicate metric names in {names}")
         for key, values in self.bench_axes.items():
-            if key.split(".")[0] not in ("model", "data", "trainer") or not values:
-                raise ValueError(
-                    f"Task {self.name}: bench axis {key!r} must be a model./data./trainer. key with values"
-                )
+            try:
+                check_axis(key, values)
+            except ValueError as err:
+                raise ValueError(f"Task {self.name}: bench {err}") from None
         for flag in (*self.shortcuts, *self.flags):
             if not flag.startswith("--") or "." in flag:
                 raise ValueError(f"Task {self.name}: shortcut {flag!r} must be a --flag without dots")
@@ -189,10 +192,35 @@ class Task:
         Raises:
             ValueError: listing the declared metrics.
         """
-        for m in self.metrics:
-            if m.name == name:
-                return m
-        raise ValueError(
-            f"task {self.name} reports no metric {name!r}; "
-            f"choose from: {', '.join(m.name for m in self.metrics)}"
-        )
+        names = [m.name for m in self.metrics]
+        check_choice("metric", name, names, problem=f"task {self.name} reports no metric {name!r}")
+        return self.metrics[names.index(name)]
+
+
+AXIS_OWNERS = ("model", "data", "trainer")
+"""What a sweep axis may set: an init argument of the task's model, its DataModule or the Trainer."""
+
+
+def check_axis(key: str, values: Sequence[Any], owners: Mapping[str, type] | None = None) -> None:
+    """The one check of a sweep axis (a task's :attr:`Task.bench_axes`, a ``--vary`` item, a
+    ``bgn-task bench`` grid's axes).
+
+    Args:
+        key: ``model.<arg>``, ``data.<arg>`` or ``trainer.<arg>``.
+        values: the axis's values: at least one, all distinct.
+        owners: the classes behind ``model``, ``data`` and ``trainer``; given, ``<arg>`` must be an
+            init argument of its owner.
+
+    Raises:
+        ValueError: naming the axis and what it must be.
+    """
+    owner, _, arg = key.partition(".")
+    if owner not in AXIS_OWNERS or not arg:
+        raise ValueError(f"axis {key!r} must be model.<arg>, data.<arg> or trainer.<arg>")
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"axis {key!r} needs distinct values, got {list(values)}")
+    if owners is not None:
+        params = inspect.signature(owners[owner].__init__).parameters
+        if arg not in params or arg == "self":
+            known = ", ".join(p for p in params if p not in ("self", "args", "kwargs"))
+            raise ValueError(f"axis {key!r}: {owners[owner].__name__} takes no {arg!r}; it takes: {known}")

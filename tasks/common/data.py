@@ -1,4 +1,5 @@
-"""Datamodule helpers shared by the task suites: a base DataModule, paired loaders, splits, data errors."""
+"""Datamodule helpers shared by the task suites: a base DataModule, paired loaders, splits, the
+missing-dataset error."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from lightning.pytorch.utilities import CombinedLoader
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import DatasetNotFoundError
+from .validate import check_choice, check_int
+
 __all__ = [
-    "DatasetNotFoundError",
-    "TaskConfigError",
     "TaskDataModule",
     "TransformSubset",
-    "check_choice",
     "dataset_not_found",
     "default_data_dir",
     "paired_loader",
@@ -32,28 +33,6 @@ DATA_DIR_ENV = "BGN_DATA_DIR"
 def default_data_dir() -> Path:
     """Dataset root without ``--data-dir``: ``$BGN_DATA_DIR``, else ``~/.cache/bgn-lightning/datasets``."""
     return Path(os.environ.get(DATA_DIR_ENV, "~/.cache/bgn-lightning/datasets")).expanduser()
-
-
-def check_choice(kind: str, value: Any, choices: Sequence[str]) -> None:
-    """Raise a one-line ``ValueError`` when ``value`` is not one of ``choices``.
-
-    Raises:
-        ValueError: ``unknown <kind> '<value>'; choose from: a, b, c``.
-    """
-    if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; choose from: {', '.join(choices)}")
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset is not on disk; the message says where it was looked for and how to get it."""
-
-
-class TaskConfigError(ValueError):
-    """Settings that only show to be incompatible once the data or model is built (inside ``fit``).
-
-    ``bgn-task`` reports it as one line on stderr with exit code 2, like a bad command-line value;
-    the message names the values and the fix.
-    """
 
 
 def dataset_not_found(
@@ -152,10 +131,8 @@ class TaskDataModule(pl.LightningDataModule):
         download: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        check_int("batch_size", batch_size)
+        check_int("num_workers", num_workers, minimum=0)
         self.dataset = dataset
         self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
         self.batch_size = batch_size
@@ -217,7 +194,5 @@ def paired_loader(loaders: Mapping[str, DataLoader], mode: PairMode = "max_size_
     """
     if len(loaders) < 2:
         raise ValueError(f"paired_loader: needs at least two loaders, got {list(loaders)}")
-    modes = ("max_size_cycle", "min_size", "max_size")
-    if mode not in modes:
-        raise ValueError(f"paired_loader: unknown mode {mode!r}; choose from: {', '.join(modes)}")
+    check_choice("mode", mode, ("max_size_cycle", "min_size", "max_size"), owner="paired_loader")
     return CombinedLoader(dict(loaders), mode=mode)

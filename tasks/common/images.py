@@ -26,7 +26,8 @@ from typing import Any
 from PIL import Image
 from torchvision import datasets as tvd
 
-from .data import TaskConfigError
+from .errors import TaskConfigError
+from .validate import check_choice
 
 __all__ = [
     "BAD_IMAGES",
@@ -71,8 +72,7 @@ class ImagePolicy:
         Raises:
             ValueError: for a ``bad_images`` other than ``stop`` or ``skip``.
         """
-        if bad_images not in BAD_IMAGES:
-            raise ValueError(f"--bad-images must be one of: {', '.join(BAD_IMAGES)}; got {bad_images!r}")
+        check_choice("--bad-images", bad_images, BAD_IMAGES)
         self.bad_images, self.check_data, self.checked, self.skipped = bad_images, check_data, 0, []
 
     @property

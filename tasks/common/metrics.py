@@ -5,6 +5,8 @@ from __future__ import annotations
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from .validate import check_int
+
 __all__ = ["classification_metrics"]
 
 
@@ -22,8 +24,7 @@ def classification_metrics(num_classes: int, prefix: str, top_k: int = 5) -> Met
     Raises:
         ValueError: for ``num_classes < 2`` or ``top_k < 2``.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"classification_metrics: num_classes must be an int >= 2, got {num_classes!r}")
+    check_int("num_classes", num_classes, minimum=2, owner="classification_metrics")
     if top_k < 2:
         raise ValueError(f"classification_metrics: top_k must be >= 2, got {top_k!r}")
     k = min(top_k, num_classes)

@@ -19,7 +19,8 @@ from torch.utils.hooks import RemovableHandle
 from bgn_lightning import BatchGroupNorm, available_norms, build_norm, norm_layer
 from bgn_lightning.functional import check_num_groups, valid_num_groups
 
-from .data import TaskConfigError
+from .errors import TaskConfigError
+from .validate import check_choice, check_int
 
 __all__ = ["GroupCountCheck", "NormFactory", "check_norm_args", "norm_factory"]
 
@@ -40,11 +41,9 @@ def check_norm_args(norm: Any, groups: Any = "auto", norm_kwargs: Any = None) ->
     Raises:
         ValueError: naming the bad value and what is accepted.
     """
-    norms = available_norms()
-    if not isinstance(norm, str) or norm not in norms:
-        raise ValueError(f"unknown norm {norm!r}; choose from: {', '.join(norms)}")
-    if groups != "auto" and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
-        raise ValueError(f"groups must be a positive int or 'auto', got {groups!r}")
+    check_choice("norm", norm, available_norms())
+    if groups != "auto":
+        check_int("groups", groups, expected="a positive int or 'auto'")
     if norm_kwargs is not None and not isinstance(norm_kwargs, Mapping):
         raise ValueError(f"norm_kwargs must be a mapping of layer arguments, got {norm_kwargs!r}")
     kwargs = dict(norm_kwargs or {})
@@ -89,7 +88,7 @@ class GroupCountCheck(pl.Callback):
     is Lightning's sanity check or the first training batch; this callback (added by the runner)
     puts a one-shot pre-hook on each layer at ``on_fit_start``, so a ``--groups`` that does not fit
     ends the run there with one line naming the layer, ``C``, ``D`` and the valid choices
-    (:class:`~tasks.common.data.TaskConfigError`, exit code 2), instead of a traceback from inside
+    (:class:`~tasks.common.errors.TaskConfigError`, exit code 2), instead of a traceback from inside
     the step. Auto-``G`` layers pick a valid ``G`` themselves and are not hooked.
     """
 

@@ -23,6 +23,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from bgn_lightning import is_norm_layer
 
+from .validate import check_choice
+
 __all__ = ["Schedule", "lr_multiplier", "param_groups", "scaled_lr", "sgd_with_lr_rule", "warmup_scheduler"]
 
 Schedule = Literal["cosine", "multistep", "constant"]
@@ -65,8 +67,7 @@ def lr_multiplier(
         ValueError: for an unknown schedule, negative warm-up, ``total_steps < 1`` or
             milestones outside (0, 1).
     """
-    if schedule not in ("cosine", "multistep", "constant"):
-        raise ValueError(f"unknown lr schedule {schedule!r}; choose from: cosine, multistep, constant")
+    check_choice("lr schedule", schedule, ("cosine", "multistep", "constant"))
     if warmup_steps < 0 or total_steps < 1:
         raise ValueError(
             f"lr_multiplier: need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps}, {total_steps}"

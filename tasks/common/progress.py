@@ -23,6 +23,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
 from torch import Tensor
 
+from .validate import check_int
+
 __all__ = ["LogProgress", "format_duration"]
 
 log = logging.getLogger("tasks")
@@ -46,10 +48,9 @@ class LogProgress(ProgressBar):
 
     def __init__(self, every_n_steps: int = 50, every_s: float = 30.0) -> None:
         super().__init__()
-        if every_n_steps < 1 or every_s <= 0:
-            raise ValueError(
-                f"LogProgress: every_n_steps must be >= 1 and every_s > 0, got {every_n_steps}, {every_s}"
-            )
+        check_int("every_n_steps", every_n_steps, owner="LogProgress")
+        if every_s <= 0:
+            raise ValueError(f"LogProgress: every_s must be > 0, got {every_s!r}")
         self.every_n_steps = every_n_steps
         self.every_s = every_s
         self._enabled = True

@@ -22,8 +22,9 @@ from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms import v2
 
-from .data import TaskDataModule, TransformSubset, check_choice, dataset_not_found, stratified_split
+from .data import TaskDataModule, TransformSubset, dataset_not_found, stratified_split
 from .images import ImageFolder, first_image
+from .validate import check_choice, check_int
 
 __all__ = [
     "DATASETS",
@@ -241,8 +242,7 @@ class VisionDataModule(TaskDataModule):
         super().__init__(dataset, data_dir, batch_size, num_workers, download)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-        if image_size is not None and image_size < 1:
-            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+        check_int("image_size", image_size, optional=True)
         self.spec = DATASETS[dataset]
         self.val_fraction = val_fraction
         self._image_size = image_size

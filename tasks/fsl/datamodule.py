@@ -8,18 +8,13 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from tasks.common.data import TaskDataModule, check_choice
+from tasks.common.data import TaskDataModule
+from tasks.common.validate import check_choice, check_int
 
 from .datasets import DATASETS, FewShotData, load_fewshot_data, prepare_fewshot_data
 from .episodes import Episodes, EpisodeSpec, check_spec, meta_dataset
 
 __all__ = ["FewShotDataModule"]
-
-
-def _positive_int(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-    return value
 
 
 def _seed(data_seed: int, split: str, spec: EpisodeSpec) -> int:
@@ -89,11 +84,11 @@ class FewShotDataModule(TaskDataModule):
         name = type(self).__name__
         for arg, value in (("episodes_per_epoch", episodes_per_epoch), ("val_episodes", val_episodes),
                            ("test_episodes", test_episodes)):
-            _positive_int(name, arg, value)
+            check_int(arg, value, owner=name)
         self.save_hyperparameters()
         self.train_spec = EpisodeSpec(train_ways or ways, shots, train_queries or queries)
         self.eval_specs = [EpisodeSpec(ways, s, queries)
-                           for s in dict.fromkeys([shots, *(_positive_int(name, "test_shots", k)
+                           for s in dict.fromkeys([shots, *(check_int("test_shots", k, owner=name)
                                                             for k in test_shots)])]
         self.data: FewShotData | None = None
         self._meta: dict[str, Any] = {}

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from tasks.common.data import check_choice, dataset_not_found
+from tasks.common.data import dataset_not_found
+from tasks.common.validate import check_choice, check_int
 
 from .glyphs import IMAGE_SIZE as GLYPH_SIZE
 from .glyphs import load_glyphs
@@ -332,13 +333,11 @@ def load_fewshot_data(
 
     Raises:
         ValueError: for an unknown name or a bad ``image_size``.
-        tasks.common.data.DatasetNotFoundError: when the data is missing (a ``FileNotFoundError``
+        tasks.common.errors.DatasetNotFoundError: when the data is missing (a ``FileNotFoundError``
             whose one-line message says where it looked and how to get the data).
     """
     check_choice("dataset", name, tuple(DATASETS))
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size < 8):
-        raise ValueError(f"fsl: image_size must be an int >= 8 or None, got {image_size!r}")
+    check_int("image_size", image_size, minimum=8, optional=True, owner="fsl")
     if download:
         prepare_fewshot_data(name, root, seed, download=True)
     data = DATASETS[name](Path(root).expanduser(), seed, image_size)

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from tasks.common.data import TaskConfigError
+from tasks.common.errors import TaskConfigError
+from tasks.common.validate import check_int
 
 from .datasets import LabeledDataset
 from .l2l import learn2learn
@@ -57,9 +58,7 @@ class EpisodeSpec:
 
     def __post_init__(self) -> None:
         for name in ("ways", "shots", "queries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EpisodeSpec: {name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name), owner="EpisodeSpec")
 
     def __str__(self) -> str:
         return f"{self.ways}-way {self.shots}-shot ({self.queries} queries)"
@@ -152,8 +151,7 @@ class Episodes(Dataset):
     """
 
     def __init__(self, meta: Any, spec: EpisodeSpec, length: int, seed: int | None = None) -> None:
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"Episodes: length must be a positive int, got {length!r}")
+        check_int("length", length, owner="Episodes")
         self.spec = spec
         self.length = length
         self.tasks = taskset(meta, spec, num_tasks=-1 if seed is None else length)

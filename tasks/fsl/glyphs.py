@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib import ft2font
 
+from tasks.common.validate import check_int
+
 __all__ = ["GLYPH_SCRIPTS", "GlyphSet", "Script", "generate_glyphs", "load_glyphs"]
 
 log = logging.getLogger(__name__)
@@ -234,10 +236,7 @@ def generate_glyphs(
     Raises:
         ValueError: for ``images_per_class < 1``.
     """
-    if isinstance(images_per_class, bool) or not isinstance(images_per_class, int) or images_per_class < 1:
-        raise ValueError(
-            f"generate_glyphs: images_per_class must be a positive int, got {images_per_class!r}"
-        )
+    check_int("images_per_class", images_per_class, owner="generate_glyphs")
     gen = torch.Generator().manual_seed(seed)
     classes = _select_classes(scripts)
     fitted: list[torch.Tensor] = []  # one clean canvas per (class, font)

@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
 
 from tasks.common.backbones import conv4
-from tasks.common.data import TaskConfigError
+from tasks.common.errors import TaskConfigError
 from tasks.common.norms import check_norm_args, norm_factory
 from tasks.common.training import feature_dim
+from tasks.common.validate import check_int
 
 from .episodes import Episode
 from .maml import MAML
@@ -101,8 +102,7 @@ class FewShotModule(LightningModule):
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"{name}: lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
         for arg, value in (("adapt_steps", adapt_steps), ("eval_adapt_steps", eval_adapt_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: {arg} must be an int >= 0, got {value!r}")
+            check_int(arg, value, minimum=0, owner=name)
         check_norm_args(norm, groups, norm_kwargs)
         self.save_hyperparameters()
         self.algo = ALGORITHMS[algorithm](self.hparams)

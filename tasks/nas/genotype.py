@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tasks.common.validate import check_choice
+
 __all__ = ["Genotype", "derive_cell", "entropy", "load_genotype"]
 
 Edge = tuple[str, int]
@@ -109,9 +111,8 @@ class Genotype:
                 if not ok:
                     raise ValueError(f"{source}: {cell}[{k}] must be an [op, input] pair, got {edge!r}")
                 op, j = edge
-                if op not in allowed:
-                    raise ValueError(f"{source}: {cell}[{k}]: op {op!r} is not in the space; choose from: "
-                                     f"{', '.join(allowed)}")  # fmt: skip
+                check_choice("op", op, allowed, owner=f"{source}: {cell}[{k}]",
+                             problem=f"op {op!r} is not in the space")  # fmt: skip
                 if not 0 <= j < 2 + node:
                     raise ValueError(
                         f"{source}: {cell}[{k}]: node {node} can read inputs 0..{node + 1}, got {j}"

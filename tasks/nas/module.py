@@ -16,9 +16,9 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.optim import Optimizer
 
-from tasks.common.data import check_choice
 from tasks.common.metrics import classification_metrics
 from tasks.common.norms import check_norm_args, norm_factory
+from tasks.common.validate import check_choice, check_int
 
 from .genotype import Genotype, entropy, load_genotype
 from .networks import EvalNetwork, SearchNetwork
@@ -40,8 +40,7 @@ Batch = tuple[Tensor, Tensor]
 def _check_ops(ops: Sequence[str] | None) -> tuple[str, ...]:
     names = tuple(DARTS_OPS if ops is None else ops)
     for name in names:
-        if name not in OPS:
-            raise ValueError(f"unknown op {name!r}; choose from: {', '.join(OPS)}")
+        check_choice("op", name, OPS)
     if len(set(names)) != len(names):
         raise ValueError(f"ops must be distinct, got {list(names)}")
     if not [n for n in names if n != "none"]:
@@ -174,8 +173,7 @@ class DartsSearchModule(pl.LightningModule):
             norm_kwargs if eval_norm_kwargs is None else eval_norm_kwargs,
         )
         for name, value in (("eval_epochs", eval_epochs), ("eval_batch_size", eval_batch_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+            check_int(name, value, optional=True)
         if not 0.0 <= drop_path_prob < 1.0:
             raise ValueError(f"drop_path_prob must be in [0, 1), got {drop_path_prob!r}")
         if grad_clip <= 0:

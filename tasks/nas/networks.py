@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasks.common.validate import check_int
+
 from .genotype import Edge, Genotype, derive_cell
 from .ops import FactorizedReduce, NormLayer, ReLUConvBN, build_op
 
@@ -197,8 +199,7 @@ def _check_shape(channels: int, cells: int, nodes: int) -> None:
         raise ValueError(f"channels must be a positive even int (FactorizedReduce halves), got {channels!r}")
     if cells < 3:
         raise ValueError(f"cells must be >= 3 (two of them reduce), got {cells!r}")
-    if nodes < 1:
-        raise ValueError(f"nodes must be >= 1, got {nodes!r}")
+    check_int("nodes", nodes, expected=">= 1")
 
 
 def drop_path(x: Tensor, drop_prob: float) -> Tensor:

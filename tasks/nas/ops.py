@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasks.common.validate import check_choice
+
 __all__ = [
     "DARTS_OPS",
     "OPS",
@@ -218,8 +220,7 @@ def build_op(name: str, C_in: int, C_out: int, stride: int, affine: bool, norm_l
     Raises:
         ValueError: for an op not in :data:`OPS` or a stride other than 1 or 2.
     """
-    if name not in OPS:
-        raise ValueError(f"unknown op {name!r}; choose from: {', '.join(OPS)}")
+    check_choice("op", name, OPS)
     if stride not in (1, 2):
         raise ValueError(f"op {name}: stride must be 1 or 2, got {stride!r}")
     return OPS[name](C_in, C_out, stride, affine, norm_layer)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.contract import TaskRun
-from tasks.common.data import TaskConfigError
+from tasks.common.errors import TaskConfigError
 
 from .datamodule import NasDataModule
 from .genotype import Genotype

@@ -8,22 +8,25 @@ e.g. UDA's ``model.method``); ``--vary KEY=V1,V2`` replaces them, ``--vary none`
 from __future__ import annotations
 
 import argparse
-import inspect
-import logging
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .errors import UsageError
+from tasks.common.contract import check_axis
+from tasks.common.errors import UsageError
+from tasks.common.validate import check_choice
+
+from . import PROG, log
+from .checks import did_you_mean
+from .discovery import available_tasks, load_task
 
 if TYPE_CHECKING:
     from tasks.common.contract import Metric, Task
 
-__all__ = ["bench_main", "parse_axes"]
+    from .sweep import Entry
 
-PROG = "bgn-task"
-log = logging.getLogger("tasks")
+__all__ = ["bench_main", "parse_axes"]
 
 _GRID_FLAGS = (
     "task",
@@ -43,8 +46,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` (one line) instead of printing the usage and exiting."""
 
     def error(self, message: str) -> NoReturn:
-        from .run import did_you_mean
-
+        """Raise the parse error as a :class:`UsageError`, with a "did you mean" hint."""
         hint = did_you_mean(message, list(self._option_string_actions))
         raise UsageError(f"bench: {message}{hint} ('{PROG} bench --help' lists the options)")
 
@@ -95,7 +97,7 @@ def parse_axes(task: Task, vary: Sequence[str] | dict[str, Any] | None) -> dict[
     or of Lightning's ``Trainer`` (``trainer.X``).
 
     Raises:
-        ValueError: for a malformed item or a key the task does not take.
+        ValueError: for a malformed item or a key the task does not take (:func:`check_axis`).
     """
     if vary is None:
         axes = {k: list(v) for k, v in task.bench_axes.items()}
@@ -113,14 +115,8 @@ def parse_axes(task: Task, vary: Sequence[str] | dict[str, Any] | None) -> dict[
     from lightning.pytorch import Trainer
 
     owners = {"model": task.model_class, "data": task.datamodule_class, "trainer": Trainer}
-    for key in axes:
-        owner, _, arg = key.partition(".")
-        if owner not in owners or not arg:
-            raise ValueError(f"axis {key!r} must be model.<arg>, data.<arg> or trainer.<arg>")
-        params = inspect.signature(owners[owner].__init__).parameters
-        if arg not in params or arg == "self":
-            known = ", ".join(p for p in params if p not in ("self", "args", "kwargs"))
-            raise ValueError(f"axis {key!r}: {owners[owner].__name__} takes no {arg!r}; it takes: {known}")
+    for key, values in axes.items():
+        check_axis(key, values, owners)
     return axes
 
 
@@ -154,12 +150,13 @@ def _read_grid_file(path: Path) -> dict[str, Any]:
     return spec
 
 
-def bench_main(argv: Sequence[str], debug: bool = False) -> int:
+def bench_main(argv: Sequence[str], debug: bool = False, *, entry: Entry) -> int:
     """``bgn-task bench``: run the grid, then write the three reports; the exit code.
 
     Args:
         argv: the bench's arguments (run arguments after ``--``).
         debug: pass ``--debug`` on to every run (its traceback lands in the cell's ``run.log``).
+        entry: what each cell runs: ``bgn-task``'s entry point (:data:`~tasks.runner.sweep.Entry`).
 
     Raises:
         UsageError: for a bad grid (unknown task, norm, metric or axis, empty lists, bad numbers
@@ -167,7 +164,6 @@ def bench_main(argv: Sequence[str], debug: bool = False) -> int:
     """
     from bgn_lightning import available_norms
 
-    from .cli import available_tasks, load_task
     from .report import write_report
     from .sweep import Grid, format_outcome, parse_epochs, parse_list, run_grid
 
@@ -178,16 +174,11 @@ def bench_main(argv: Sequence[str], debug: bool = False) -> int:
     spec: dict[str, Any] = _read_grid_file(args.config) if args.config is not None else {}
     spec.update({k: getattr(args, k) for k in _GRID_FLAGS if getattr(args, k) is not None})
     name = spec.get("task")
-    if name not in available_tasks():
-        raise UsageError(f"bench: unknown task {name!r}; choose from: {', '.join(available_tasks())}")
-    task = load_task(name)
     try:
+        task = load_task(check_choice("task", name, available_tasks()))
         norms = parse_list(spec.get("norms", ""), str)
-        unknown_norms = [n for n in norms if n not in available_norms()]
-        if unknown_norms:
-            raise ValueError(
-                f"unknown norm {unknown_norms[0]!r}; choose from: {', '.join(available_norms())}"
-            )
+        for norm in norms:
+            check_choice("norm", norm, available_norms())
         metrics = _metrics(task, spec.get("metrics"))
         grid = Grid(
             task=name,
@@ -211,7 +202,7 @@ def bench_main(argv: Sequence[str], debug: bool = False) -> int:
         return 0
     log.info("%s bench: %d runs of %s -> %s", PROG, len(cells), name, grid.output)
     names = [m.name for m in metrics]
-    outcomes = run_grid(grid, lambda i, n, o: log.info(format_outcome(i, n, o, names)))
+    outcomes = run_grid(grid, lambda i, n, o: log.info(format_outcome(i, n, o, names)), entry=entry)
     rows = [(o.cell.row, o.record) for o in outcomes if o.record is not None]
     failed = [o for o in outcomes if o.status == "failed"]
     if rows:

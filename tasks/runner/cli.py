@@ -7,143 +7,28 @@ LightningCLI arguments before parsing, so ``--config``, ``--print_config`` and `
 --model.* / --data.*`` work as in any LightningCLI; a later argument overrides an earlier one.
 ``--debug`` (anywhere) shows the traceback of any error instead of its one-line summary.
 
-Tasks follow the task contract (:mod:`tasks.common.contract`): ``tasks/<task>/__init__.py``
-exports ``TASK``. Tasks are imported lazily, so importing this module stays cheap.
+Tasks follow the task contract (:mod:`tasks.common.contract`) and are found by
+:mod:`tasks.runner.discovery`; they are imported lazily, so importing this module stays cheap.
+A :class:`~tasks.common.errors.UserError` is one line and exit code 2; any other error is a bug
+and shows its traceback (exit code 1).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from pathlib import Path
 
-from .errors import UsageError
+from tasks.common.errors import UsageError, UserError
+from tasks.common.validate import check_choice
 
-if TYPE_CHECKING:
-    from tasks.common.contract import Task
+from . import PROG, discovery, log
+from .failure import RunFailure
+from .shortcuts import translate_shortcuts
 
-__all__ = [
-    "SHORTCUTS",
-    "UsageError",
-    "available_tasks",
-    "load_task",
-    "main",
-    "translate_shortcuts",
-]
-
-PROG = "bgn-task"
-# Known suites first, in the paper's order; any other package under tasks/ is listed after them.
-_TASK_ORDER = ("classification", "fsl", "adversarial", "uda", "nas")
-_NOT_TASKS = frozenset({"common", "configs", "runner"})
-
-SHORTCUTS: dict[str, str] = {
-    "--norm": "--model.norm",
-    "--groups": "--model.groups",
-    "--batch-size": "--data.batch_size",
-    "--data": "--data.dataset",
-    "--data-dir": "--data.data_dir",
-    "--max-epochs": "--trainer.max_epochs",
-    "--seed": "--seed_everything",
-    "--output": "--trainer.default_root_dir",
-    "--accelerator": "--trainer.accelerator",
-    "--devices": "--trainer.devices",
-    "--bad-images": "--bad_images",
-}
-"""Shortcut flag -> LightningCLI argument (each takes one value)."""
-
-FLAG_SHORTCUTS: dict[str, tuple[str, str]] = {
-    "--download": ("--data.download", "true"),
-    "--sync-norm": ("--sync_norm", "true"),
-    "--check-data": ("--check_data", "true"),
-    "--overwrite": ("--overwrite", "true"),
-    "--resume": ("--resume", "true"),
-}
-"""Value-less shortcut flags -> (LightningCLI argument, value)."""
-
-log = logging.getLogger("tasks")
-
-
-def available_tasks() -> list[str]:
-    """Task suites installed under ``tasks/`` (packages other than ``common``, ``configs``, ``runner``)."""
-    import tasks
-
-    found = {m.name for m in pkgutil.iter_modules(tasks.__path__) if m.ispkg and m.name not in _NOT_TASKS}
-    return [t for t in _TASK_ORDER if t in found] + sorted(found - set(_TASK_ORDER))
-
-
-def load_task(name: str) -> Task:
-    """Import ``tasks.<name>`` and return its contract, ``TASK``.
-
-    Raises:
-        UsageError: for an unknown task.
-        TypeError: for a task package that does not export a :class:`~tasks.common.contract.Task`
-            named ``TASK`` (a bug in the task, not a user error).
-    """
-    from tasks.common.contract import Task
-
-    names = available_tasks()
-    if name not in names:
-        raise UsageError(f"unknown task {name!r}; choose from: {', '.join([*names, 'bench'])}")
-    task = getattr(importlib.import_module(f"tasks.{name}"), "TASK", None)
-    if not isinstance(task, Task) or task.name != name:
-        raise TypeError(f"tasks.{name} must export TASK = Task(name={name!r}, ...) (tasks.common.contract)")
-    return task
-
-
-def translate_shortcuts(
-    argv: Sequence[str],
-    extra: Mapping[str, str] | None = None,
-    extra_flags: Mapping[str, tuple[str, str]] | None = None,
-) -> list[str]:
-    """Rewrite the shortcut flags (:data:`SHORTCUTS`, ``--download``) into LightningCLI arguments.
-
-    Both ``--flag value`` and ``--flag=value`` are accepted; everything else is passed through.
-
-    Args:
-        argv: the run's arguments.
-        extra: a task's own value shortcuts (:attr:`Task.shortcuts <tasks.common.contract.Task>`).
-        extra_flags: a task's own value-less shortcuts (flag -> (argument, value)).
-
-    Raises:
-        UsageError: when a shortcut that needs a value is last.
-    """
-    shortcuts = {**SHORTCUTS, **(extra or {})}
-    flags = {**FLAG_SHORTCUTS, **(extra_flags or {})}
-    out: list[str] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        flag, eq, value = arg.partition("=")
-        if flag == "--trainer.callbacks" and not (value if eq else "").lstrip().startswith(("[", "{")):
-            # One callback class (e.g. bgn_lightning.NormSwap) joins the task's own callbacks
-            # (checkpointing, LR monitor) instead of replacing them: jsonargparse's list append.
-            if not eq:
-                if i + 1 >= len(args) or args[i + 1].lstrip().startswith(("[", "{")):
-                    out.append(arg)
-                    i += 1
-                    continue
-                i += 1
-                value = args[i]
-            out.append(f"--trainer.callbacks+={value}")
-        elif flag in shortcuts:
-            if not eq:
-                if i + 1 >= len(args):
-                    raise UsageError(f"{flag} needs a value")
-                i += 1
-                value = args[i]
-            out += [shortcuts[flag], value]
-        elif flag in flags:
-            target, default = flags[flag]
-            out += [target, value if eq else default]
-        else:
-            out.append(arg)
-        i += 1
-    return out
+__all__ = ["BUILTIN_NORMS", "main", "usage"]
 
 
 BUILTIN_NORMS = ("bn", "bgn", "gn", "ln", "in", "pn", "none")
@@ -152,7 +37,7 @@ BUILTIN_NORMS = ("bn", "bgn", "gn", "ln", "in", "pn", "none")
 
 def usage() -> str:
     """The top-level help: tasks, norms, shortcuts and the bench command."""
-    tasks = available_tasks()
+    tasks = discovery.available_tasks()
     return "\n".join(
         [
             f"usage: {PROG} <task> [--norm NAME] [--groups G|auto] [--batch-size N] [--data NAME]",
@@ -176,10 +61,16 @@ def usage() -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``bgn-task`` entry point; returns the exit code (2 for usage errors).
+def main(argv: Sequence[str] | None = None, *, error_dir: Path | None = None) -> int:
+    """``bgn-task`` entry point; returns the exit code (2 for user errors, 130 when interrupted).
 
-    ``--debug`` anywhere before a ``--`` shows the full traceback of any error.
+    ``--debug`` anywhere before a ``--`` shows the full traceback of any error. Any error that is
+    not a :class:`~tasks.common.errors.UserError` is a bug: it propagates (traceback, exit code 1).
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+        error_dir: where a failed run writes its error as ``error.json``
+            (:class:`~tasks.runner.failure.RunFailure`; ``bgn-task bench`` passes the cell).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     own = argv[: argv.index("--")] if "--" in argv else argv
@@ -197,25 +88,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_third_party()
     command, rest = argv[0], argv[1:]
     try:
-        if command == "bench":
-            from .bench import bench_main
-
-            return bench_main(rest, debug=debug)
-        from .run import run_task
-
-        task = load_task(command)
-        args = translate_shortcuts(rest, task.shortcuts, task.flags)
-        return run_task(task, args, command=[PROG, command, *rest])
+        return _dispatch(command, rest, debug)
     except KeyboardInterrupt:
         again = "re-run the same command to resume" if command == "bench" else "nothing was written"
-        print(f"{PROG}: interrupted; {again}", file=sys.stderr)
-        return 130
-    except UsageError as err:
+        failure = RunFailure("KeyboardInterrupt", f"interrupted; {again}", 130)
+        print(f"{PROG}: {failure.message}", file=sys.stderr)
+    except UserError as err:
         if debug:
             traceback.print_exception(err.__cause__ or err)
-        hint = " (--debug shows the traceback)" if err.debug_hint and not debug else ""
-        print(f"{PROG}: error: {err}{hint}", file=sys.stderr)
-        return 2
+        failure = RunFailure.of(err, err.exit_code)
+        hinted = isinstance(err, UsageError) and err.debug_hint and not debug
+        hint = " (--debug shows the traceback)" if hinted else ""
+        print(f"{PROG}: error: {failure.message}{hint}", file=sys.stderr)
+    except BaseException as err:  # a bug: recorded, then its traceback
+        if error_dir is not None and not isinstance(err, SystemExit):
+            RunFailure.of(err, 1).write(error_dir)
+        raise
+    if error_dir is not None:
+        failure.write(error_dir)
+    return failure.exit_code
+
+
+def _dispatch(command: str, rest: list[str], debug: bool) -> int:
+    """Run ``bgn-task bench`` or ``bgn-task <task>``; the exit code."""
+    if command == "bench":
+        from .bench import bench_main
+
+        return bench_main(rest, debug=debug, entry=main)
+    from .run import run_task
+
+    check_choice("task", command, [*discovery.available_tasks(), "bench"])
+    task = discovery.load_task(command)
+    args = translate_shortcuts(rest, task.shortcuts, task.flags)
+    return run_task(task, args, command=[PROG, command, *rest])
 
 
 _NOISE = (

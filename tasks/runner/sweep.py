@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import multiprocessing as mp
 import os
 import shlex
@@ -32,7 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.common.contract import check_axis
 from tasks.common.results import RESULTS_FILE, read_results
+from tasks.common.validate import check_int
+
+from . import log
+from .failure import RunFailure
 
 __all__ = [
     "Cell",
@@ -45,7 +49,6 @@ __all__ = [
     "run_grid",
 ]
 
-log = logging.getLogger(__name__)
 
 RUN_LOG = "run.log"
 ARGS_FILE = "bench_args.json"
@@ -80,7 +83,8 @@ class Cell:
 class CellOutcome:
     """What happened to a cell: ``status`` is ``done``, ``skipped`` or ``failed``.
 
-    ``note`` says why a cell with results ran again (its arguments changed).
+    ``note`` says why a cell with results ran again (its arguments changed); ``failure`` is the
+    error a failed run recorded in its cell (``None``: it recorded none, e.g. it was killed).
     """
 
     cell: Cell
@@ -90,6 +94,7 @@ class CellOutcome:
     returncode: int = 0
     record: dict[str, Any] | None = None
     note: str = ""
+    failure: RunFailure | None = None
 
 
 def args_hash(argv: Sequence[str]) -> str:
@@ -155,22 +160,19 @@ class Grid:
                 raise ValueError(f"Grid: {name} must not be empty")
             if len(set(values)) != len(values):
                 raise ValueError(f"Grid: {name} has duplicates: {values}")
-        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
-            raise ValueError(f"Grid: batch sizes must be positive ints, got {self.batch_sizes}")
+        for b in self.batch_sizes:
+            check_int("batch sizes", b, owner="Grid", expected="positive ints")
         if isinstance(self.max_epochs, dict):
             missing = [b for b in self.batch_sizes if b not in self.max_epochs]
             if missing:
                 raise ValueError(f"Grid: max_epochs has no entry for batch sizes {missing}")
         epochs = self.max_epochs.values() if isinstance(self.max_epochs, dict) else [self.max_epochs]
-        if any(e is not None and (isinstance(e, bool) or not isinstance(e, int) or e < 1) for e in epochs):
-            raise ValueError(f"Grid: max_epochs must be positive ints, got {self.max_epochs}")
+        for e in epochs:
+            check_int("max_epochs", e, optional=True, owner="Grid", expected="positive ints")
         for key, values in self.axes.items():
-            if key.split(".")[0] not in ("model", "data", "trainer") or len(key.split(".")) < 2:
-                raise ValueError(f"axis {key!r} must be a model./data./trainer. argument, e.g. model.method")
-            if not values or len(set(values)) != len(values):
-                raise ValueError(f"axis {key!r} needs distinct values, got {values}")
-        if self.jobs < 1 or (self.threads is not None and self.threads < 1):
-            raise ValueError(f"Grid: jobs and threads must be >= 1, got {self.jobs} and {self.threads}")
+            check_axis(key, values)
+        check_int("jobs", self.jobs, owner="Grid")
+        check_int("threads", self.threads, optional=True, owner="Grid")
 
     def variants(self) -> list[tuple[tuple[str, str], ...]]:
         """Every combination of the extra axes' values (one empty variant without axes)."""
@@ -227,14 +229,19 @@ def _exit_when_gone(pid: int, poll_s: float = 1.0) -> None:
             pass
 
 
-def _run_in_child(argv: list[str], log_path: str, bench_pid: int) -> None:
-    """Process target: run ``bgn-task argv`` with stdout and stderr sent to ``log_path``.
+Entry = Callable[..., int]
+"""The ``bgn-task`` entry point a cell runs: ``entry(argv, error_dir=cell) -> exit code``
+(:func:`tasks.runner.cli.main`, passed in by the caller so that this module does not import the CLI)."""
+
+
+def _run_in_child(entry: Entry, argv: list[str], log_path: str, bench_pid: int) -> None:
+    """Process target: run ``entry(argv)`` with stdout and stderr sent to ``log_path``; a failed
+    run records its error in the cell (:class:`~tasks.runner.failure.RunFailure`).
 
     The run ends itself when the bench process ``bench_pid`` is killed, so a killed sweep
     leaves no run behind (its cell has no results.json and runs again on resume).
     """
-    from tasks.runner.cli import main
-
+    cell = Path(log_path).parent
     threading.Thread(target=_exit_when_gone, args=(bench_pid,), daemon=True).start()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()
@@ -244,7 +251,7 @@ def _run_in_child(argv: list[str], log_path: str, bench_pid: int) -> None:
     os.close(fd)
     print(f"$ bgn-task {shlex.join(argv)}  [pid {os.getpid()}]", flush=True)
     try:
-        code = main(argv)
+        code = entry(argv, error_dir=cell)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -255,7 +262,8 @@ def _context(task: str) -> mp.context.BaseContext:
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "lightning.pytorch", "tasks.runner.run", f"tasks.{task}"])
+    preload = ["torch", "lightning.pytorch", "tasks.runner.cli", "tasks.runner.task_cli", f"tasks.{task}"]
+    ctx.set_forkserver_preload(preload)
     return ctx
 
 
@@ -263,6 +271,8 @@ def run_grid(
     grid: Grid,
     on_outcome: Callable[[int, int, CellOutcome], None] | None = None,
     metrics: Sequence[str] = ("test/acc",),
+    *,
+    entry: Entry,
 ) -> list[CellOutcome]:
     """Run every cell of ``grid`` that has no ``results.json`` yet; return one outcome per cell.
 
@@ -270,6 +280,8 @@ def run_grid(
         grid: the sweep.
         on_outcome: called as ``on_outcome(index, total, outcome)`` when a cell finishes or is
             skipped (the CLI prints one line per run with it); ``None`` logs at INFO.
+        metrics: the metrics the default ``on_outcome`` shows.
+        entry: what each cell runs (:data:`Entry`), in its own process.
     """
     cells = grid.cells()
     total = len(cells)
@@ -302,7 +314,7 @@ def run_grid(
         directory.mkdir(parents=True)
         (directory / ARGS_FILE).write_text(json.dumps({"hash": digest, "argv": argv}, indent=2) + "\n")
         start = time.perf_counter()
-        process = ctx.Process(target=_run_in_child, args=(argv, str(directory / RUN_LOG), os.getpid()))
+        process = ctx.Process(target=_run_in_child, args=(entry, argv, str(directory / RUN_LOG), os.getpid()))
         process.start()
         process.join()
         seconds = time.perf_counter() - start
@@ -310,7 +322,8 @@ def run_grid(
         if code == 0 and (directory / RESULTS_FILE).is_file():
             outcome = CellOutcome(cell, "done", directory, seconds, 0, read_results(directory), note)
         else:
-            outcome = CellOutcome(cell, "failed", directory, seconds, code or 1, note=note)
+            failure = RunFailure.read(directory)
+            outcome = CellOutcome(cell, "failed", directory, seconds, code or 1, note=note, failure=failure)
         with lock:
             outcomes[cell] = outcome
             report(len(outcomes), total, outcome)
@@ -323,16 +336,6 @@ def run_grid(
         with ThreadPoolExecutor(grid.jobs) as pool:
             list(pool.map(run, cells))
     return [outcomes[c] for c in cells]
-
-
-def _last_error(run_log: Path) -> str:
-    """``": <the run's one-line error>"`` from a failed cell's log, or ``""``."""
-    try:
-        lines = run_log.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    errors = [line for line in lines if line.startswith("bgn-task: error: ")]
-    return f": {errors[-1].removeprefix('bgn-task: error: ')}" if errors else ""
 
 
 def _keep_aside(directory: Path, stored: str) -> Path:
@@ -361,7 +364,7 @@ def format_outcome(
     head = f"[{index:>{len(str(total))}}/{total}] {cell.row} bs={cell.batch_size} seed={cell.seed}:"
     note = f" [{outcome.note}]" if outcome.note else ""
     if outcome.status == "failed":
-        reason = _last_error(outcome.directory / RUN_LOG)
+        reason = f": {outcome.failure.message}" if outcome.failure is not None else ""
         return f"{head} FAILED (exit {outcome.returncode}){reason}, see {outcome.directory / RUN_LOG}{note}"
     values = (outcome.record or {}).get("metrics", {})
     shown = ", ".join(f"{k}={values[k]:.4f}" for k in metrics if k in values)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from bgn_lightning import keeps_running_stats, norm_mode
 from tasks.common.norms import NormFactory
+from tasks.common.validate import check_int
 
 __all__ = [
     "DomainDiscriminator",
@@ -107,11 +108,8 @@ class DomainDiscriminator(nn.Sequential):
     """
 
     def __init__(self, in_features: int, hidden: int, norm_layer: NormFactory) -> None:
-        if in_features < 1 or hidden < 1:
-            raise ValueError(
-                "DomainDiscriminator: widths must be positive, "
-                f"got in_features={in_features}, hidden={hidden}"
-            )
+        check_int("in_features", in_features, owner="DomainDiscriminator")
+        check_int("hidden", hidden, owner="DomainDiscriminator")
         super().__init__(
             nn.Linear(in_features, hidden), norm_layer(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden), norm_layer(hidden), nn.ReLU(inplace=True),

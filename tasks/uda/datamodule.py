@@ -10,7 +10,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import v2
 
-from tasks.common.data import TaskDataModule, TransformSubset, check_choice, paired_loader
+from tasks.common.data import TaskDataModule, TransformSubset, paired_loader
+from tasks.common.validate import check_choice, check_int
 from tasks.common.vision import IMAGENET_MEAN, IMAGENET_RESIZE_RATIO, IMAGENET_STD, load_split_datasets
 
 from .domains import Domain, folder_domain, hold_out, named_domain
@@ -149,8 +150,7 @@ class DomainAdaptationDataModule(TaskDataModule):
                 f"source_dir/target_dir are read with dataset 'folders' only, got dataset {dataset!r} "
                 "(add --data folders)"
             )
-        if image_size is not None and (isinstance(image_size, bool) or image_size < 1):
-            raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+        check_int("image_size", image_size, optional=True)
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1, 3 or None (from the domains), got {channels!r}")
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

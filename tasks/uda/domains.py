@@ -20,6 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from tasks.common.data import dataset_not_found, stratified_split
 from tasks.common.images import ImageFolder, first_image
+from tasks.common.validate import check_choice
 from tasks.common.vision import DATASETS as VISION_DATASETS
 from tasks.common.vision import load_split_datasets
 
@@ -71,8 +72,7 @@ def named_domain(name: str, data_dir: Path, split_seed: int, synth_per_class: in
         train, test = stratified_split(y, SYNTH_TEST_FRACTION, seed=split_seed)
         return Domain(name, TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test]),
                       labels[train], DIGIT_CLASSES, 3, SYNTH_SIZE)  # fmt: skip
-    if name not in NAMED_DOMAINS:
-        raise ValueError(f"unknown domain {name!r}; choose from: {', '.join(NAMED_DOMAINS)}")
+    check_choice("domain", name, NAMED_DOMAINS)
     # the shared loader carves a validation split; a domain's training set is all of it
     splits = load_split_datasets(name, data_dir, False, 0.1, split_seed)
     train = splits["train"][0]

@@ -14,10 +14,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from bgn_lightning import norm_mode
 from tasks.common.backbones import build_backbone
-from tasks.common.data import check_choice
 from tasks.common.norms import norm_factory
 from tasks.common.optim import param_groups, scaled_lr
 from tasks.common.training import global_batch_size
+from tasks.common.validate import check_choice, check_int
 
 from .dann import (
     DomainDiscriminator,
@@ -130,13 +130,9 @@ class DANNModule(pl.LightningModule):
         super().__init__()
         check_choice("method", method, METHODS)
         check_choice("domain mode", domain_mode, DOMAIN_MODES)
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
-        if bottleneck_dim < 0 or discriminator_hidden < 1:
-            raise ValueError(
-                f"bottleneck_dim must be >= 0 and discriminator_hidden >= 1, got {bottleneck_dim}, "
-                f"{discriminator_hidden}"
-            )
+        check_int("num_classes", num_classes, minimum=2)
+        check_int("bottleneck_dim", bottleneck_dim, minimum=0)
+        check_int("discriminator_hidden", discriminator_hidden)
         if trade_off < 0:
             raise ValueError(f"trade_off must be >= 0, got {trade_off!r}")
         if backbone_lr_mult <= 0:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib import ft2font
 
+from tasks.common.validate import check_int
+
 __all__ = ["FONT_FILES", "IMAGE_SIZE", "generate_synth_digits", "load_synth_digits"]
 
 log = logging.getLogger(__name__)
@@ -168,10 +170,7 @@ def generate_synth_digits(seed: int = 0, images_per_class: int = 600) -> tuple[n
     Raises:
         ValueError: for ``images_per_class < 1``.
     """
-    if isinstance(images_per_class, bool) or not isinstance(images_per_class, int) or images_per_class < 1:
-        raise ValueError(
-            f"generate_synth_digits: images_per_class must be a positive int, got {images_per_class!r}"
-        )
+    check_int("images_per_class", images_per_class, owner="generate_synth_digits")
     gen = torch.Generator().manual_seed(seed)
     canvases = _digit_canvases()
     n = 10 * images_per_class

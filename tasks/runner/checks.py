@@ -1,0 +1,83 @@
+"""Early checks of what the user typed, before anything is built: one line and exit code 2 each.
+
+Config files (:func:`check_config_files`), the shared norm arguments and dataset names
+(:func:`check_config`), and "did you mean" hints for a mistyped flag (:func:`did_you_mean`).
+Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.common.errors import UsageError
+from tasks.common.validate import check_choice
+
+__all__ = ["check_config", "check_config_files", "did_you_mean"]
+
+
+def check_config(config: Any, datasets: Sequence[str] | None) -> None:
+    """The early checks: the shared norm arguments and ``data.dataset`` against the task's names.
+
+    Raises:
+        UsageError: for bad norm arguments.
+        TaskConfigError: for an unknown dataset; both name the bad value and the valid choices.
+    """
+    from tasks.common.norms import check_norm_args
+
+    model = config.model
+    if model.get("norm") is not None:
+        try:
+            check_norm_args(model.get("norm"), model.get("groups", "auto"), model.get("norm_kwargs"))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    dataset = config.data.get("dataset")
+    if datasets is not None and dataset is not None:
+        check_choice("dataset", dataset, datasets)
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Every ``--config FILE`` exists and is valid YAML; else one line with the file and line.
+
+    Raises:
+        UsageError: ``--config FILE: no such file`` or ``FILE:LINE:COLUMN: <YAML problem>``.
+    """
+    import yaml
+
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag != "--config" or (not eq and i + 1 >= len(argv)):
+            continue
+        path = Path(value if eq else argv[i + 1])
+        if not path.is_file():
+            raise UsageError(f"--config {path}: no such file")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UsageError(f"{where}: invalid YAML: {problem}") from None
+
+
+def did_you_mean(message: str, options: Sequence[str]) -> str:
+    """``"; did you mean --model.trade_off?"`` for the unrecognized arguments named in ``message``.
+
+    ``options``: the names the parser knows. ``""`` when ``message`` names no unrecognized
+    argument or none is close to a known one.
+    """
+    import difflib
+
+    if "nrecognized arguments:" not in message:
+        return ""
+    known = sorted(set(options))
+    given = message.split("nrecognized arguments:", 1)[1].split()
+    close = [
+        (flag, match[0])
+        for flag in (arg.split("=", 1)[0] for arg in given if arg.startswith("--"))
+        if (match := difflib.get_close_matches(flag, known, n=1, cutoff=0.75))
+    ]
+    if len(close) == 1:
+        return f"; did you mean {close[0][1]}?"
+    return f"; did you mean {', '.join(f'{m} for {f}' for f, m in close)}?" if close else ""
