@@ -2,35 +2,6 @@
 
 Schema (``schema`` = 1), one JSON object:
 
-key             value
-=============== =========================================================================
-schema          format version (int)
-task            task suite name, e.g. ``classification``
-dataset         ``data.dataset`` of the run
-norm            registry norm name (``model.norm``)
-groups          ``model.groups`` as configured (int or ``"auto"``)
-num_groups      G actually used after fit: ``{"per_layer": {name: G}, "histogram": {G: count}}``
-                over every BatchGroupNorm and GroupNorm layer (auto-G resolved)
-batch_size      ``data.batch_size`` (per device)
-seed            ``seed_everything``
-metrics         ``{name: float}``: ``test/*`` after testing, ``val/*`` from the end of fit
-epochs          training epochs completed
-global_step     optimizer steps taken
-checkpoint      checkpoint tested (path) or ``null`` for the in-memory weights
-wall_time_s     seconds from start of set-up to results (float); also ``fit_time_s``, ``test_time_s``
-torch_threads   torch intra-op CPU threads of the run
-versions        python, platform and package versions
-command         the argument list of the run
-config          the full resolved LightningCLI config (dict)
-hparams         the model's hyper-parameters, including values linked from the datamodule
-created         ISO-8601 UTC time
-images          bad image files: ``{"bad_images": "stop"|"skip", "checked": n, "skipped": [path]}``
-bgn_kernels     what BGN ran on: ``cpu: C++ kernels``, ``cpu: native ops``, ``cuda: Triton
-                kernels``, ``cuda: native ops``; ``null`` without BGN layers
-...             task-specific fields (:attr:`Task.extra_results <tasks.common.contract.Task>`),
-                e.g. NAS's ``genotype``
-=============== =========================================================================
-=======
 ================= =========================================================================
 key               value
 ================= =========================================================================
