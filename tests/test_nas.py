@@ -112,7 +112,7 @@ def test_mixed_op_is_the_softmax_weighted_sum_and_pools_get_a_non_affine_norm() 
 
 def _tiny_search(**kwargs: object) -> DartsSearchModule:
     return DartsSearchModule(
-        num_classes=10, in_channels=1, channels=4, cells=3, nodes=2, stage="search", **kwargs
+        num_classes=10, in_channels=1, channels=4, cells=3, nodes=2, **kwargs
     )
 
 
@@ -312,6 +312,8 @@ def test_search_then_eval_end_to_end_then_eval_alone_from_its_genotype(tmp_path:
         (["--stage", "eval", "--genotype", "<ops>"], "op 'conv_9x9' is not in the space"),
         (["--stage", "eval", "--genotype", "<deep>"], "normal cell has 2 nodes, more than the network's 1"),
         (["--genotype", "<deep>"], "is only read by --stage eval"),
+        (["--model.stage", "eval"], "stage 'eval' retrains a given genotype: pass --genotype FILE"),
+        (["--config", "<old>"], "stage 'eval' retrains a given genotype: pass --genotype FILE"),
         (["--eval-norm", "batchnorm"], "unknown norm 'batchnorm'"),
         (["--model.norm_kwargs", "{affine: false}"], "norm_kwargs must not set affine"),
     ],
@@ -320,6 +322,7 @@ def test_bad_nas_values_are_one_line_exit_2(flags, message, tmp_path: Path, caps
     cell = {"normal": [["skip_connect", 0], ["skip_connect", 1]], "normal_concat": [2]}
     outside = {**cell, "reduce": [["conv_9x9", 0], ["skip_connect", 1]], "reduce_concat": [2]}
     files = {"bad": "{not json", "ops": json.dumps(outside), "deep": json.dumps(GENOTYPE)}
+    files["old"] = "{model: {stage: eval}}"  # a config written when the stage was a model key
     for name, text in files.items():
         (tmp_path / f"{name}.json").write_text(text)
     files["ckpt"] = ""

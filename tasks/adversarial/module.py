@@ -109,6 +109,9 @@ class AdversarialModule(pl.LightningModule):
     ``test/clean_acc``, ``test/fgsm_acc``, ``test/pgd_acc`` (+ opt-in keys and the curve), all
     accuracies as fractions in [0, 1].
 
+    Testing a checkpoint without training is a run option of the task, not of this model
+    (``--eval-only --ckpt PATH``: :func:`tasks.adversarial.hooks.run_adversarial`).
+
     Optimisation as in the classification suite: SGD with momentum, the linear-scaling rule
     ``lr * B / base_batch_size``, linear warm-up, then ``lr_schedule``.
 
@@ -139,8 +142,6 @@ class AdversarialModule(pl.LightningModule):
             0.75, 1.5 and 2 times ``eps``, those <= 1; ``[]``: no curve).
         pgd100: also report ``test/pgd100_acc`` (PGD-100).
         autoattack: also report ``test/autoattack_acc`` (torchattacks' standard AutoAttack; slow).
-        eval_only: test the checkpoint ``ckpt`` without training (``--eval-only``).
-        ckpt: an adversarial-suite checkpoint for ``eval_only`` (``--ckpt``).
         lr: learning rate at ``base_batch_size``.
         base_batch_size: the batch size ``lr`` is tuned for.
         global_batch_size: ``B`` of the rule (``None``: from the DataModule and the trainer).
@@ -155,8 +156,7 @@ class AdversarialModule(pl.LightningModule):
 
     Raises:
         ValueError: for a radius or step outside [0, 1], a step count < 1, an unknown attack
-            or ``attack_norm_mode``, a ``clean_weight`` outside [0, 1], ``eval_only`` without
-            ``ckpt``, or bad norm arguments.
+            or ``attack_norm_mode``, a ``clean_weight`` outside [0, 1], or bad norm arguments.
     """
 
     def __init__(
@@ -182,8 +182,6 @@ class AdversarialModule(pl.LightningModule):
         curve_eps: list[float] | None = None,
         pgd100: bool = False,
         autoattack: bool = False,
-        eval_only: bool = False,
-        ckpt: str | None = None,
         lr: float = 0.1,
         base_batch_size: int = 32,
         global_batch_size: int | None = None,
@@ -219,8 +217,6 @@ class AdversarialModule(pl.LightningModule):
         if curve_eps is None:
             curve_eps = [f * self.eps for f in DEFAULT_CURVE_FRACTIONS if f * self.eps <= 1.0]
         self.curve_eps = sorted({check_eps("curve_eps", e) for e in curve_eps} - {0.0, self.eps})
-        if eval_only and not ckpt:
-            raise ValueError("--eval-only needs --ckpt PATH (a checkpoint of the adversarial task)")
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
         self.save_hyperparameters()

@@ -20,7 +20,7 @@ from tasks.common.metrics import classification_metrics
 from tasks.common.norms import check_norm_args, norm_factory
 from tasks.common.validate import check_choice, check_int
 
-from .genotype import Genotype, entropy, load_genotype
+from .genotype import Genotype, entropy
 from .networks import EvalNetwork, SearchNetwork
 from .ops import DARTS_OPS, OPS
 
@@ -83,7 +83,8 @@ class DartsSearchModule(pl.LightningModule):
     of it in ``<default_root_dir>/search_alphas.jsonl``.
 
     The ``eval_*`` arguments configure the derived network that the task's run hook retrains
-    (:meth:`eval_module`); ``stage`` and ``genotype`` choose what the hook does.
+    (:meth:`eval_module`); what the hook does is the task's run options ``--stage`` and
+    ``--genotype`` (:data:`tasks.nas.pipeline.OPTIONS`), not this model's.
 
     Args:
         norm: registry norm of the search (non-affine in cells, affine in the stem).
@@ -108,9 +109,6 @@ class DartsSearchModule(pl.LightningModule):
         arch_weight_decay: weight decay of alpha.
         grad_clip: gradient-norm clip of the weight step.
         unrolled: second-order (unrolled) alpha gradient instead of first order.
-        stage: ``search``, ``eval`` or ``search+eval``.
-        genotype: a ``genotype.json`` (or a ``results.json`` holding one) to retrain with
-            ``stage=eval``.
         eval_channels: initial channels of the derived network.
         eval_cells: cells of the derived network.
         eval_epochs: epochs of retraining (``None``: the trainer's ``max_epochs``).
@@ -121,9 +119,7 @@ class DartsSearchModule(pl.LightningModule):
         drop_path_prob: final drop-path probability of retraining (ramped up linearly).
 
     Raises:
-        ValueError: for an unknown op or stage, a bad norm argument, a genotype file that is
-            malformed, names ops outside ``ops`` or has more nodes than ``nodes``, or a genotype
-            given for a stage that derives its own.
+        ValueError: for an unknown op or a bad norm argument.
     """
 
     def __init__(
@@ -150,8 +146,6 @@ class DartsSearchModule(pl.LightningModule):
         arch_weight_decay: float = 1e-3,
         grad_clip: float = 5.0,
         unrolled: bool = False,
-        stage: str = "search+eval",
-        genotype: str | None = None,
         eval_channels: int = 36,
         eval_cells: int = 20,
         eval_epochs: int | None = None,
@@ -162,7 +156,6 @@ class DartsSearchModule(pl.LightningModule):
         drop_path_prob: float = 0.2,
     ) -> None:
         super().__init__()
-        check_choice("stage", stage, STAGES)
         self.space_ops = _check_ops(ops)
         _check_norm_kwargs(norm_kwargs, "norm_kwargs")
         _check_norm_kwargs(eval_norm_kwargs, "eval_norm_kwargs")
@@ -178,15 +171,6 @@ class DartsSearchModule(pl.LightningModule):
             raise ValueError(f"drop_path_prob must be in [0, 1), got {drop_path_prob!r}")
         if grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0, got {grad_clip!r}")
-        self.given_genotype: Genotype | None = None
-        if stage == "eval":
-            if genotype is None:
-                raise ValueError("stage 'eval' retrains a given genotype: pass --genotype FILE")
-            self.given_genotype = load_genotype(genotype, self.space_ops, max_nodes=nodes)
-        elif genotype is not None:
-            raise ValueError(
-                f"--genotype {genotype} is only read by --stage eval; stage {stage!r} derives its own"
-            )
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.net = SearchNetwork(

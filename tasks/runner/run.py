@@ -57,6 +57,7 @@ class Run:
         self.task = task
         self.cli = cli
         self.config: dict[str, Any] = _plain_config(cli)
+        self.options: dict[str, Any] = {o.name: cli.config.get(o.name) for o in task.options}
         self.output = Path(cli.config.trainer.default_root_dir)
         self.model: LightningModule = cli.model
         self.datamodule: LightningDataModule = cli.datamodule
@@ -256,7 +257,7 @@ def _run(
     extra = task.extra_results(run) if task.extra_results is not None else {}
     extra = {"images": POLICY.record(), "bgn_kernels": _kernel_path(run.model), **extra}
     if run.trainer.is_global_zero:
-        stage = run.config["model"].get("stage")
+        stage = run.options.get("stage")
         declared = [m for m in task.metrics if not m.stages or stage in m.stages]
         missing = [m.name for m in declared if m.name not in run.metrics]
         if missing:
