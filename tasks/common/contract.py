@@ -162,8 +162,9 @@ class TaskRun(Protocol):
     ) -> dict[str, float]:
         """Fit ``model``, test its best (or last) checkpoint; the ``val/*`` and ``test/*`` metrics."""
 
-    def make_trainer(self, stage: str) -> Trainer:
-        """A new Trainer from the run's config, logging and checkpointing under ``<output>/<stage>``."""
+    def make_trainer(self, stage: str, **overrides: Any) -> Trainer:
+        """A new Trainer from the run's config with ``overrides`` (trainer init arguments such as
+        ``max_epochs``), logging and checkpointing under ``<output>/<stage>``."""
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,13 @@ from tasks.common.errors import TaskConfigError
 
 from .datamodule import NasDataModule
 from .genotype import Genotype, load_genotype
-from .module import STAGES, DartsEvalModule, DartsSearchModule, _check_ops
+from .module import STAGES, DartsEvalModule, DartsSearchModule, RetrainSettings, _check_ops
 from .ops import DARTS_OPS
 from .plot import draw_genotype
 
 __all__ = [
     "GENOTYPE_FILE", "GENOTYPE_PNG", "OPTIONS", "check_options", "genotype_agreement", "nas_extra_results",
-    "run_nas",
+    "retrain_settings", "run_nas",
 ]  # fmt: skip
 
 GENOTYPE_FILE = "genotype.json"
@@ -68,9 +68,11 @@ def check_options(options: Mapping[str, Any], config: Any) -> None:
 def run_nas(run: TaskRun) -> None:
     """``--stage search``: fit + test the supernet; ``eval``: retrain ``--genotype``; ``search+eval``: both.
 
-    The derived network trains with ``run.make_trainer("eval")`` (logs and checkpoints under
-    ``<output>/eval``) for ``model.eval_epochs`` epochs (default: the trainer's), on plain batches
-    of ``model.eval_batch_size`` (default: ``data.batch_size``) from the whole training split.
+    The derived network trains with ``run.make_trainer("eval", max_epochs=...)`` (logs and
+    checkpoints under ``<output>/eval``) for ``model.eval_epochs`` epochs (null: the trainer's), on
+    plain batches of ``model.eval_batch_size`` (null: ``data.batch_size``) from the whole training
+    split (:meth:`NasDataModule.retrain_view`): :func:`retrain_settings`, recorded in
+    ``results.json`` as ``retrain``. Neither the run's DataModule nor its config is changed.
     ``run.metrics`` gets the supernet's ``test/search_*`` and the derived network's ``test/*``.
 
     Raises:
@@ -89,17 +91,22 @@ def run_nas(run: TaskRun) -> None:
         metrics.update(run.fit_and_test(search, run.trainer))
         genotype = search.genotype()
     if stage != "search":
-        data.paired = False
-        if search.hparams.eval_batch_size is not None:
-            data.batch_size = search.hparams.eval_batch_size
+        settings = retrain_settings(run)
         model = search.eval_module(genotype)
-        trainer = run.make_trainer("eval")
-        if search.hparams.eval_epochs is not None:
-            trainer.fit_loop.max_epochs = search.hparams.eval_epochs
-        metrics.update(run.fit_and_test(model, trainer))
+        trainer = run.make_trainer("eval", max_epochs=settings.epochs)
+        metrics.update(run.fit_and_test(model, trainer, data.retrain_view(settings.batch_size)))
     if stage == "eval":  # nothing was searched: the reported network's norm is the run's
-        run.norm = search.hparams.eval_norm or search.hparams.norm
+        run.norm = search.retrain.norm
     run.metrics = metrics
+
+
+def retrain_settings(run: TaskRun) -> RetrainSettings:
+    """The retraining stage's settings from the run's config, its epochs and batch size resolved
+    (``model.eval_epochs`` / ``model.eval_batch_size``; null: ``trainer.max_epochs`` /
+    ``data.batch_size``)."""
+    config = run.config
+    settings = RetrainSettings.of(config["model"])
+    return settings.resolved(config["trainer"].get("max_epochs"), config["data"]["batch_size"])
 
 
 def _final_genotype(run: TaskRun) -> Genotype:
@@ -112,7 +119,8 @@ def nas_extra_results(run: TaskRun) -> dict[str, Any]:
 
     Fields: ``genotype`` (its JSON form), ``stage``, ``search_norm`` (``model.norm``; ``null`` for
     ``--stage eval``, which searched nothing), ``eval_norm`` (the derived network's norm; ``null``
-    for ``--stage search``).
+    for ``--stage search``), ``retrain`` (the retraining stage's resolved settings,
+    :func:`retrain_settings`; ``null`` for ``--stage search``).
     """
     model_cfg = run.config.get("model") or {}
     stage = run.options["stage"]
@@ -128,6 +136,7 @@ def nas_extra_results(run: TaskRun) -> dict[str, Any]:
         "stage": stage,
         "search_norm": model_cfg.get("norm") if stage != "eval" else None,
         "eval_norm": (model_cfg.get("eval_norm") or model_cfg.get("norm")) if stage != "search" else None,
+        "retrain": retrain_settings(run).to_dict() if stage != "search" else None,
     }
 
 

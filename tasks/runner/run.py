@@ -119,8 +119,9 @@ class Run:
         self.model, self.trainer, self.checkpoint = model, trainer, checkpoint
         return metrics
 
-    def make_trainer(self, stage: str) -> Trainer:
-        """A new Trainer from the run's ``trainer`` config, writing under ``<output>/<stage>``."""
+    def make_trainer(self, stage: str, **overrides: Any) -> Trainer:
+        """A new Trainer from the run's ``trainer`` config with ``overrides`` (trainer init
+        arguments, e.g. ``max_epochs``), writing under ``<output>/<stage>``."""
         from lightning.pytorch import Trainer
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -128,6 +129,7 @@ class Run:
 
         root = self.output / stage
         kwargs = copy.deepcopy(self._trainer_init)
+        kwargs.update(overrides)
         kwargs["default_root_dir"] = str(root)
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = loggers(root)
