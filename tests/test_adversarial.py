@@ -127,11 +127,17 @@ def test_dataset_defaults() -> None:
     ({"train_attack": "cw"}, "unknown train_attack 'cw'; choose from: pgd, fgsm, none"),
     ({"attack_norm_mode": "frozen"}, "attack_norm_mode must be one of: eval, train"),
     ({"clean_weight": 2.0}, "clean_weight must be in [0, 1]"),
-    ({"eval_only": True}, "--eval-only needs --ckpt PATH"),
 ])  # fmt: skip
 def test_bad_values_raise_in_init(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         AdversarialModule(**kwargs)
+
+
+def test_eval_only_without_ckpt_is_refused_by_the_run_option_check() -> None:
+    from tasks.adversarial.hooks import check_options
+
+    with pytest.raises(ValueError, match="--eval-only needs --ckpt PATH"):
+        check_options({"eval_only": True, "ckpt": None}, None)
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:

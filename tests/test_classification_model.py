@@ -96,3 +96,16 @@ def test_bad_init_values() -> None:
         ClassificationModule(groups="four")
     with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
         ClassificationModule(warmup_epochs=-1)
+
+
+def test_the_sgd_settings_are_one_group_under_todays_keys() -> None:
+    from tasks.adversarial import AdversarialModule
+    from tasks.common.optim import SGDSettings
+
+    model = ClassificationModule(lr=0.05, warmup_epochs=0.5, lr_schedule="multistep", milestones=[0.5])
+    assert model.sgd == SGDSettings.of(model.hparams) == SGDSettings(
+        lr=0.05, warmup_epochs=0.5, lr_schedule="multistep", milestones=[0.5]
+    )
+    assert AdversarialModule(gamma=0.2).sgd == SGDSettings(gamma=0.2), "the same group in both suites"
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
+        SGDSettings(warmup_epochs=-1)

@@ -112,7 +112,7 @@ def test_mixed_op_is_the_softmax_weighted_sum_and_pools_get_a_non_affine_norm() 
 
 def _tiny_search(**kwargs: object) -> DartsSearchModule:
     return DartsSearchModule(
-        num_classes=10, in_channels=1, channels=4, cells=3, nodes=2, stage="search", **kwargs
+        num_classes=10, in_channels=1, channels=4, cells=3, nodes=2, **kwargs
     )
 
 
@@ -270,6 +270,20 @@ def test_genotype_agreement_counts_the_edges_two_searches_share(tmp_path: Path) 
     assert "| bgn | 2 | 0 / 2 | 0 / 2 | 2 / 2 | 1 / 0 | 3 / 0 | 2 / 0 | 0 / 2 |" in text
 
 
+def test_retraining_settings_and_data_view_leave_the_search_settings_as_they_are() -> None:
+    from tasks.nas import NasDataModule
+    from tasks.nas.module import RetrainSettings
+
+    model = _tiny_search(eval_norm="gn", eval_batch_size=None, eval_epochs=None)
+    settings = model.retrain
+    assert isinstance(settings, RetrainSettings) and settings.norm == "gn" and settings.epochs is None
+    resolved = settings.resolved(7, 16)
+    assert (resolved.epochs, resolved.batch_size) == (7, 16) and settings.batch_size is None
+    data = NasDataModule(batch_size=16)
+    view = data.retrain_view(8)
+    assert (view.paired, view.batch_size) == (False, 8) and (data.paired, data.batch_size) == (True, 16)
+
+
 def test_search_then_eval_end_to_end_then_eval_alone_from_its_genotype(tmp_path: Path, caplog) -> None:
     out = tmp_path / "search"
     argv = ["nas", "--output", str(out), "--norm", "bgn", "--eval-norm", "gn", "--max-epochs", "2",
@@ -279,6 +293,9 @@ def test_search_then_eval_end_to_end_then_eval_alone_from_its_genotype(tmp_path:
     assert {"test/acc", "test/search_acc"} <= set(record["metrics"])
     assert record["stage"] == "search+eval" and record["norm"] == record["search_norm"] == "bgn"
     assert record["eval_norm"] == "gn" and record["hparams"]["norm"] == "gn"
+    retrain = record["retrain"]  # the retraining stage's settings, resolved; the config left as given
+    assert retrain["epochs"] == 1 and retrain["batch_size"] == record["config"]["data"]["batch_size"]
+    assert retrain["norm"] == "gn" and record["config"]["trainer"]["max_epochs"] == 2
     genotype = load_genotype(out / "genotype.json", DARTS_OPS, max_nodes=2)
     assert genotype.to_dict() == record["genotype"] and genotype.nodes("normal") == 2
     assert (out / "genotype.png").read_bytes()[:4] == b"\x89PNG"
@@ -312,6 +329,8 @@ def test_search_then_eval_end_to_end_then_eval_alone_from_its_genotype(tmp_path:
         (["--stage", "eval", "--genotype", "<ops>"], "op 'conv_9x9' is not in the space"),
         (["--stage", "eval", "--genotype", "<deep>"], "normal cell has 2 nodes, more than the network's 1"),
         (["--genotype", "<deep>"], "is only read by --stage eval"),
+        (["--model.stage", "eval"], "stage 'eval' retrains a given genotype: pass --genotype FILE"),
+        (["--config", "<old>"], "stage 'eval' retrains a given genotype: pass --genotype FILE"),
         (["--eval-norm", "batchnorm"], "unknown norm 'batchnorm'"),
         (["--model.norm_kwargs", "{affine: false}"], "norm_kwargs must not set affine"),
     ],
@@ -320,6 +339,7 @@ def test_bad_nas_values_are_one_line_exit_2(flags, message, tmp_path: Path, caps
     cell = {"normal": [["skip_connect", 0], ["skip_connect", 1]], "normal_concat": [2]}
     outside = {**cell, "reduce": [["conv_9x9", 0], ["skip_connect", 1]], "reduce_concat": [2]}
     files = {"bad": "{not json", "ops": json.dumps(outside), "deep": json.dumps(GENOTYPE)}
+    files["old"] = "{model: {stage: eval}}"  # a config written when the stage was a model key
     for name, text in files.items():
         (tmp_path / f"{name}.json").write_text(text)
     files["ckpt"] = ""

@@ -29,6 +29,22 @@ TINY = [
 ]  # fmt: skip
 
 
+def test_run_options_are_runner_flags_and_old_model_keys_still_reach_them() -> None:
+    from tasks.runner.shortcuts import translate_shortcuts
+
+    nas, adversarial = load_task("nas"), load_task("adversarial")
+    assert [o.name for o in nas.options] == ["stage", "genotype"]
+    assert [o.name for o in adversarial.options] == ["eval_only", "ckpt"]
+    stage, eval_only = ["--stage", "eval", "--genotype", "g.json"], ["--eval_only", "true", "--ckpt", "c"]
+    for task, argv, expected in [
+        (nas, ["--stage", "eval", "--genotype=g.json"], stage),
+        (nas, ["--model.stage", "eval", "--model.genotype", "g.json"], stage),
+        (adversarial, ["--eval-only", "--ckpt", "c"], eval_only),
+        (adversarial, ["--model.eval_only", "true", "--model.ckpt", "c"], eval_only),
+    ]:  # fmt: skip
+        assert translate_shortcuts(argv, task.all_shortcuts, task.all_flags) == expected
+
+
 def test_the_five_suites_in_the_papers_order_come_first() -> None:
     known = ("classification", "fsl", "adversarial", "uda", "nas")
     assert TASKS[: len([t for t in known if t in TASKS])] == [t for t in known if t in TASKS]
@@ -56,6 +72,8 @@ def test_declaration(name: str) -> None:
         params = init if owner == "model" else data_init
         assert owner == "trainer" or arg in params, f"bench axis {key}"
     assert all(m.name.startswith("test/") for m in task.metrics)
+    for option in task.options:  # run modes are the runner's options, not the model's
+        assert option.name not in init and option.name not in data_init, f"run option {option.name}"
 
 
 @pytest.mark.parametrize("name", TASKS)

@@ -12,7 +12,7 @@ training attack runs. ``--eval-only --ckpt PATH`` tests a checkpoint. See
 from tasks.common.contract import Metric, Task
 from tasks.common.vision import VisionDataModule
 
-from .hooks import bench_outputs, extra_results, run_adversarial
+from .hooks import OPTIONS, bench_outputs, check_options, extra_results, run_adversarial
 from .module import AdversarialModule
 
 TASK = Task(
@@ -31,8 +31,9 @@ TASK = Task(
         ("data.std", "model.std"),
         ("data.dataset", "model.dataset"),
     ),
-    shortcuts={"--ckpt": "--model.ckpt", "--train-attack": "--model.train_attack", "--eps": "--model.eps"},
-    flags={"--eval-only": ("--model.eval_only", "true")},
+    shortcuts={"--train-attack": "--model.train_attack", "--eps": "--model.eps"},
+    options=OPTIONS,
+    check_options=check_options,
     run=run_adversarial,
     extra_results=extra_results,
     bench_outputs=bench_outputs,

@@ -4,18 +4,38 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tasks.common.contract import TaskRun
+from tasks.common.contract import RunOption, TaskRun
 from tasks.common.errors import TaskConfigError
 
 from .curve import CURVE_CSV, CURVE_PNG, curve_points, plot_curves, sweep_curves, write_curve_csv
 from .module import ARCHITECTURE_KEYS, CHECKPOINT_TASK_KEY, AdversarialModule
 
-__all__ = ["bench_outputs", "extra_results", "load_for_eval", "run_adversarial"]
+__all__ = ["OPTIONS", "bench_outputs", "check_options", "extra_results", "load_for_eval", "run_adversarial"]
+
+OPTIONS = (
+    RunOption(
+        "eval_only", "test the checkpoint --ckpt without training", type=bool, default=False,
+        flag="--eval-only", value="true", legacy="model.eval_only",
+    ),
+    RunOption("ckpt", "an adversarial-task checkpoint for --eval-only", legacy="model.ckpt"),
+)  # fmt: skip
+"""The suite's run options: ``--eval-only`` and ``--ckpt`` (``eval_only:`` / ``ckpt:`` in a config)."""
+
+
+def check_options(options: Mapping[str, Any], config: Any) -> None:
+    """``--eval-only`` needs ``--ckpt``.
+
+    Raises:
+        ValueError: ``--eval-only needs --ckpt PATH``.
+    """
+    if options["eval_only"] and not options["ckpt"]:
+        raise ValueError("--eval-only needs --ckpt PATH (a checkpoint of the adversarial task)")
 
 
 def load_for_eval(path: str, template: AdversarialModule) -> AdversarialModule:
@@ -71,10 +91,10 @@ def run_adversarial(run: TaskRun) -> None:
             "attacks work on pixels in [0, 1]"
         )
     model = run.model
-    if not model.hparams.eval_only:
+    if not run.options["eval_only"]:
         run.metrics = run.fit_and_test(model, run.trainer)
         return
-    ckpt = model.hparams.ckpt
+    ckpt = run.options["ckpt"]
     model = load_for_eval(ckpt, model)
     run.config["model"].update({k: model.hparams[k] for k in ARCHITECTURE_KEYS})
     start = time.perf_counter()

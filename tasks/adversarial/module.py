@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 
 from tasks.common.backbones import build_backbone
 from tasks.common.norms import norm_factory
-from tasks.common.optim import Schedule, sgd_with_lr_rule
+from tasks.common.optim import Schedule, SGDSettings
 from tasks.common.training import grad_enabled
 from tasks.common.validate import check_choice
 
@@ -109,6 +109,9 @@ class AdversarialModule(pl.LightningModule):
     ``test/clean_acc``, ``test/fgsm_acc``, ``test/pgd_acc`` (+ opt-in keys and the curve), all
     accuracies as fractions in [0, 1].
 
+    Testing a checkpoint without training is a run option of the task, not of this model
+    (``--eval-only --ckpt PATH``: :func:`tasks.adversarial.hooks.run_adversarial`).
+
     Optimisation as in the classification suite: SGD with momentum, the linear-scaling rule
     ``lr * B / base_batch_size``, linear warm-up, then ``lr_schedule``.
 
@@ -139,24 +142,14 @@ class AdversarialModule(pl.LightningModule):
             0.75, 1.5 and 2 times ``eps``, those <= 1; ``[]``: no curve).
         pgd100: also report ``test/pgd100_acc`` (PGD-100).
         autoattack: also report ``test/autoattack_acc`` (torchattacks' standard AutoAttack; slow).
-        eval_only: test the checkpoint ``ckpt`` without training (``--eval-only``).
-        ckpt: an adversarial-suite checkpoint for ``eval_only`` (``--ckpt``).
-        lr: learning rate at ``base_batch_size``.
-        base_batch_size: the batch size ``lr`` is tuned for.
-        global_batch_size: ``B`` of the rule (``None``: from the DataModule and the trainer).
-        momentum: SGD momentum.
-        nesterov: Nesterov momentum.
-        weight_decay: L2 penalty on conv and linear weights.
-        warmup_epochs: epochs of linear warm-up.
-        lr_schedule: ``cosine``, ``multistep`` or ``constant`` after warm-up.
-        milestones: fractions of training at which ``multistep`` decays.
-        gamma: ``multistep`` decay factor.
+        lr, base_batch_size, global_batch_size, momentum, nesterov, weight_decay, warmup_epochs,
+            lr_schedule, milestones, gamma: the SGD + linear-rule settings, one checked group
+            (:class:`tasks.common.optim.SGDSettings`, held as :attr:`sgd`).
         norm_kwargs: extra keyword arguments for every norm layer.
 
     Raises:
         ValueError: for a radius or step outside [0, 1], a step count < 1, an unknown attack
-            or ``attack_norm_mode``, a ``clean_weight`` outside [0, 1], ``eval_only`` without
-            ``ckpt``, or bad norm arguments.
+            or ``attack_norm_mode``, a ``clean_weight`` outside [0, 1], or bad norm arguments.
     """
 
     def __init__(
@@ -182,8 +175,6 @@ class AdversarialModule(pl.LightningModule):
         curve_eps: list[float] | None = None,
         pgd100: bool = False,
         autoattack: bool = False,
-        eval_only: bool = False,
-        ckpt: str | None = None,
         lr: float = 0.1,
         base_batch_size: int = 32,
         global_batch_size: int | None = None,
@@ -219,10 +210,7 @@ class AdversarialModule(pl.LightningModule):
         if curve_eps is None:
             curve_eps = [f * self.eps for f in DEFAULT_CURVE_FRACTIONS if f * self.eps <= 1.0]
         self.curve_eps = sorted({check_eps("curve_eps", e) for e in curve_eps} - {0.0, self.eps})
-        if eval_only and not ckpt:
-            raise ValueError("--eval-only needs --ckpt PATH (a checkpoint of the adversarial task)")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
+        self.sgd = SGDSettings.of(locals())
         self.save_hyperparameters()
         channels = in_channels
         self.normalize = Normalize(mean or (0.5,) * channels, std or (0.5,) * channels)
@@ -405,11 +393,7 @@ class AdversarialModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD on the linearly scaled rate with a per-step warm-up + decay schedule."""
-        hp = self.hparams
-        return sgd_with_lr_rule(
-            self, hp.lr, hp.base_batch_size, hp.global_batch_size, hp.momentum, hp.nesterov, hp.weight_decay,
-            hp.warmup_epochs, hp.lr_schedule, hp.milestones, hp.gamma,
-        )  # fmt: skip
+        return self.sgd.configure(self)
 
 
 def _devices_of(device: torch.device) -> list[int]:

@@ -11,7 +11,7 @@ from torch import Tensor
 from tasks.common.backbones import build_backbone
 from tasks.common.metrics import classification_metrics
 from tasks.common.norms import norm_factory
-from tasks.common.optim import Schedule, sgd_with_lr_rule
+from tasks.common.optim import Schedule, SGDSettings
 
 __all__ = ["ClassificationModule"]
 
@@ -36,17 +36,9 @@ class ClassificationModule(pl.LightningModule):
         backbone: a :func:`tasks.common.backbones.available_backbones` name.
         num_classes: classifier outputs (the CLI links it from the DataModule).
         in_channels: input channels (the CLI links it from the DataModule).
-        lr: learning rate at ``base_batch_size``.
-        base_batch_size: the batch size ``lr`` is tuned for.
-        global_batch_size: ``B`` of the rule; ``None`` reads the DataModule's ``batch_size`` and
-            multiplies it by the number of devices and the gradient accumulation.
-        momentum: SGD momentum.
-        nesterov: Nesterov momentum.
-        weight_decay: L2 penalty on conv and linear weights.
-        warmup_epochs: epochs of linear warm-up (fractions allowed; 0 for none).
-        lr_schedule: ``cosine``, ``multistep`` or ``constant`` after warm-up.
-        milestones: fractions of training at which ``multistep`` decays.
-        gamma: ``multistep`` decay factor.
+        lr, base_batch_size, global_batch_size, momentum, nesterov, weight_decay, warmup_epochs,
+            lr_schedule, milestones, gamma: the SGD + linear-rule settings, one checked group
+            (:class:`tasks.common.optim.SGDSettings`, held as :attr:`sgd`).
         label_smoothing: cross-entropy label smoothing.
         norm_kwargs: extra keyword arguments for every norm layer (e.g. ``momentum``).
     """
@@ -73,8 +65,7 @@ class ClassificationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         norm_layer = norm_factory(norm, groups, norm_kwargs)
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs!r}")
+        self.sgd = SGDSettings.of(locals())
         self.save_hyperparameters()
         self.net = build_backbone(backbone, num_classes, in_channels, norm_layer)
         self.train_metrics = classification_metrics(num_classes, "train/")
@@ -111,8 +102,4 @@ class ClassificationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD on the linearly scaled rate with a per-step warm-up + decay schedule."""
-        hp = self.hparams
-        return sgd_with_lr_rule(
-            self, hp.lr, hp.base_batch_size, hp.global_batch_size, hp.momentum, hp.nesterov, hp.weight_decay,
-            hp.warmup_epochs, hp.lr_schedule, hp.milestones, hp.gamma,
-        )  # fmt: skip
+        return self.sgd.configure(self)

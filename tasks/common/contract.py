@@ -21,7 +21,10 @@ Example (a whole task's ``__init__.py``)::
     )
 
 Multi-stage tasks (NAS: search -> derive -> retrain) give :attr:`Task.run`, which replaces the
-runner's single fit + test and gets a :class:`TaskRun`; :attr:`Task.extra_results` adds fields to
+runner's single fit + test and gets a :class:`TaskRun`. What a run *does* (NAS's ``--stage``, the
+adversarial ``--eval-only --ckpt``) is a :class:`RunOption` of the task (:attr:`Task.options`):
+an option of the runner that the hook reads from :attr:`TaskRun.options`, never an init argument
+(and hyper-parameter) of the model; :attr:`Task.extra_results` adds fields to
 ``results.json`` (and may write files beside it, such as ``genotype.json``).
 """
 
@@ -39,7 +42,7 @@ from .validate import check_choice
 if TYPE_CHECKING:
     from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
-__all__ = ["AXIS_OWNERS", "Metric", "Task", "TaskRun", "check_axis"]
+__all__ = ["AXIS_OWNERS", "Metric", "RunOption", "Task", "TaskRun", "check_axis"]
 
 Direction = Literal["max", "min"]
 Unit = Literal["%", "", "s"]
@@ -56,8 +59,8 @@ class Metric:
         unit: ``%`` (logged as a fraction in [0, 1], shown in percent), ``""`` (shown as logged)
             or ``s`` (seconds).
         ci: the key of its 95 % confidence half-width in the same unit (few-shot episodes), if any.
-        stages: the ``model.stage`` values whose runs report it (NAS's ``search``, ``eval``...);
-            empty: every run.
+        stages: the values of the task's ``stage`` run option whose runs report it (NAS's
+            ``search``, ``eval``...); empty: every run.
     """
 
     name: str
@@ -89,6 +92,50 @@ class Metric:
         return f"{self.label} ({self.unit})" if self.unit else self.label
 
 
+@dataclass(frozen=True)
+class RunOption:
+    """A run mode of a task: an option of the runner (a top-level config key), handed to the
+    task's :attr:`Task.run` hook in :attr:`TaskRun.options`; not an init argument of the model.
+
+    Example: ``RunOption("stage", "what the run does", type=str, default="search+eval",
+    choices=("search", "eval", "search+eval"), legacy="model.stage")`` is ``--stage`` on the
+    command line and ``stage:`` in a config file.
+
+    Attributes:
+        name: the config key and argument (``--<name>``), a Python identifier.
+        help: what it does, for ``--help``.
+        type: its type for the parser (``bool``, ``str | None``...).
+        default: its value when not given.
+        flag: its shortcut flag, e.g. ``--eval-only`` (default ``--<name>`` with dashes).
+        value: set for a value-less flag: the value ``flag`` alone stands for (``"true"``).
+        choices: the accepted values (checked when parsed: ``unknown <name> 'x'; choose from: ...``).
+        legacy: where configs written before it was a run option set it (``model.stage``): the
+            command line's ``--model.stage X`` is rewritten to ``--stage X``; a config file's
+            ``model: {stage: X}`` is still read (unless the option is set at the top level too,
+            which wins), with one log line saying where it lives now.
+    """
+
+    name: str
+    help: str
+    type: Any = str | None
+    default: Any = None
+    flag: str | None = None
+    value: str | None = None
+    choices: tuple[Any, ...] = ()
+    legacy: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"RunOption: name must be a Python identifier, got {self.name!r}")
+        if self.flag is None:
+            object.__setattr__(self, "flag", "--" + self.name.replace("_", "-"))
+
+    @property
+    def argument(self) -> str:
+        """The parser's argument, ``--<name>``."""
+        return f"--{self.name}"
+
+
 class TaskRun(Protocol):
     """What a multi-stage hook (:attr:`Task.run`) gets from the runner for one ``bgn-task`` run.
 
@@ -98,6 +145,8 @@ class TaskRun(Protocol):
 
     config: dict[str, Any]
     """The full resolved config (``model``, ``data``, ``trainer``, ``seed_everything``)."""
+    options: dict[str, Any]
+    """The task's run options (:attr:`Task.options`) by name, as given or defaulted."""
     output: Path
     """The run's output directory (``results.json`` goes here)."""
     model: LightningModule
@@ -113,8 +162,9 @@ class TaskRun(Protocol):
     ) -> dict[str, float]:
         """Fit ``model``, test its best (or last) checkpoint; the ``val/*`` and ``test/*`` metrics."""
 
-    def make_trainer(self, stage: str) -> Trainer:
-        """A new Trainer from the run's config, logging and checkpointing under ``<output>/<stage>``."""
+    def make_trainer(self, stage: str, **overrides: Any) -> Trainer:
+        """A new Trainer from the run's config with ``overrides`` (trainer init arguments such as
+        ``max_epochs``), logging and checkpointing under ``<output>/<stage>``."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +187,12 @@ class Task:
         shortcuts: the task's own value shortcuts, flag -> LightningCLI argument, e.g.
             ``{"--method": "--model.method"}`` (beside the shared ``--norm``, ``--batch-size``...).
         flags: the task's own value-less shortcuts, flag -> (argument, value), e.g.
-            ``{"--eval-only": ("--model.eval_only", "true")}``.
+            ``{"--download": ("--data.download", "true")}``.
+        options: the task's run modes (:class:`RunOption`): options of the runner, in
+            :attr:`TaskRun.options` for :attr:`run`; their flags are shortcuts like the above.
+        check_options: ``hook(options, config)`` checking the run options against the parsed
+            config (``config.model.nodes``...) before anything is built; raises ``ValueError``
+            (shown as one line, exit code 2).
         run: multi-stage hook replacing the single fit + test; gets a :class:`TaskRun`.
         extra_results: ``hook(run) -> dict`` of extra ``results.json`` fields (it may also write
             files into ``run.output``).
@@ -157,6 +212,8 @@ class Task:
     bench_axes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     shortcuts: Mapping[str, str] = field(default_factory=dict)
     flags: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    options: tuple[RunOption, ...] = ()
+    check_options: Callable[[Mapping[str, Any], Any], None] | None = None
     run: Callable[[TaskRun], None] | None = None
     extra_results: Callable[[TaskRun], dict[str, Any]] | None = None
     bench_outputs: Callable[[list[tuple[str, dict[str, Any]]], Path], list[Path]] | None = None
@@ -175,11 +232,31 @@ class Task:
                 check_axis(key, values)
             except ValueError as err:
                 raise ValueError(f"Task {self.name}: bench {err}") from None
-        for flag in (*self.shortcuts, *self.flags):
+        for flag in (*self.shortcuts, *self.flags, *(o.flag for o in self.options)):
             if not flag.startswith("--") or "." in flag:
                 raise ValueError(f"Task {self.name}: shortcut {flag!r} must be a --flag without dots")
+        if len({o.name for o in self.options}) != len(self.options):
+            raise ValueError(f"Task {self.name}: duplicate run option names")
         if self.config is None:
             object.__setattr__(self, "config", f"{self.name}.yaml")
+
+    @property
+    def all_shortcuts(self) -> dict[str, str]:
+        """Value shortcuts: :attr:`shortcuts`, the run options' flags and their legacy ``--model.*`` keys."""
+        out = dict(self.shortcuts)
+        for o in self.options:
+            if o.value is None:
+                out[str(o.flag)] = o.argument
+            if o.legacy:
+                out[f"--{o.legacy}"] = o.argument
+        return out
+
+    @property
+    def all_flags(self) -> dict[str, tuple[str, str]]:
+        """Value-less shortcuts: :attr:`flags` and the run options' value-less flags."""
+        out = dict(self.flags)
+        out.update({str(o.flag): (o.argument, o.value) for o in self.options if o.value is not None})
+        return out
 
     @property
     def primary(self) -> Metric:

@@ -13,7 +13,8 @@ The rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; used by the GN and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule
@@ -25,9 +26,63 @@ from bgn_lightning import is_norm_layer
 
 from .validate import check_choice
 
-__all__ = ["Schedule", "lr_multiplier", "param_groups", "scaled_lr", "sgd_with_lr_rule", "warmup_scheduler"]
+__all__ = [
+    "SGDSettings", "Schedule", "lr_multiplier", "param_groups", "scaled_lr", "sgd_with_lr_rule",
+    "warmup_scheduler",
+]  # fmt: skip
 
 Schedule = Literal["cosine", "multistep", "constant"]
+
+
+@dataclass(frozen=True)
+class SGDSettings:
+    """The SGD + linear-rule settings of a task's model, as one checked group.
+
+    The suites that train with :func:`sgd_with_lr_rule` (classification, adversarial) take these
+    as init arguments under the same names (config keys ``model.lr``, ``model.warmup_epochs``...)
+    and hold them as ``self.sgd = SGDSettings.of(locals())``; ``configure_optimizers`` is
+    ``self.sgd.configure(self)``.
+
+    Attributes:
+        lr: learning rate at ``base_batch_size``.
+        base_batch_size: the batch size ``lr`` is tuned for.
+        global_batch_size: ``B`` of the rule; ``None`` reads the DataModule's ``batch_size`` and
+            multiplies it by the number of devices and the gradient accumulation.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 penalty on conv and linear weights (not norm affines and biases).
+        warmup_epochs: epochs of linear warm-up (fractions allowed; 0 for none).
+        lr_schedule: ``cosine``, ``multistep`` or ``constant`` after warm-up.
+        milestones: fractions of training at which ``multistep`` decays (``None``: 0.5, 0.75).
+        gamma: ``multistep`` decay factor.
+
+    Raises:
+        ValueError: ``warmup_epochs must be >= 0``.
+    """
+
+    lr: float = 0.1
+    base_batch_size: int = 32
+    global_batch_size: int | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    lr_schedule: Schedule = "cosine"
+    milestones: list[float] | None = None
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+
+    @classmethod
+    def of(cls, args: Mapping[str, Any]) -> SGDSettings:
+        """The settings among ``args`` (a model's init arguments or hparams; others are ignored)."""
+        return cls(**{f.name: args[f.name] for f in fields(cls) if f.name in args})
+
+    def configure(self, module: LightningModule) -> dict[str, Any]:
+        """``module``'s ``configure_optimizers``: :func:`sgd_with_lr_rule` with these settings."""
+        return sgd_with_lr_rule(module, **{f.name: getattr(self, f.name) for f in fields(self)})
 
 
 def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int) -> float:

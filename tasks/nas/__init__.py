@@ -14,7 +14,7 @@ from .genotype import Genotype, derive_cell, load_genotype
 from .module import STAGES, DartsEvalModule, DartsSearchModule
 from .networks import EvalNetwork, SearchNetwork
 from .ops import DARTS_OPS, OPS, build_op
-from .pipeline import genotype_agreement, nas_extra_results, run_nas
+from .pipeline import OPTIONS, check_options, genotype_agreement, nas_extra_results, run_nas
 
 TASK = Task(
     name="nas",
@@ -25,11 +25,9 @@ TASK = Task(
         Metric("test/search_acc", "supernet top-1 accuracy", stages=("search", "search+eval")),
     ),
     links=(("data.num_classes", "model.num_classes"), ("data.in_channels", "model.in_channels")),
-    shortcuts={
-        "--stage": "--model.stage",
-        "--genotype": "--model.genotype",
-        "--eval-norm": "--model.eval_norm",
-    },
+    shortcuts={"--eval-norm": "--model.eval_norm"},
+    options=OPTIONS,
+    check_options=check_options,
     run=run_nas,
     extra_results=nas_extra_results,
     bench_outputs=genotype_agreement,

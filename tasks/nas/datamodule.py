@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
@@ -79,6 +81,14 @@ class NasDataModule(VisionDataModule):
         weight_idx, arch_idx = train.indices[np.sort(order[n_arch:])], train.indices[np.sort(order[:n_arch])]
         self.weight_set = TransformSubset(train.dataset, weight_idx, train.transform)
         self.arch_set = TransformSubset(train.dataset, arch_idx, train.transform)
+
+    def retrain_view(self, batch_size: int | None = None) -> NasDataModule:
+        """This data for retraining the derived network: plain ``(x, y)`` batches of ``batch_size``
+        (``None``: this module's) from the whole training split; this module is left as it is."""
+        view = copy.copy(self)
+        view.paired = False
+        view.batch_size = self.batch_size if batch_size is None else batch_size
+        return view
 
     def train_dataloader(self) -> CombinedLoader | DataLoader:
         """Paired ``{"weights", "arch"}`` batches while :attr:`paired`, else the whole training split."""

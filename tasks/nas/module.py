@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,11 @@ from tasks.common.metrics import classification_metrics
 from tasks.common.norms import check_norm_args, norm_factory
 from tasks.common.validate import check_choice, check_int
 
-from .genotype import Genotype, entropy, load_genotype
+from .genotype import Genotype, entropy
 from .networks import EvalNetwork, SearchNetwork
 from .ops import DARTS_OPS, OPS
 
-__all__ = ["STAGES", "DartsEvalModule", "DartsSearchModule"]
+__all__ = ["STAGES", "DartsEvalModule", "DartsSearchModule", "RetrainSettings"]
 
 STAGES = ("search", "eval", "search+eval")
 """``--stage`` values: search only, retrain a given genotype, or both (the default)."""
@@ -33,6 +34,66 @@ ALPHAS_FILE = "search_alphas.jsonl"
 """Per-epoch softmax(alpha), its entropy and the genotype, one JSON object a line (search's root dir)."""
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """The settings of the retraining stage (the derived network and how it trains), resolved.
+
+    Built from :class:`DartsSearchModule`'s ``eval_*`` arguments (config keys ``model.eval_*``,
+    as before) with their defaults filled in; ``results.json`` records it as ``retrain``.
+
+    Attributes:
+        norm, groups, norm_kwargs: the derived network's norm (affine).
+        channels, cells: its initial channels and cells.
+        epochs: training epochs (the search's ``trainer.max_epochs`` when ``eval_epochs`` is null).
+        batch_size: samples per batch (the search's ``data.batch_size`` when ``eval_batch_size``
+            is null).
+        lr, lr_min, weight_decay, drop_path_prob: SGD with cosine from ``lr`` to ``lr_min``,
+            weight decay, final drop-path probability.
+    """
+
+    norm: str
+    groups: int | str
+    norm_kwargs: dict[str, Any] | None
+    channels: int
+    cells: int
+    epochs: int | None
+    batch_size: int | None
+    lr: float
+    lr_min: float
+    weight_decay: float
+    drop_path_prob: float
+
+    @classmethod
+    def of(cls, hp: Mapping[str, Any]) -> RetrainSettings:
+        """The settings of a :class:`DartsSearchModule`'s init arguments (its hparams or ``model`` config)."""
+        return cls(
+            norm=hp.get("eval_norm") or hp["norm"],
+            groups=hp["groups"] if hp.get("eval_groups") is None else hp["eval_groups"],
+            norm_kwargs=hp.get("eval_norm_kwargs") if hp.get("eval_norm_kwargs") is not None
+            else hp.get("norm_kwargs"),
+            channels=hp["eval_channels"],
+            cells=hp["eval_cells"],
+            epochs=hp.get("eval_epochs"),
+            batch_size=hp.get("eval_batch_size"),
+            lr=hp["eval_lr"],
+            lr_min=hp["eval_lr_min"],
+            weight_decay=hp["eval_weight_decay"],
+            drop_path_prob=hp["drop_path_prob"],
+        )
+
+    def resolved(self, max_epochs: int | None, batch_size: int) -> RetrainSettings:
+        """These settings with ``epochs`` and ``batch_size`` filled in from the search's."""
+        return replace(
+            self,
+            epochs=max_epochs if self.epochs is None else self.epochs,
+            batch_size=batch_size if self.batch_size is None else self.batch_size,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data (``results.json``)."""
+        return asdict(self)
 
 Batch = tuple[Tensor, Tensor]
 
@@ -82,8 +143,11 @@ class DartsSearchModule(pl.LightningModule):
     ``alpha/{normal,reduce}/<op>`` (its mean weight over edges), the genotype (log line) and all
     of it in ``<default_root_dir>/search_alphas.jsonl``.
 
-    The ``eval_*`` arguments configure the derived network that the task's run hook retrains
-    (:meth:`eval_module`); ``stage`` and ``genotype`` choose what the hook does.
+    The ``eval_*`` arguments (and ``drop_path_prob``) are the retraining stage's settings group,
+    :attr:`retrain` (:class:`RetrainSettings`): the derived network that the task's run hook
+    retrains (:meth:`eval_module`), its epochs and batch size. What the hook does is the task's
+    run options ``--stage`` and ``--genotype`` (:data:`tasks.nas.pipeline.OPTIONS`), not this
+    model's.
 
     Args:
         norm: registry norm of the search (non-affine in cells, affine in the stem).
@@ -108,9 +172,6 @@ class DartsSearchModule(pl.LightningModule):
         arch_weight_decay: weight decay of alpha.
         grad_clip: gradient-norm clip of the weight step.
         unrolled: second-order (unrolled) alpha gradient instead of first order.
-        stage: ``search``, ``eval`` or ``search+eval``.
-        genotype: a ``genotype.json`` (or a ``results.json`` holding one) to retrain with
-            ``stage=eval``.
         eval_channels: initial channels of the derived network.
         eval_cells: cells of the derived network.
         eval_epochs: epochs of retraining (``None``: the trainer's ``max_epochs``).
@@ -121,9 +182,7 @@ class DartsSearchModule(pl.LightningModule):
         drop_path_prob: final drop-path probability of retraining (ramped up linearly).
 
     Raises:
-        ValueError: for an unknown op or stage, a bad norm argument, a genotype file that is
-            malformed, names ops outside ``ops`` or has more nodes than ``nodes``, or a genotype
-            given for a stage that derives its own.
+        ValueError: for an unknown op or a bad norm argument.
     """
 
     def __init__(
@@ -150,8 +209,6 @@ class DartsSearchModule(pl.LightningModule):
         arch_weight_decay: float = 1e-3,
         grad_clip: float = 5.0,
         unrolled: bool = False,
-        stage: str = "search+eval",
-        genotype: str | None = None,
         eval_channels: int = 36,
         eval_cells: int = 20,
         eval_epochs: int | None = None,
@@ -162,7 +219,6 @@ class DartsSearchModule(pl.LightningModule):
         drop_path_prob: float = 0.2,
     ) -> None:
         super().__init__()
-        check_choice("stage", stage, STAGES)
         self.space_ops = _check_ops(ops)
         _check_norm_kwargs(norm_kwargs, "norm_kwargs")
         _check_norm_kwargs(eval_norm_kwargs, "eval_norm_kwargs")
@@ -178,15 +234,6 @@ class DartsSearchModule(pl.LightningModule):
             raise ValueError(f"drop_path_prob must be in [0, 1), got {drop_path_prob!r}")
         if grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0, got {grad_clip!r}")
-        self.given_genotype: Genotype | None = None
-        if stage == "eval":
-            if genotype is None:
-                raise ValueError("stage 'eval' retrains a given genotype: pass --genotype FILE")
-            self.given_genotype = load_genotype(genotype, self.space_ops, max_nodes=nodes)
-        elif genotype is not None:
-            raise ValueError(
-                f"--genotype {genotype} is only read by --stage eval; stage {stage!r} derives its own"
-            )
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.net = SearchNetwork(
@@ -204,26 +251,31 @@ class DartsSearchModule(pl.LightningModule):
         """The genotype derived from the current alpha (top-2 non-``none`` inputs per node)."""
         return self.net.genotype()
 
+    @property
+    def retrain(self) -> RetrainSettings:
+        """The retraining stage's settings (the ``eval_*`` arguments, norm defaults filled in)."""
+        return RetrainSettings.of(self.hparams)
+
     def eval_module(self, genotype: Genotype) -> DartsEvalModule:
-        """The derived network of ``genotype`` with this module's ``eval_*`` settings, to retrain."""
-        hp = self.hparams
+        """The derived network of ``genotype`` with the :attr:`retrain` settings, to retrain."""
+        hp, settings = self.hparams, self.retrain
         return DartsEvalModule(
             genotype=genotype.to_dict(),
             ops=list(self.space_ops),
-            norm=hp.eval_norm or hp.norm,
-            groups=hp.groups if hp.eval_groups is None else hp.eval_groups,
-            norm_kwargs=hp.norm_kwargs if hp.eval_norm_kwargs is None else hp.eval_norm_kwargs,
+            norm=settings.norm,
+            groups=settings.groups,
+            norm_kwargs=settings.norm_kwargs,
             num_classes=hp.num_classes,
             in_channels=hp.in_channels,
-            channels=hp.eval_channels,
-            cells=hp.eval_cells,
+            channels=settings.channels,
+            cells=settings.cells,
             stem_multiplier=hp.stem_multiplier,
-            lr=hp.eval_lr,
-            lr_min=hp.eval_lr_min,
+            lr=settings.lr,
+            lr_min=settings.lr_min,
             momentum=hp.momentum,
-            weight_decay=hp.eval_weight_decay,
+            weight_decay=settings.weight_decay,
             grad_clip=hp.grad_clip,
-            drop_path_prob=hp.drop_path_prob,
+            drop_path_prob=settings.drop_path_prob,
             search_norm=hp.norm,
         )
 

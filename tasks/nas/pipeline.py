@@ -4,31 +4,75 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.common.contract import TaskRun
+from tasks.common.contract import RunOption, TaskRun
 from tasks.common.errors import TaskConfigError
 
 from .datamodule import NasDataModule
-from .genotype import Genotype
-from .module import DartsEvalModule, DartsSearchModule
+from .genotype import Genotype, load_genotype
+from .module import STAGES, DartsEvalModule, DartsSearchModule, RetrainSettings, _check_ops
 from .ops import DARTS_OPS
 from .plot import draw_genotype
 
-__all__ = ["GENOTYPE_FILE", "GENOTYPE_PNG", "genotype_agreement", "nas_extra_results", "run_nas"]
+__all__ = [
+    "GENOTYPE_FILE", "GENOTYPE_PNG", "OPTIONS", "check_options", "genotype_agreement", "nas_extra_results",
+    "retrain_settings", "run_nas",
+]  # fmt: skip
 
 GENOTYPE_FILE = "genotype.json"
 GENOTYPE_PNG = "genotype.png"
 AGREEMENT_FILE = "genotype_agreement.md"
 
+OPTIONS = (
+    RunOption(
+        "stage", "what the run does: search, eval (retrain --genotype) or search+eval", type=str,
+        default="search+eval", choices=STAGES, legacy="model.stage",
+    ),
+    RunOption(
+        "genotype", "a genotype.json (or a results.json holding one) for --stage eval",
+        legacy="model.genotype",
+    ),
+)  # fmt: skip
+"""The suite's run options: ``--stage`` and ``--genotype`` (``stage:`` / ``genotype:`` in a config)."""
+
+
+def given_genotype(options: Mapping[str, Any], ops: Sequence[str] | None, nodes: int) -> Genotype | None:
+    """The genotype ``--stage eval`` retrains (``None`` for the stages that search).
+
+    Raises:
+        ValueError: ``--stage eval`` without ``--genotype``, a ``--genotype`` for a stage that
+            derives its own, or a genotype file that is malformed, names ops outside ``ops`` or
+            has more nodes than ``nodes``.
+    """
+    stage, genotype = options["stage"], options["genotype"]
+    if stage == "eval":
+        if genotype is None:
+            raise ValueError("stage 'eval' retrains a given genotype: pass --genotype FILE")
+        return load_genotype(genotype, _check_ops(ops), max_nodes=nodes)
+    if genotype is not None:
+        raise ValueError(
+            f"--genotype {genotype} is only read by --stage eval; stage {stage!r} derives its own"
+        )
+    return None
+
+
+def check_options(options: Mapping[str, Any], config: Any) -> None:
+    """The run options against the model's space (``model.ops``, ``model.nodes``): :func:`given_genotype`."""
+    model = config.model
+    given_genotype(options, model.get("ops"), model.get("nodes"))
+
 
 def run_nas(run: TaskRun) -> None:
     """``--stage search``: fit + test the supernet; ``eval``: retrain ``--genotype``; ``search+eval``: both.
 
-    The derived network trains with ``run.make_trainer("eval")`` (logs and checkpoints under
-    ``<output>/eval``) for ``model.eval_epochs`` epochs (default: the trainer's), on plain batches
-    of ``model.eval_batch_size`` (default: ``data.batch_size``) from the whole training split.
+    The derived network trains with ``run.make_trainer("eval", max_epochs=...)`` (logs and
+    checkpoints under ``<output>/eval``) for ``model.eval_epochs`` epochs (null: the trainer's), on
+    plain batches of ``model.eval_batch_size`` (null: ``data.batch_size``) from the whole training
+    split (:meth:`NasDataModule.retrain_view`): :func:`retrain_settings`, recorded in
+    ``results.json`` as ``retrain``. Neither the run's DataModule nor its config is changed.
     ``run.metrics`` gets the supernet's ``test/search_*`` and the derived network's ``test/*``.
 
     Raises:
@@ -37,27 +81,32 @@ def run_nas(run: TaskRun) -> None:
     search, data = run.model, run.datamodule
     if not isinstance(search, DartsSearchModule) or not isinstance(data, NasDataModule):
         raise TaskConfigError("nas: the model must be a DartsSearchModule and the data a NasDataModule")
-    stage = search.hparams.stage
+    stage = run.options["stage"]
     metrics: dict[str, float] = {}
     if stage == "eval":
-        genotype = search.given_genotype
-        assert genotype is not None  # checked at init
+        genotype = given_genotype(run.options, search.space_ops, search.hparams.nodes)
+        assert genotype is not None  # checked when parsed
     else:
         data.paired = True
         metrics.update(run.fit_and_test(search, run.trainer))
         genotype = search.genotype()
     if stage != "search":
-        data.paired = False
-        if search.hparams.eval_batch_size is not None:
-            data.batch_size = search.hparams.eval_batch_size
+        settings = retrain_settings(run)
         model = search.eval_module(genotype)
-        trainer = run.make_trainer("eval")
-        if search.hparams.eval_epochs is not None:
-            trainer.fit_loop.max_epochs = search.hparams.eval_epochs
-        metrics.update(run.fit_and_test(model, trainer))
+        trainer = run.make_trainer("eval", max_epochs=settings.epochs)
+        metrics.update(run.fit_and_test(model, trainer, data.retrain_view(settings.batch_size)))
     if stage == "eval":  # nothing was searched: the reported network's norm is the run's
-        run.norm = search.hparams.eval_norm or search.hparams.norm
+        run.norm = search.retrain.norm
     run.metrics = metrics
+
+
+def retrain_settings(run: TaskRun) -> RetrainSettings:
+    """The retraining stage's settings from the run's config, its epochs and batch size resolved
+    (``model.eval_epochs`` / ``model.eval_batch_size``; null: ``trainer.max_epochs`` /
+    ``data.batch_size``)."""
+    config = run.config
+    settings = RetrainSettings.of(config["model"])
+    return settings.resolved(config["trainer"].get("max_epochs"), config["data"]["batch_size"])
 
 
 def _final_genotype(run: TaskRun) -> Genotype:
@@ -70,10 +119,11 @@ def nas_extra_results(run: TaskRun) -> dict[str, Any]:
 
     Fields: ``genotype`` (its JSON form), ``stage``, ``search_norm`` (``model.norm``; ``null`` for
     ``--stage eval``, which searched nothing), ``eval_norm`` (the derived network's norm; ``null``
-    for ``--stage search``).
+    for ``--stage search``), ``retrain`` (the retraining stage's resolved settings,
+    :func:`retrain_settings`; ``null`` for ``--stage search``).
     """
     model_cfg = run.config.get("model") or {}
-    stage = model_cfg.get("stage", "search+eval")
+    stage = run.options["stage"]
     genotype = _final_genotype(run)
     if run.trainer.is_global_zero:
         run.output.mkdir(parents=True, exist_ok=True)
@@ -86,6 +136,7 @@ def nas_extra_results(run: TaskRun) -> dict[str, Any]:
         "stage": stage,
         "search_norm": model_cfg.get("norm") if stage != "eval" else None,
         "eval_norm": (model_cfg.get("eval_norm") or model_cfg.get("norm")) if stage != "search" else None,
+        "retrain": retrain_settings(run).to_dict() if stage != "search" else None,
     }
 
 

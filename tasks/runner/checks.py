@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tasks.common.errors import UsageError
+from tasks.common.errors import UsageError, UserError
 from tasks.common.validate import check_choice
 
-__all__ = ["check_config", "check_config_files", "did_you_mean"]
+if TYPE_CHECKING:
+    from tasks.common.contract import Task
+
+__all__ = ["check_config", "check_config_files", "check_options", "did_you_mean"]
 
 
 def check_config(config: Any, datasets: Sequence[str] | None) -> None:
@@ -35,6 +38,27 @@ def check_config(config: Any, datasets: Sequence[str] | None) -> None:
     dataset = config.data.get("dataset")
     if datasets is not None and dataset is not None:
         check_choice("dataset", dataset, datasets)
+
+
+def check_options(task: Task, config: Any) -> None:
+    """The task's run options (:attr:`Task.options <tasks.common.contract.Task>`): their choices,
+    then the task's own :attr:`~tasks.common.contract.Task.check_options` hook.
+
+    Raises:
+        TaskConfigError: ``unknown <option> 'x'; choose from: ...``.
+        UsageError: for what the task's hook refuses (its ``ValueError``).
+    """
+    options = {o.name: config.get(o.name) for o in task.options}
+    for option in task.options:
+        if option.choices:
+            check_choice(option.name, options[option.name], option.choices)
+    if task.check_options is not None:
+        try:
+            task.check_options(options, config)
+        except UserError:
+            raise
+        except (ValueError, FileNotFoundError) as err:
+            raise UsageError(str(err).splitlines()[0], debug_hint=True) from err
 
 
 def check_config_files(argv: Sequence[str]) -> None:

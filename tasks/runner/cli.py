@@ -119,7 +119,7 @@ def _dispatch(command: str, rest: list[str], debug: bool) -> int:
 
     check_choice("task", command, [*discovery.available_tasks(), "bench"])
     task = discovery.load_task(command)
-    args = translate_shortcuts(rest, task.shortcuts, task.flags)
+    args = translate_shortcuts(rest, task.all_shortcuts, task.all_flags)
     return run_task(task, args, command=[PROG, command, *rest])
 
 

@@ -57,6 +57,7 @@ class Run:
         self.task = task
         self.cli = cli
         self.config: dict[str, Any] = _plain_config(cli)
+        self.options: dict[str, Any] = {o.name: cli.config.get(o.name) for o in task.options}
         self.output = Path(cli.config.trainer.default_root_dir)
         self.model: LightningModule = cli.model
         self.datamodule: LightningDataModule = cli.datamodule
@@ -118,8 +119,9 @@ class Run:
         self.model, self.trainer, self.checkpoint = model, trainer, checkpoint
         return metrics
 
-    def make_trainer(self, stage: str) -> Trainer:
-        """A new Trainer from the run's ``trainer`` config, writing under ``<output>/<stage>``."""
+    def make_trainer(self, stage: str, **overrides: Any) -> Trainer:
+        """A new Trainer from the run's ``trainer`` config with ``overrides`` (trainer init
+        arguments, e.g. ``max_epochs``), writing under ``<output>/<stage>``."""
         from lightning.pytorch import Trainer
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -127,6 +129,7 @@ class Run:
 
         root = self.output / stage
         kwargs = copy.deepcopy(self._trainer_init)
+        kwargs.update(overrides)
         kwargs["default_root_dir"] = str(root)
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = loggers(root)
@@ -256,7 +259,7 @@ def _run(
     extra = task.extra_results(run) if task.extra_results is not None else {}
     extra = {"images": POLICY.record(), "bgn_kernels": _kernel_path(run.model), **extra}
     if run.trainer.is_global_zero:
-        stage = run.config["model"].get("stage")
+        stage = run.options.get("stage")
         declared = [m for m in task.metrics if not m.stages or stage in m.stages]
         missing = [m.name for m in declared if m.name not in run.metrics]
         if missing:

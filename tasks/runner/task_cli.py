@@ -26,8 +26,8 @@ from tasks.common.images import POLICY
 from tasks.common.progress import LogProgress
 from tasks.common.validate import check_int
 
-from . import PROG
-from .checks import check_config, did_you_mean
+from . import PROG, log
+from .checks import check_config, check_options, did_you_mean
 from .folders import claim_output, last_checkpoint, run_entries
 from .shortcuts import FLAG_SHORTCUTS, SHORTCUTS
 
@@ -107,6 +107,14 @@ class TaskCLI(LightningCLI):
             help="continue the unfinished run in --output from its last checkpoint "
             "(<output>/checkpoints): same command plus --resume",
         )
+        for option in self.task.options:
+            shortcut = f" (shortcut {option.flag})" if option.flag != option.argument else ""
+            parser.add_argument(option.argument, type=option.type, default=option.default,
+                                help=f"{option.help}{shortcut}")  # fmt: skip
+        for option in self.task.options:  # configs written before it moved set it there
+            if option.legacy:
+                parser.add_argument(f"--{option.legacy}", type=option.type | None, default=None,
+                                    help=f"old place of --{option.name}")  # fmt: skip
         for source, target in self.task.links:
             parser.link_arguments(source, target, apply_on="instantiate")
 
@@ -121,10 +129,29 @@ class TaskCLI(LightningCLI):
             self.config = parser.parse_args(args)
         except ArgumentError as err:  # unknown key, bad type, ...: the message, not the usage
             message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-            shortcuts = [*SHORTCUTS, *FLAG_SHORTCUTS, *task.shortcuts, *task.flags]
+            shortcuts = [*SHORTCUTS, *FLAG_SHORTCUTS, *task.all_shortcuts, *task.all_flags]
             hint = did_you_mean(message, [*parser._option_string_actions, *shortcuts])
             raise UsageError(f"{message}{hint} ('{PROG} {task.name} --help' lists the options)") from err
         check_config(self.config, getattr(task.datamodule_class, "DATASETS", None))
+        self._move_legacy_options()
+        check_options(task, self.config)
+
+    def _move_legacy_options(self) -> None:
+        """Run options set at their old place (``model.stage`` in a config file) move to their
+        own key (``stage``), unless that was set too (it wins); one log line says where they went."""
+        for option in self.task.options:
+            if not option.legacy:
+                continue
+            owner, _, key = option.legacy.partition(".")
+            value = self.config[owner].pop(key, None)
+            if value is None:
+                continue
+            if self.config.get(option.name) == option.default:
+                self.config[option.name] = value
+            log.info(
+                "%s: %s moved to the run option '%s' (top-level '%s:', or %s); read from its old place",
+                PROG, option.legacy, option.name, option.name, option.flag,
+            )  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         """Apply ``--threads`` and ``--bad_images``, default and claim the output folder."""
