@@ -280,15 +280,18 @@ def _check_target(to: str, dim: int | None, on_unknown: str) -> None:
         )
 
 
-def _unknown_message(layers: list[tuple[str, nn.Module]]) -> str:
+_WAY_OUT = ", or pass on_unknown='warn' to leave such layers as they are"
+
+
+def _unknown_message(layers: list[tuple[str, nn.Module]], ending: str = _WAY_OUT) -> str:
     paths = ", ".join(
         f"{path} ({type(layer).__module__}.{type(layer).__qualname__})" for path, layer in layers
     )
     return (
         f"convert_norms: {len(layers)} layer{'s' if len(layers) != 1 else ''} of the source types "
         f"compute{'s' if len(layers) == 1 else ''} more than a norm in forward(), which the new norm would "
-        f"silently drop: {paths}. Register an adapter (bgn_lightning.register_norm_adapter(cls, fn)), "
-        f"or pass on_unknown='warn' to leave such layers as they are"
+        f"silently drop: {paths}. Register an adapter (bgn_lightning.register_norm_adapter(cls, fn))"
+        f"{ending}"
     )
 
 
@@ -327,8 +330,7 @@ def convert_tree(
     if unknown and on_unknown == "error":
         raise ValueError(_unknown_message(unknown))
     if unknown:
-        warnings.warn(_unknown_message(unknown).replace(", or pass on_unknown='warn' to leave such layers as "
-                                                        "they are", "; left as they are"), stacklevel=3)
+        warnings.warn(_unknown_message(unknown, "; left as they are"), stacklevel=3)
     skip = {id(layer) for _, layer in unknown}
     report = ConversionReport()
     converted: dict[int, nn.Module] = {}  # id(old layer) -> new layer, keeps shared layers shared
