@@ -20,6 +20,7 @@ from ._ext import cpu_kernels_available
 from ._triton import cuda_kernels_available
 from .convert import ConversionReport, convert_norm_layer, convert_norms, register_norm_adapter
 from .functional import auto_num_groups, batch_group_norm
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, set_norm_batch_size
 from .interop import keeps_running_stats, norm_aware_attack, norm_mode, set_norm_mode
 from .layers import (
     BatchGroupNorm,
@@ -65,6 +66,9 @@ __all__ = [
     "BatchGroupNorm2d",
     "BatchGroupNorm3d",
     "ConversionReport",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "NormAct",
     "NormAwareSWA",
     "NormSwap",
@@ -87,5 +91,6 @@ __all__ = [
     "register_norm",
     "register_norm_adapter",
     "revert_sync_batchgroupnorm",
+    "set_norm_batch_size",
     "set_norm_mode",
 ]

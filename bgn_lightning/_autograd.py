@@ -52,6 +52,7 @@ __all__ = [
     "batch_group_norm_train",
     "cast",
     "cell_affine",
+    "chunked_batch_group_norm",
     "closed_form_backward",
     "composite_batch_group_norm",
     "composite_only",
@@ -440,6 +441,45 @@ def composite_batch_group_norm(
     if bias is not None:
         y = y + bias.view(shape)
     return y.to(x.dtype), mean, var
+
+
+def chunked_batch_group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float, chunk: int
+) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """Training-mode BGN with ghost batches, from differentiable ops: every run of ``chunk``
+    consecutive samples is normalized with its own per-group statistics.
+
+    The chunks are one view of the batch, ``(N / chunk, chunk, G, L)``; when ``chunk`` does not
+    divide ``N`` the last, smaller chunk is a second view (never a loop over chunks). Native autograd
+    differentiates it (double backward and ``torch.compile`` included).
+
+    Returns:
+        ``(y, mean, var, counts)``: the output (``x``'s dtype and memory format), the ``(K, G)``
+        per-chunk means and biased variances (float32 at least, detached) and the values per
+        group of each of the ``K`` chunks.
+    """
+    n = x.shape[0]
+    full = n // chunk * chunk
+    acc = cast(x.reshape(n, num_groups, -1), compute_dtype(x))
+    group_size = acc.shape[-1]
+    pieces = [acc[:full].view(full // chunk, chunk, num_groups, group_size)] if full else []
+    if full < n:  # the last device's smaller batch
+        pieces.append(acc[full:].unsqueeze(0))
+    outputs, means, variances = [], [], []
+    for piece in pieces:  # at most two views: the full chunks, then the last one
+        var, mean = torch.var_mean(piece, dim=(1, 3), correction=0, keepdim=True)
+        outputs.append(((piece - mean) * torch.rsqrt(var + eps)).reshape(-1, num_groups, group_size))
+        means.append(mean.view(-1, num_groups))
+        variances.append(var.view(-1, num_groups))
+    y = (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).view(x.shape)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    counts = [chunk * group_size] * (full // chunk) + ([(n - full) * group_size] if full < n else [])
+    mean, var = torch.cat(means).detach(), torch.cat(variances).detach()
+    return y.to(x.dtype).contiguous(memory_format=memory_format(x)), mean, var, counts
 
 
 def _composite_backward(

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import batch_group_norm_eval, batch_group_norm_train, composite_only
+from ._autograd import batch_group_norm_eval, batch_group_norm_train, chunked_batch_group_norm, composite_only
 from ._ext import cpu_kernels, cpu_kernels_reason
-from ._shared import needs_grad, update_running
+from ._shared import needs_grad, update_running, update_running_chunks
 from ._triton import KernelFailure, TritonKernels, cuda_kernels, disable
 
 __all__ = ["NATIVE", "Backend", "FusedBackend", "NativeBackend", "Selection", "fused_kernels", "select"]
@@ -45,7 +45,8 @@ class Backend(Protocol):
     """The raw fused kernels (the C++ module, :class:`~bgn_lightning._triton.TritonKernels`) or ``None``."""
 
     def train(self, x: Tensor, *, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
-              running_mean: Tensor | None, running_var: Tensor | None, factor: float) -> Tensor:
+              running_mean: Tensor | None, running_var: Tensor | None, factor: float,
+              chunk: int | None = None, running_average: bool = False) -> Tensor:
         """Training-mode BGN with the batch statistics of ``x`` (more than one value per group).
 
         Args:
@@ -57,6 +58,11 @@ class Backend(Protocol):
             running_mean: ``(G,)`` buffer lerped towards the batch mean in place, or ``None``.
             running_var: ``(G,)`` buffer lerped towards the unbiased batch variance, or ``None``.
             factor: the lerp factor (momentum, or ``1 / num_batches_tracked``).
+            chunk: ghost batches: every ``chunk`` consecutive samples (the last chunk may be
+                smaller) are normalized with their own statistics; ``None`` or ``chunk >= N``: the
+                whole batch (more than one value per group in every chunk).
+            running_average: with chunks, lerp the running statistics towards the mean over chunks
+                of each chunk's statistics instead of towards chunk 0's.
 
         Returns:
             The output, in ``x``'s dtype and memory format.
@@ -91,8 +97,15 @@ class NativeBackend:
         return "NativeBackend()"
 
     def train(self, x: Tensor, *, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
-              running_mean: Tensor | None, running_var: Tensor | None, factor: float) -> Tensor:
+              running_mean: Tensor | None, running_var: Tensor | None, factor: float,
+              chunk: int | None = None, running_average: bool = False) -> Tensor:
         """See :meth:`Backend.train`."""
+        if chunk is not None and chunk < x.shape[0]:
+            y, mean, var, counts = chunked_batch_group_norm(x, num_groups, weight, bias, eps, chunk)
+            if running_mean is not None and running_var is not None:
+                update_running_chunks(running_mean, running_var, mean, var, counts=counts, factor=factor,
+                                      average=running_average)
+            return y
         if num_groups == x.shape[1] and x.dtype in (torch.float32, torch.float64):
             # G = C is BatchNorm: the native kernel, running statistics included.
             return F.batch_norm(x, running_mean, running_var, weight, bias, True, factor, eps)
@@ -129,8 +142,13 @@ class FusedBackend:
         return f"FusedBackend({self.name!r})"
 
     def train(self, x: Tensor, *, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
-              running_mean: Tensor | None, running_var: Tensor | None, factor: float) -> Tensor:
+              running_mean: Tensor | None, running_var: Tensor | None, factor: float,
+              chunk: int | None = None, running_average: bool = False) -> Tensor:
         """See :meth:`Backend.train`."""
+        if chunk is not None and chunk < x.shape[0]:
+            return NATIVE.train(x, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
+                                running_mean=running_mean, running_var=running_var, factor=factor,
+                                chunk=chunk, running_average=running_average)
         try:
             return self.kernels.train(x, weight, bias, num_groups, eps, running_mean, running_var, factor)
         except KernelFailure as err:

@@ -15,8 +15,8 @@ from typing import Generic, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["LoadOnce", "channels_last", "memory_format", "needs_grad", "running_factor", "switched_off",
-           "update_running"]
+__all__ = ["LoadOnce", "channels_last", "chunk_count", "memory_format", "needs_grad", "running_factor",
+           "switched_off", "update_running", "update_running_chunks"]
 
 T = TypeVar("T")
 
@@ -112,3 +112,38 @@ def update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var:
         else:
             running_mean.lerp_(mean.to(running_mean.dtype), factor)
             running_var.lerp_(unbiased.to(running_var.dtype), factor)
+
+
+def chunk_count(batch_size: int, chunk: int | None) -> int:
+    """How many chunks of ``chunk`` consecutive samples a batch of ``batch_size`` splits into.
+
+    ``None`` (or a chunk at least as large as the batch) is one chunk: the whole batch.
+    """
+    if chunk is None or chunk >= batch_size:
+        return 1
+    return -(-batch_size // chunk)
+
+
+def update_running_chunks(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, *,
+                          counts: list[int], factor: float, average: bool) -> None:
+    """:func:`update_running` from per-chunk statistics (ghost batches).
+
+    Args:
+        running_mean: ``(G,)`` buffer, updated in place.
+        running_var: ``(G,)`` buffer of unbiased variances, updated in place.
+        mean: ``(K, G)`` per-chunk means.
+        var: ``(K, G)`` per-chunk biased variances.
+        counts: values per group in each of the ``K`` chunks.
+        factor: the lerp factor.
+        average: lerp towards the mean over chunks of each chunk's mean and unbiased variance;
+            otherwise towards chunk 0's (the first device's statistics, which DDP's buffer
+            broadcast keeps).
+    """
+    if not average:
+        update_running(running_mean, running_var, mean[0], var[0], count=counts[0], factor=factor)
+        return
+    with torch.no_grad():
+        correction = torch.tensor([c / (c - 1) for c in counts], dtype=var.dtype, device=var.device)
+        unbiased = (var * correction[:, None]).mean(0)
+        running_mean.lerp_(mean.mean(0).to(running_mean.dtype), factor)
+        running_var.lerp_(unbiased.to(running_var.dtype), factor)

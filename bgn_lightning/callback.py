@@ -29,6 +29,7 @@ from torch import nn
 
 from . import _lightning
 from .convert import _ON_UNKNOWN, DEFAULT_SOURCE_TYPES, OnUnknown, convert_tree
+from .functional import check_norm_batch_size
 from .registry import available_norms
 
 __all__ = ["NormSwap"]
@@ -97,6 +98,10 @@ class NormSwap(pl.Callback):
         num_groups: ``G`` for the new layers (int or ``"auto"``); ``None`` keeps the norm's
             default. Every registry norm accepts ``"auto"``. A named argument (not only part of
             ``**kwargs``) so that LightningCLI can set it: ``--trainer.callbacks.num_groups=8``.
+        norm_batch_size: ghost batches (:mod:`bgn_lightning.ghost`): in training, every run of
+            this many samples is normalized with its own statistics (``bn`` and ``bgn``; the norms
+            without batch statistics warn that it has no effect). With ``sync=True`` the layers then
+            synchronize nothing. ``None``: the whole batch.
         **kwargs: further arguments of the new layers, e.g. ``eps``, ``momentum``; plain values
             only (str, int, float, bool, None), since they are saved in checkpoints.
 
@@ -105,8 +110,8 @@ class NormSwap(pl.Callback):
 
     Raises:
         ValueError: for an unknown ``norm``, a ``types`` entry that is not an ``nn.Module``
-            subclass, a bad ``dim`` or ``on_unknown``, or a keyword value that cannot be saved
-            in a checkpoint.
+            subclass, a bad ``dim``, ``on_unknown`` or ``norm_batch_size``, or a keyword value
+            that cannot be saved in a checkpoint.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class NormSwap(pl.Callback):
         dim: int | None = None,
         num_groups: int | str | None = None,
         on_unknown: OnUnknown = "error",
+        norm_batch_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         if norm not in available_norms():
@@ -127,6 +133,9 @@ class NormSwap(pl.Callback):
             raise ValueError(
                 f"NormSwap: on_unknown must be one of {', '.join(_ON_UNKNOWN)}, got {on_unknown!r}"
             )
+        check_norm_batch_size(norm_batch_size, "NormSwap")
+        if norm_batch_size is not None:
+            kwargs = {"norm_batch_size": norm_batch_size, **kwargs}
         if num_groups is not None:
             kwargs = {"num_groups": num_groups, **kwargs}
         for key, value in kwargs.items():

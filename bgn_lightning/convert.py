@@ -560,7 +560,7 @@ class _PendingChannelStats:
             return  # the layer's own forward reports bad input
         c, d = layer.num_features, x[0].numel()
         if layer.num_groups is None:
-            layer.fix_num_groups(x.shape[0], d)
+            layer.fix_num_groups(layer.statistics_batch_size(x.shape[0]), d)
         elif int(layer.num_batches_tracked) > 0:
             self._remove(layer)
             return

@@ -18,13 +18,45 @@ cost. The layers (:mod:`bgn_lightning.layers`) call the same dispatch after thei
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from torch import Tensor
 
 from ._backends import select
 from ._shared import running_factor
 
-__all__ = ["auto_num_groups", "batch_group_norm", "check_num_groups", "valid_num_groups"]
+__all__ = [
+    "RunningStatsFrom",
+    "auto_num_groups",
+    "batch_group_norm",
+    "check_norm_batch_size",
+    "check_num_groups",
+    "check_running_stats_from",
+    "valid_num_groups",
+]
+
+RunningStatsFrom = Literal["first", "mean"]
+"""With ghost batches, what the running statistics follow: chunk 0's statistics, or their mean over chunks."""
+
+
+def check_norm_batch_size(norm_batch_size: object, where: str) -> None:
+    """Raise ``ValueError`` unless ``norm_batch_size`` is ``None`` or a positive int."""
+    if norm_batch_size is None:
+        return
+    if isinstance(norm_batch_size, bool) or not isinstance(norm_batch_size, int) or norm_batch_size < 1:
+        raise ValueError(
+            f"{where}: norm_batch_size must be a positive int (the samples each set of batch "
+            f"statistics covers) or None (the whole batch), got {norm_batch_size!r}"
+        )
+
+
+def check_running_stats_from(running_stats_from: object, where: str) -> None:
+    """Raise ``ValueError`` unless ``running_stats_from`` is ``"first"`` or ``"mean"``."""
+    if running_stats_from not in ("first", "mean"):
+        raise ValueError(
+            f"{where}: running_stats_from must be 'first' (chunk 0's statistics, as DDP's buffer "
+            f"broadcast keeps) or 'mean' (their mean over chunks), got {running_stats_from!r}"
+        )
 
 
 def check_num_groups(num_groups: int, num_channels: int, feature_numel: int, where: str) -> None:
@@ -61,6 +93,8 @@ def batch_group_norm(
     momentum: float | None = 0.1,
     eps: float = 1e-5,
     num_batches_tracked: Tensor | None = None,
+    norm_batch_size: int | None = None,
+    running_stats_from: RunningStatsFrom = "first",
 ) -> Tensor:
     """Apply Batch Group Normalization to ``x`` of shape ``(N, C, *S)``.
 
@@ -77,6 +111,13 @@ def batch_group_norm(
             cumulative moving average (needs ``num_batches_tracked``, already incremented).
         eps: added to the variance for numerical stability.
         num_batches_tracked: counter used when ``momentum`` is ``None``.
+        norm_batch_size: ``b``, ghost batches (training only): the batch is normalized as runs of
+            ``b`` consecutive samples, each with its own statistics (the last run has ``N mod b``
+            samples when ``b`` does not divide ``N``), as ``N / b`` devices with ``b`` samples each
+            compute without synchronized statistics. ``None`` or ``b >= N``: the whole batch.
+        running_stats_from: with ghost batches, the running statistics follow the first run's
+            statistics (``"first"``, what DDP's buffer broadcast keeps: the first device's) or
+            their mean over runs (``"mean"``).
 
     Returns:
         A tensor shaped like ``x``, with its dtype and memory format (channels-last stays
@@ -84,17 +125,20 @@ def batch_group_norm(
         (autocast) are normalized with float32 statistics; the running buffers keep their dtype.
 
     Raises:
-        ValueError: for a wrong rank, an invalid ``num_groups``, or a single value per statistic
-            in training.
+        ValueError: for a wrong rank, an invalid ``num_groups`` or ``norm_batch_size``, or a single
+            value per statistic in training.
     """
     if x.dim() < 2:
         raise ValueError(f"batch_group_norm: expected input of shape (N, C, *S), got {tuple(x.shape)}")
     feature_numel = math.prod(x.shape[1:])
     check_num_groups(num_groups, x.shape[1], feature_numel, "batch_group_norm")
+    check_norm_batch_size(norm_batch_size, "batch_group_norm")
+    check_running_stats_from(running_stats_from, "batch_group_norm")
     return _batch_group_norm(x, num_groups=num_groups, feature_numel=feature_numel, running_mean=running_mean,
                              running_var=running_var, weight=weight, bias=bias, training=training,
                              momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
-                             where="batch_group_norm")
+                             where="batch_group_norm", chunk=norm_batch_size,
+                             running_average=running_stats_from == "mean")
 
 
 def _batch_group_norm(
@@ -111,21 +155,30 @@ def _batch_group_norm(
     eps: float,
     num_batches_tracked: Tensor | None,
     where: str,
+    chunk: int | None = None,
+    running_average: bool = False,
 ) -> Tensor:
-    """:func:`batch_group_norm` for callers that already checked the rank and ``num_groups``.
+    """:func:`batch_group_norm` for callers that already checked the rank, ``num_groups`` and ``chunk``.
 
-    ``feature_numel`` is ``D = C * prod(S)``; ``where`` names the caller in error messages.
+    ``feature_numel`` is ``D = C * prod(S)``; ``where`` names the caller in error messages;
+    ``chunk`` is the norm batch size (training only), ``running_average`` its ``"mean"`` mode.
     """
     if not (training or running_mean is None or running_var is None):
         backend = select(x, num_groups=num_groups, training=False, weight=weight, bias=bias,
                          running_mean=running_mean, running_var=running_var).backend
         return backend.eval(x, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
                             running_mean=running_mean, running_var=running_var)
-    count = x.shape[0] * (feature_numel // num_groups)
+    n = x.shape[0]
+    if chunk is not None and chunk >= n:
+        chunk = None
+    smallest = n if chunk is None else min(chunk, n - (-(-n // chunk) - 1) * chunk)
+    count = smallest * (feature_numel // num_groups)
     if count <= 1:
+        runs = "" if chunk is None else (
+            f" and norm_batch_size={chunk} (the smallest run has {smallest} sample)")
         raise ValueError(
             f"{where}: expected more than 1 value per statistic in training, got "
-            f"input {tuple(x.shape)} with num_groups={num_groups} ({count} value per group)"
+            f"input {tuple(x.shape)} with num_groups={num_groups}{runs} ({count} value per group)"
         )
     update = training and running_mean is not None and running_var is not None
     backend = select(x, num_groups=num_groups, training=True, weight=weight, bias=bias,
@@ -133,7 +186,8 @@ def _batch_group_norm(
     return backend.train(x, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
                          running_mean=running_mean if update else None,
                          running_var=running_var if update else None,
-                         factor=running_factor(momentum, num_batches_tracked, where) if update else 0.0)
+                         factor=running_factor(momentum, num_batches_tracked, where) if update else 0.0,
+                         chunk=chunk, running_average=running_average)
 
 
 def valid_num_groups(num_channels: int, feature_numel: int) -> list[int]:

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _batch_group_norm, auto_num_groups, check_num_groups
+from .functional import (
+    RunningStatsFrom,
+    _batch_group_norm,
+    auto_num_groups,
+    check_norm_batch_size,
+    check_num_groups,
+    check_running_stats_from,
+)
 
 __all__ = [
     "BatchGroupNorm",
@@ -41,6 +48,15 @@ class BatchGroupNorm(nn.Module):
         affine: learn a per-channel weight and bias.
         track_running_stats: keep ``G`` running means/variances and use them in eval mode.
         reference_batch_size: the batch size whose statistics auto-``G`` imitates.
+        norm_batch_size: ``b``, ghost batches: in training, every run of ``b`` consecutive samples
+            is normalized with its own statistics (the last run is smaller when ``b`` does not
+            divide the batch), which is what each of ``N / b`` devices with ``b`` samples computes
+            without synchronized statistics: the paper's per-device batch. ``None`` (default): the
+            whole batch. Auto-``G`` follows ``b``. Eval mode is unchanged. Settable later
+            (:func:`bgn_lightning.set_norm_batch_size` sets it on a whole model).
+        running_stats_from: with ghost batches, what the running statistics follow: ``"first"``
+            (the first run's statistics: what DDP's default buffer broadcast keeps, the first
+            device's) or ``"mean"`` (the mean over runs of each run's mean and unbiased variance).
 
     Not a subclass of torch's ``_BatchNorm``, so tools that turn every ``_BatchNorm`` into
     ``SyncBatchNorm`` leave it alone; use :func:`bgn_lightning.is_norm_layer` to find norm layers.
@@ -59,9 +75,13 @@ class BatchGroupNorm(nn.Module):
         reference_batch_size: int = 32,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        norm_batch_size: int | None = None,
+        running_stats_from: RunningStatsFrom = "first",
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        check_running_stats_from(running_stats_from, name)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         if num_groups != "auto":
@@ -84,6 +104,8 @@ class BatchGroupNorm(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.reference_batch_size = reference_batch_size
+        self.norm_batch_size = norm_batch_size
+        self.running_stats_from: RunningStatsFrom = running_stats_from
         # D = C*prod(S) seen in training when the group layout depends on the spatial size
         # (G does not divide C): the running statistics are then tied to that size.
         self.feature_numel: int | None = None
@@ -109,6 +131,21 @@ class BatchGroupNorm(nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+
+    @property
+    def norm_batch_size(self) -> int | None:
+        """``b``: samples per set of batch statistics in training (ghost batches); ``None``: the batch."""
+        return self._norm_batch_size
+
+    @norm_batch_size.setter
+    def norm_batch_size(self, value: int | None) -> None:
+        check_norm_batch_size(value, type(self).__name__)
+        self._norm_batch_size = value
+
+    def statistics_batch_size(self, batch_size: int) -> int:
+        """The samples one set of training statistics covers for a batch of ``batch_size``: ``min(b, N)``."""
+        b = self._norm_batch_size
+        return batch_size if b is None else min(b, batch_size)
 
     # -- state -------------------------------------------------------------------------------
     def reset_running_stats(self) -> None:
@@ -150,11 +187,11 @@ class BatchGroupNorm(nn.Module):
     def fix_num_groups(self, batch_size: int, feature_numel: int) -> int:
         """Return ``G``, fixing it first (auto mode) for a batch of this size and feature size.
 
-        Called by :meth:`forward` on the first batch that needs statistics; a fixed ``G`` is
-        returned unchanged.
+        Called by :meth:`forward` on the first batch that needs statistics (with the samples one
+        set of statistics covers: ``b`` under ghost batches); a fixed ``G`` is returned unchanged.
 
         Args:
-            batch_size: ``N`` of the batch.
+            batch_size: the samples one set of statistics covers.
             feature_numel: ``D = C * prod(S)`` of one sample.
         """
         self._adopt_shared_num_groups()
@@ -241,7 +278,7 @@ class BatchGroupNorm(nn.Module):
                 zeros = x.new_zeros(self.num_features)
                 return F.batch_norm(x, zeros, torch.ones_like(zeros), self.weight, self.bias,
                                     False, 0.0, self.eps)
-            g = self.fix_num_groups(x.shape[0], d)
+            g = self.fix_num_groups(self.statistics_batch_size(x.shape[0]), d)
             if d % g or (g > self.num_features and g % self.num_features):  # format only on error
                 check_num_groups(g, self.num_features, d, f"{name} (input {tuple(x.shape)})")
             if self.track_running_stats and self.num_features % g != 0:
@@ -274,6 +311,8 @@ class BatchGroupNorm(nn.Module):
             eps=self.eps,
             num_batches_tracked=self.num_batches_tracked,
             where=name,
+            chunk=self._norm_batch_size if self.training else None,
+            running_average=self.running_stats_from == "mean",
         )
 
     def extra_repr(self) -> str:
@@ -281,9 +320,11 @@ class BatchGroupNorm(nn.Module):
             groups = "auto (fixed at the first training batch)"
         else:
             groups = f"{self.num_groups}" + (" (auto)" if self.auto_groups else "")
+        ghost = "" if self._norm_batch_size is None else (
+            f", norm_batch_size={self._norm_batch_size}, running_stats_from={self.running_stats_from!r}")
         return (
             f"{self.num_features}, num_groups={groups}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}{ghost}"
         )
 
 

@@ -3,7 +3,7 @@
 ====== =========================================== ==============================================
 name   2-D layer                                   notes
 ====== =========================================== ==============================================
-bn     ``nn.BatchNorm2d``
+bn     ``nn.BatchNorm2d``                          :class:`GhostBatchNorm2d` with ``norm_batch_size``
 bgn    :class:`BatchGroupNorm2d`                   ``num_groups`` int or ``"auto"`` (default)
 gn     ``nn.GroupNorm``                            ``"auto"``: 32 groups reduced to a divisor of C
 ln     ``nn.GroupNorm(1, C)``                      LayerNorm over (C, *S), per-channel affine
@@ -14,18 +14,27 @@ none   ``nn.Identity``
 
 Users add their own layers with :func:`register_norm`; every backbone in ``tasks/`` is built
 from a registry name through :func:`build_norm` or :func:`norm_layer`.
+
+``norm_batch_size`` (ghost batches, :mod:`bgn_lightning.ghost`) applies to the norms that use batch
+statistics, ``bn`` and ``bgn``; the others (``gn``, ``ln``, ``in``, ``pn``, ``none``) accept it with
+one warning that it has no effect there, so a sweep over norms x ``norm_batch_size`` runs. A user's
+norm takes it by accepting a ``norm_batch_size`` argument (and ``running_stats_from``); one that does
+not is an error when ``norm_batch_size`` is set, since the registry cannot tell whether it uses batch
+statistics.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .layers import (
     BatchGroupNorm,
     BatchGroupNorm1d,
@@ -124,16 +133,18 @@ def register_norm(
     return decorator
 
 
-_SHARED_ARGS = ("num_groups", "track_running_stats")
+_SHARED_ARGS = ("num_groups", "track_running_stats", "norm_batch_size", "running_stats_from")
 
 
 def _shared_args_adapter(name: str, declared: Callable[..., Any], call: NormFactory) -> NormFactory:
     """Let a user's factory ignore the arguments sweeps pass to every norm, if it does not take them.
 
-    Every registry norm accepts ``num_groups="auto"`` and ``track_running_stats`` (see
-    :func:`build_norm`); a user's ``MyNorm(num_features, eps)`` does not. For a factory without
-    ``**kwargs``, ``num_groups`` of ``"auto"``/``None`` and any ``track_running_stats`` are dropped
-    when it has no such parameter; an explicit int ``num_groups`` is an error naming the norm.
+    Every registry norm accepts ``num_groups="auto"``, ``track_running_stats`` and
+    ``norm_batch_size`` (see :func:`build_norm`); a user's ``MyNorm(num_features, eps)`` does not.
+    For a factory without ``**kwargs``, ``num_groups`` of ``"auto"``/``None``, any
+    ``track_running_stats``, ``norm_batch_size=None`` and ``running_stats_from`` are dropped when
+    it has no such parameter; an explicit int ``num_groups`` or ``norm_batch_size`` is an error
+    naming the norm.
     """
     try:
         params = inspect.signature(declared).parameters
@@ -150,6 +161,12 @@ def _shared_args_adapter(name: str, declared: Callable[..., Any], call: NormFact
         if "num_groups" in missing and kwargs.get("num_groups", "auto") not in ("auto", None):
             raise ValueError(
                 f"{name}: has no num_groups to set (got num_groups={kwargs['num_groups']!r}); use bgn or gn"
+            )
+        if "norm_batch_size" in missing and kwargs.get("norm_batch_size") is not None:
+            raise ValueError(
+                f"{name}: takes no norm_batch_size (got norm_batch_size={kwargs['norm_batch_size']!r}); "
+                f"a norm that uses batch statistics supports ghost batches by accepting a norm_batch_size "
+                f"argument (see bgn_lightning.ghost)"
             )
         for arg in missing:
             kwargs.pop(arg, None)
@@ -243,6 +260,7 @@ def is_norm_layer(module: nn.Module) -> bool:
 
 # -- built-in norms ----------------------------------------------------------------------------
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_GHOST_BN = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}
 _BGN = {1: BatchGroupNorm1d, 2: BatchGroupNorm2d, 3: BatchGroupNorm3d}
 _IN = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
@@ -263,14 +281,31 @@ def _drop_running_stats(kwargs: dict[str, Any]) -> None:
     kwargs.pop("track_running_stats", None)
 
 
+def _drop_norm_batch_size(name: str, kwargs: dict[str, Any]) -> None:
+    """Norms without batch statistics accept ``norm_batch_size``, with one warning when it is set.
+
+    A sweep over norms x ``norm_batch_size`` passes it to every norm; for these it changes nothing.
+    """
+    kwargs.pop("running_stats_from", None)
+    b = kwargs.pop("norm_batch_size", None)
+    if b is not None:
+        warnings.warn(f"{name}: uses no batch statistics; norm_batch_size={b} has no effect", UserWarning,
+                      stacklevel=4)
+
+
 def _largest_divisor_at_most(c: int, g: int) -> int:
     return max(d for d in range(1, min(c, g) + 1) if c % d == 0)
 
 
 @register_norm("bn")
 def _bn(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
+    """torch's BatchNorm; the ghost-batch variant when ``norm_batch_size`` is given."""
     _drop_auto_groups("bn", kwargs)
-    return _BN[dim](num_features, **kwargs)
+    if kwargs.get("norm_batch_size") is None:
+        kwargs.pop("norm_batch_size", None)
+        kwargs.pop("running_stats_from", None)
+        return _BN[dim](num_features, **kwargs)
+    return _GHOST_BN[dim](num_features, **kwargs)
 
 
 @register_norm("bgn")
@@ -285,6 +320,7 @@ def _gn(num_features: int, dim: int, num_groups: int | str = "auto", **kwargs: A
     An explicit ``num_groups`` is used as given, so it must divide C (it is never changed silently).
     """
     _drop_running_stats(kwargs)
+    _drop_norm_batch_size("gn", kwargs)
     if num_groups == "auto":
         return nn.GroupNorm(_largest_divisor_at_most(num_features, 32), num_features, **kwargs)
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
@@ -303,12 +339,14 @@ def _ln(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
     """LayerNorm over (C, *S) with a per-channel affine, as in the GN/BGN papers."""
     _drop_auto_groups("ln", kwargs)
     _drop_running_stats(kwargs)
+    _drop_norm_batch_size("ln", kwargs)
     return nn.GroupNorm(1, num_features, **kwargs)
 
 
 @register_norm("in")
 def _in(num_features: int, dim: int, affine: bool = True, **kwargs: Any) -> nn.Module:
     _drop_auto_groups("in", kwargs)
+    _drop_norm_batch_size("in", kwargs)
     return _IN[dim](num_features, affine=affine, **kwargs)
 
 
@@ -316,6 +354,7 @@ def _in(num_features: int, dim: int, affine: bool = True, **kwargs: Any) -> nn.M
 def _pn(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
     _drop_auto_groups("pn", kwargs)
     _drop_running_stats(kwargs)
+    _drop_norm_batch_size("pn", kwargs)
     return PositionalNorm(num_features, **kwargs)
 
 
@@ -323,4 +362,5 @@ def _pn(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
 def _none(num_features: int, dim: int, **kwargs: Any) -> nn.Module:
     _drop_auto_groups("none", kwargs)
     _drop_running_stats(kwargs)
+    _drop_norm_batch_size("none", kwargs)
     return nn.Identity()

@@ -34,7 +34,7 @@ from . import _triton
 from ._backends import select
 from ._shared import memory_format, running_factor, update_running
 from ._triton import KernelFailure, TritonKernels
-from .functional import auto_num_groups
+from .functional import RunningStatsFrom, auto_num_groups
 from .layers import BatchGroupNorm, NumGroups
 
 __all__ = [
@@ -268,6 +268,10 @@ class SyncBatchGroupNorm(BatchGroupNorm):
     with batch ``b`` matches one process with batch ``W * b``. Otherwise it behaves exactly as
     :class:`~bgn_lightning.BatchGroupNorm`.
 
+    With ``norm_batch_size`` set (ghost batches) nothing is synchronized: each run of
+    ``norm_batch_size`` samples of the local batch has its own statistics, which is what that
+    setting asks for (the per-device batch of the paper), so no collective is needed.
+
     Args:
         num_features: ``C``.
         num_groups: ``G`` or ``"auto"``.
@@ -279,6 +283,8 @@ class SyncBatchGroupNorm(BatchGroupNorm):
         process_group: the group to synchronize over; ``None`` is the whole world.
         device: where to create parameters and buffers.
         dtype: their dtype.
+        norm_batch_size: ghost batches, as in :class:`~bgn_lightning.BatchGroupNorm` (no collectives).
+        running_stats_from: as in :class:`~bgn_lightning.BatchGroupNorm`.
     """
 
     _expected_dims = None
@@ -295,15 +301,20 @@ class SyncBatchGroupNorm(BatchGroupNorm):
         process_group: ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        norm_batch_size: int | None = None,
+        running_stats_from: RunningStatsFrom = "first",
     ) -> None:
         super().__init__(num_features, num_groups, eps, momentum, affine, track_running_stats,
-                         reference_batch_size, device=device, dtype=dtype)
+                         reference_batch_size, device=device, dtype=dtype, norm_batch_size=norm_batch_size,
+                         running_stats_from=running_stats_from)
         self.process_group = process_group
         # The BatchGroupNorm class this layer was converted from (for revert_sync_batchgroupnorm).
         self.original_class: type[BatchGroupNorm] = BatchGroupNorm
 
     def _synchronized(self) -> bool:
-        return self.training and _world_size(self.process_group) > 1
+        # Ghost batches (norm_batch_size) ask for per-device statistics of b samples: no collective.
+        return self.training and self.norm_batch_size is None and _world_size(self.process_group) > 1
 
     def fix_num_groups(self, batch_size: int, feature_numel: int) -> int:
         """Return ``G``, fixing it first (auto mode) from the batch size summed over processes."""
@@ -357,6 +368,8 @@ def _rebuild(source: BatchGroupNorm, cls: type[BatchGroupNorm], *extra: Any) -> 
         source.reference_batch_size,
         *extra,
     )
+    target.norm_batch_size = source.norm_batch_size
+    target.running_stats_from = source.running_stats_from
     target.auto_groups = source.auto_groups
     target.num_groups = source.num_groups
     target.feature_numel = source.feature_numel
