@@ -18,8 +18,17 @@ Launches (statistics and parameters in float32, whatever the input dtype):
   weight and bias gradients and per-group coefficients; one pass ``dx = A * dy + B * x + D``;
 * eval: one pass with ``a, b`` from the running statistics.
 
+Ghost batches (``chunk = b``, issue 21): ``NCH = ceil(N / b)`` batches of ``b`` consecutive
+samples (the last one holds the rest), each normalized with its own statistics, in the same
+launches. The partial sums split every ghost batch separately (``(2, NCH * SPLIT, U)``, row
+``k * SPLIT + s``), each ghost batch shifted by its own first value; the pooling kernels loop over
+the ghost batches and write ``(3, NCH, G)`` tables, which the elementwise passes index by
+``(n // b, group)``; the running statistics move towards ghost batch 0's statistics, or the mean
+over ghost batches. One ghost batch (``chunk <= 0`` or ``chunk >= N``) is today's call exactly.
+
 Double backward (``create_graph=True``) differentiates the composite graph of
-:func:`bgn_lightning._autograd.composite_batch_group_norm`; ``torch.compile`` and ``torch.func``
+:func:`bgn_lightning._autograd.composite_batch_group_norm` (with ghost batches, the same ops on
+``(N // b, b, G, L)`` and a second call for a smaller last ghost batch); ``torch.compile`` and ``torch.func``
 never reach this module (:func:`bgn_lightning._backends.select` sends them to the composite path).
 
 The ``"triton"`` backend of :mod:`bgn_lightning._backends` (start reading there) wraps
