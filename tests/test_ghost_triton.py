@@ -287,6 +287,23 @@ def test_double_backward_per_ghost_batch(kernels) -> None:
         _close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@kernel_test
+def test_failing_backward_kernel_falls_back_per_ghost_batch(kernels, monkeypatch) -> None:
+    """A backward kernel that fails: the composite fallback keeps the ghost batches (2 + 2 + 1)."""
+    def fail(*args, **kwargs):
+        raise triton_kernels.KernelFailure("test", running_updated=False)
+
+    disabled = []
+    monkeypatch.setattr(kernels, "backward", fail)
+    monkeypatch.setattr(triton_kernels, "disable", disabled.append)
+    x, dy, w, b, _, _ = _case((5, 6, 4), 3, "contiguous", torch.float32, seed=6)
+    got = _train(kernels, x, dy, w, b, 3, None, None, chunk=2)
+    want, _ = _reference(x, dy, w, b, 3, 2)
+    assert len(disabled) == 1
+    for g, ref in zip(got, want, strict=True):
+        _close(g, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_synchronized_backward_refuses_ghost_batches() -> None:
     """Synchronized BGN runs one batch per process: ``chunk`` with ``group_count`` is an error."""
