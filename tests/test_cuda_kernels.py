@@ -539,23 +539,26 @@ def test_kernels_compile_for_a_gpu_target_without_a_gpu() -> None:
     i32 = dict.fromkeys
     _compile_for_hopper(kernels.cell_sums, {
         "x_ptr": "*bf16", "dy_ptr": "*bf16", "mean_ptr": "*fp32", "part_ptr": "*fp32",
-        **i32(["N", "U", "R", "S", "C", "K", "CPG", "L", "D", "SPLIT"], "i32")},
-        {"CL": True, "BWD": True, "BIG": False, "BLOCK_Q": 64, "BLOCK_M": 32})
+        **i32(["N", "U", "R", "S", "C", "K", "CPG", "L", "D", "SPLIT", "B", "NCH"], "i32")},
+        {"CL": True, "BWD": True, "BIG": True, "SWAP": True, "BLOCK_Q": 64, "BLOCK_M": 32})
     _compile_for_hopper(kernels.group_stats, {
         "x_ptr": "*fp16", "part_ptr": "*fp32", "stats_ptr": "*fp32", "rm_ptr": "*bf16", "rv_ptr": "*bf16",
-        **i32(["G", "U", "S", "C", "CPG", "L", "SPLIT"], "i32"), **i32(["count", "eps", "factor"], "fp32")},
-        {"CL": False, "UPDATE": True, "BLOCK_G": 16, "BLOCK_T": 64})
-    _compile_for_hopper(kernels.backward_coefficients, {
-        "part_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*bf16", "coef_ptr": "*fp32", "dw_ptr": "*bf16",
-        "db_ptr": "*bf16", **i32(["G", "U", "C", "K", "CPG", "SPLIT"], "i32"), "count": "fp32"},
-        {"HAS_W": True, "NEED_X": True, "NEED_W": True, "NEED_B": True, "PHASE": 1, "BLOCK_G": 16,
-         "BLOCK_T": 64, "BLOCK_C": 16, "BLOCK_K": 64})
+        **i32(["G", "U", "S", "C", "CPG", "L", "D", "SPLIT", "N", "B", "NCH"], "i32"),
+        **i32(["count", "eps", "factor"], "fp32")},
+        {"CL": False, "UPDATE": True, "AVERAGE": True, "BIG": True, "BLOCK_G": 16, "BLOCK_T": 64})
+    for phase in (0, 1):  # per ghost batch; the synchronized group sums
+        _compile_for_hopper(kernels.backward_coefficients, {
+            "part_ptr": "*fp32", "stats_ptr": "*fp32", "w_ptr": "*bf16", "coef_ptr": "*fp32",
+            "dw_ptr": "*bf16", "db_ptr": "*bf16", "count": "fp32",
+            **i32(["G", "U", "C", "K", "CPG", "SPLIT", "N", "B", "NCH"], "i32")},
+            {"HAS_W": True, "NEED_X": True, "NEED_W": True, "NEED_B": True, "PHASE": phase, "BLOCK_G": 16,
+             "BLOCK_T": 64, "BLOCK_C": 16, "BLOCK_K": 64})
     _compile_for_hopper(kernels.cell_affine, {
         "x_ptr": "*fp32", "dy_ptr": "*fp32", "out_ptr": "*fp32", "p0_ptr": "*fp32", "p1_ptr": "*fp32",
         "p2_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
-        **i32(["ROWS", "COLS", "U", "S", "R", "K", "CPG"], "i32"), "eps": "fp32"},
+        **i32(["ROWS", "COLS", "U", "S", "R", "K", "CPG", "B"], "i32"), "eps": "fp32"},
         {"CL": True, "SEGMENTED": True, "MODE": 2, "HAS_W": True, "HAS_B": False, "BIG": True,
-         "BLOCK_ROWS": 16, "BLOCK_COLS": 256})
+         "CHUNKED": True, "BLOCK_ROWS": 16, "BLOCK_COLS": 256})
 
 
 # -- GPU only --------------------------------------------------------------------------------------
