@@ -145,18 +145,22 @@ class FusedBackend:
               running_mean: Tensor | None, running_var: Tensor | None, factor: float,
               chunk: int | None = None, running_average: bool = False) -> Tensor:
         """See :meth:`Backend.train`."""
-        if chunk is not None and chunk < x.shape[0]:
+        if chunk is not None and chunk < x.shape[0] and self.name == "cpp":  # C++ chunks: not yet
             return NATIVE.train(x, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
                                 running_mean=running_mean, running_var=running_var, factor=factor,
                                 chunk=chunk, running_average=running_average)
         try:
-            return self.kernels.train(x, weight, bias, num_groups, eps, running_mean, running_var, factor)
+            if self.name == "cpp":
+                return self.kernels.train(x, weight, bias, num_groups, eps, running_mean, running_var, factor)
+            return self.kernels.train(x, weight, bias, num_groups, eps, running_mean, running_var, factor,
+                                      chunk or 0, running_average)
         except KernelFailure as err:
             disable(err)
             if err.running_updated:
                 running_mean = running_var = None
         return NATIVE.train(x, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
-                            running_mean=running_mean, running_var=running_var, factor=factor)
+                            running_mean=running_mean, running_var=running_var, factor=factor,
+                            chunk=chunk, running_average=running_average)
 
     def eval(self, x: Tensor, *, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
              running_mean: Tensor, running_var: Tensor) -> Tensor:

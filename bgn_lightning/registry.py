@@ -43,7 +43,15 @@ from .layers import (
     PositionalNorm,
 )
 
-__all__ = ["RegistryNorm", "available_norms", "build_norm", "is_norm_layer", "norm_layer", "register_norm"]
+__all__ = [
+    "RegistryNorm",
+    "available_norms",
+    "build_norm",
+    "is_norm_layer",
+    "norm_layer",
+    "register_norm",
+    "uses_batch_statistics",
+]
 
 NormFactory = Callable[..., nn.Module]
 """``factory(num_features, dim, **kwargs) -> nn.Module``."""
@@ -207,6 +215,26 @@ def build_norm(name: str, num_features: int, dim: int = 2, **kwargs: Any) -> nn.
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"build_norm: num_features must be a positive int, got {num_features!r}")
     return factory(num_features, dim, **kwargs)
+
+
+def uses_batch_statistics(name: str) -> bool:
+    """Whether registry norm ``name`` takes ``norm_batch_size``: its training statistics come from the batch.
+
+    ``bn`` and ``bgn`` do; ``gn``, ``ln``, ``in``, ``pn`` and ``none`` do not (``norm_batch_size``
+    has no effect there); a user's norm does when its factory accepts ``norm_batch_size``.
+    Decided by building one small probe layer.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    _check_name(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            build_norm(name, 8, 2, norm_batch_size=2)
+        except ValueError:  # a user's norm without the argument
+            return False
+    return not any("has no effect" in str(w.message) for w in caught)
 
 
 class RegistryNorm:

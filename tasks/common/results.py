@@ -12,7 +12,9 @@ norm              registry norm name (``model.norm``)
 groups            ``model.groups`` as configured (int or ``"auto"``)
 num_groups        G actually used after fit: ``{"per_layer": {name: G}, "histogram": {G: count}}``
                   over every BatchGroupNorm and GroupNorm layer (auto-G resolved)
-batch_size        ``data.batch_size`` (per device)
+batch_size        ``data.batch_size`` (per device): the batch the optimizer steps on
+norm_batch_size   ``--norm-batch-size``: samples per set of batch statistics in training (ghost
+                  batches, :mod:`bgn_lightning.ghost`); ``null``: the whole batch
 seed              ``seed_everything``
 metrics           ``{name: float}``: ``test/*`` and ``val/*`` of the tested weights (the tested
                   checkpoint is validated again before testing; ``val/*`` are the end of fit's
@@ -155,6 +157,7 @@ def results_record(
         "groups": model_cfg.get("groups"),
         "num_groups": resolved_groups(model),
         "batch_size": data_cfg.get("batch_size"),
+        "norm_batch_size": config.get("norm_batch_size"),
         "seed": config.get("seed_everything"),
         "metrics": {name: _to_float(v) for name, v in sorted(metrics.items())},
         "epochs": epochs,

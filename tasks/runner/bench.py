@@ -32,6 +32,7 @@ _GRID_FLAGS = (
     "task",
     "norms",
     "batch_sizes",
+    "norm_batch_sizes",
     "seeds",
     "vary",
     "metrics",
@@ -63,14 +64,21 @@ def _bench_parser() -> argparse.ArgumentParser:
             "and accuracy_vs_batch_size.png into --output. Arguments after '--' go to every run."
         ),
         epilog=(
-            "GRID.yaml keys: task, norms, batch_sizes, seeds, vary ({KEY: [values]}), metrics, max_epochs, "
-            "output, jobs, threads, args (list of run arguments); command-line flags override them."
+            "GRID.yaml keys: task, norms, batch_sizes, norm_batch_sizes, seeds, vary ({KEY: [values]}), "
+            "metrics, max_epochs, output, jobs, threads, args (list of run arguments); command-line flags "
+            "override them."
         ),
     )
     parser.add_argument("--config", type=Path, help="YAML grid file")
     parser.add_argument("--task", help="task suite")
     parser.add_argument("--norms", help="comma-separated registry norms, e.g. bn,bgn,gn,ln,in,pn")
     parser.add_argument("--batch-sizes", help="comma-separated batch sizes, e.g. 2,4,16,64")
+    parser.add_argument(
+        "--norm-batch-sizes",
+        help="comma-separated norm batch sizes b (--norm-batch-size: samples per set of norm statistics, "
+        "the paper's images per device), e.g. 1,2,4,8,32, at one --batch-sizes value; the tables and plots "
+        "then show b (norms without batch statistics run once and appear in every b column)",
+    )  # fmt: skip
     parser.add_argument("--seeds", help="comma-separated seeds (default 0)")
     parser.add_argument(
         "--vary", action="append", metavar="KEY=V1,V2",
@@ -131,6 +139,22 @@ def _metrics(task: Task, names: str | Sequence[str] | None) -> list[Metric]:
     return chosen
 
 
+def _norm_batch_note(grid: Any) -> str | None:
+    """What a norm batch size sweep's columns mean, for the report; ``None`` for other sweeps."""
+    if not grid.norm_batch_sizes:
+        return None
+    from bgn_lightning.registry import uses_batch_statistics
+
+    note = (f"Every run steps the optimizer on batches of B = {grid.batch_sizes[0]} (the learning rate the "
+            f"task sets for B); b is the number of samples each set of norm statistics covers "
+            f"(--norm-batch-size: the images per device of a run without synchronised statistics).")
+    flat = [n for n in grid.norms if not uses_batch_statistics(n)]
+    if flat:
+        note += (f" {', '.join(flat)} use no batch statistics: their runs (without b) are shown in every "
+                 f"b column.")
+    return note
+
+
 def _read_grid_file(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -184,6 +208,7 @@ def bench_main(argv: Sequence[str], debug: bool = False, *, entry: Entry) -> int
             task=name,
             norms=norms,
             batch_sizes=parse_list(spec.get("batch_sizes", ""), int),
+            norm_batch_sizes=parse_list(spec.get("norm_batch_sizes") or "", int),
             seeds=parse_list(spec.get("seeds", "0"), int),
             output=Path(spec.get("output") or Path("outputs") / "bench" / name),
             axes=parse_axes(task, spec.get("vary")),
@@ -212,9 +237,12 @@ def bench_main(argv: Sequence[str], debug: bool = False, *, entry: Entry) -> int
             grid.output,
             metrics,
             grid.rows(),
-            grid.batch_sizes,
-            title=f"{name} on {dataset}: {metrics[0].label} vs batch size",
+            grid.norm_batch_sizes or grid.batch_sizes,
+            title=f"{name} on {dataset}: {metrics[0].label} vs "
+            + (f"norm batch size b (B = {grid.batch_sizes[0]})" if grid.norm_batch_sizes else "batch size"),
             command=shlex.join([PROG, "bench", *argv]),
+            column="norm_batch_size" if grid.norm_batch_sizes else "batch_size",
+            note=_norm_batch_note(grid),
         )
         written = list(paths.values())
         if task.bench_outputs is not None:

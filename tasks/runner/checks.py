@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.common.errors import UsageError, UserError
-from tasks.common.validate import check_choice
+from tasks.common.validate import check_choice, check_int
 
 if TYPE_CHECKING:
     from tasks.common.contract import Task
@@ -38,6 +38,24 @@ def check_config(config: Any, datasets: Sequence[str] | None) -> None:
     dataset = config.data.get("dataset")
     if datasets is not None and dataset is not None:
         check_choice("dataset", dataset, datasets)
+
+
+def check_norm_batch_size(config: Any) -> None:
+    """``--norm-batch-size``: a positive int no larger than the batch (``data.batch_size``).
+
+    Raises:
+        UsageError: naming the value and the rule.
+    """
+    b = config.get("norm_batch_size")
+    if b is None:
+        return
+    check_int("--norm-batch-size", b, expected="a positive int (samples per set of norm statistics)")
+    batch = config.data.get("batch_size")
+    if isinstance(batch, int) and not isinstance(batch, bool) and b > batch:
+        raise UsageError(
+            f"--norm-batch-size {b} is larger than the batch (--batch-size {batch}): the norm's statistics "
+            f"cover at most one batch; use at most {batch}"
+        )
 
 
 def check_options(task: Task, config: Any) -> None:

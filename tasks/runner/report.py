@@ -2,11 +2,13 @@
 
 Works on ``results.json`` records of any task, for the metrics the task declares
 (:class:`tasks.common.contract.Metric`): one table per metric (the primary one first) and one
-panel per metric in ``accuracy_vs_batch_size.png``. Rows are the norms, split by the values of the
-sweep's extra axes (``bgn, method=dann``). The spread is the standard deviation over seeds
-(``ddof=1``) when a cell has two or more runs, else the run's own 95 % confidence half-width when
-the metric has one (few-shot episodes), else nothing. The best mean per column, by the metric's
-direction, is in bold.
+panel per metric in ``accuracy_vs_batch_size.png``. The columns are the batch size ``B`` or, for a
+sweep of ``--norm-batch-sizes``, the norm batch size ``b`` (:data:`COLUMNS`); a run without a norm
+batch size (a norm without batch statistics) then counts in every ``b`` column. Rows are the norms,
+split by the values of the sweep's extra axes (``bgn, method=dann``). The spread is the standard
+deviation over seeds (``ddof=1``) when a cell has two or more runs, else the run's own 95 %
+confidence half-width when the metric has one (few-shot episodes), else nothing. The best mean per
+column, by the metric's direction, is in bold.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tasks.common.contract import Metric
 from tasks.common.plots import series_style, set_value_axis
 
 __all__ = [
+    "COLUMNS",
     "CellSummary",
     "flatten_record",
     "markdown_table",
@@ -37,11 +40,18 @@ __all__ = [
 
 CSV_FILE, MD_FILE, PLOT_FILE = "results.csv", "results.md", "accuracy_vs_batch_size.png"
 _FIRST_COLUMNS = (
-    "task", "dataset", "row", "norm", "groups", "batch_size", "seed", "epochs", "global_step", "wall_time_s",
+    "task", "dataset", "row", "norm", "groups", "batch_size", "norm_batch_size", "seed", "epochs",
+    "global_step", "wall_time_s",
 )  # fmt: skip
 
 Row = tuple[str, int]
-"""``(row label, batch size)``."""
+"""``(row label, column value)``: the batch size, or the norm batch size."""
+
+COLUMNS = {
+    "batch_size": ("B", "batch size B (per device)"),
+    "norm_batch_size": ("b", "norm batch size b (samples per set of statistics)"),
+}
+"""Record key of a report's columns -> (symbol in headers, axis label)."""
 
 
 @dataclass(frozen=True)
@@ -84,13 +94,24 @@ def write_csv(rows: Iterable[tuple[str, dict[str, Any]]], path: Path) -> Path:
     return path
 
 
-def summarize(rows: Iterable[tuple[str, dict[str, Any]]], metric: Metric) -> dict[Row, CellSummary]:
-    """Group ``(row label, record)`` pairs by (row, batch size) and summarise ``metric``."""
+def summarize(
+    rows: Iterable[tuple[str, dict[str, Any]]],
+    metric: Metric,
+    column: str = "batch_size",
+    columns: Sequence[int] = (),
+) -> dict[Row, CellSummary]:
+    """Group ``(row label, record)`` pairs by (row, column value) and summarise ``metric``.
+
+    ``column`` is the record key of the columns (:data:`COLUMNS`); with ``"norm_batch_size"``, a
+    record without one (a norm without batch statistics) counts in each of ``columns``.
+    """
     groups: dict[Row, list[dict[str, float]]] = {}
     for row, record in rows:
         metrics = record.get("metrics", {})
         if metric.name in metrics and math.isfinite(metrics[metric.name]):
-            groups.setdefault((row, int(record["batch_size"])), []).append(metrics)
+            value = record.get(column)
+            for key in (columns if value is None and column == "norm_batch_size" else [value]):
+                groups.setdefault((row, int(key)), []).append(metrics)
     out = {}
     for key, runs in groups.items():
         values = [metric.shown(m[metric.name]) for m in runs]
@@ -104,10 +125,13 @@ def summarize(rows: Iterable[tuple[str, dict[str, Any]]], metric: Metric) -> dic
 
 
 def markdown_table(
-    summary: dict[Row, CellSummary], rows: Sequence[str], batch_sizes: Sequence[int], metric: Metric
+    summary: dict[Row, CellSummary], rows: Sequence[str], batch_sizes: Sequence[int], metric: Metric,
+    column: str = "batch_size",
 ) -> str:
-    """Rows x batch sizes, cells ``mean ± spread``; the best mean per column (by direction) in bold."""
-    header = "| norm | " + " | ".join(f"B = {b}" for b in batch_sizes) + " |"
+    """Rows x columns (batch sizes, or norm batch sizes), cells ``mean ± spread``; the best mean per
+    column (by direction) in bold."""
+    symbol = COLUMNS[column][0]
+    header = "| norm | " + " | ".join(f"{symbol} = {b}" for b in batch_sizes) + " |"
     lines = [header, "|---|" + "---:|" * len(batch_sizes)]
     best: dict[int, float | None] = {}
     for b in batch_sizes:
@@ -133,8 +157,10 @@ def plot_metrics(
     batch_sizes: Sequence[int],
     path: Path,
     title: str,
+    column: str = "batch_size",
 ) -> Path:
-    """One panel per metric: value vs batch size (log2 axis), one line per row with error bars.
+    """One panel per metric: value vs batch size, or norm batch size (log2 axis), one line per row
+    with error bars.
 
     Each norm has its colour (:mod:`tasks.common.plots`), series sit side by side so ties stay
     visible, and the y-axis holds every mean ± spread and says its range.
@@ -152,7 +178,7 @@ def plot_metrics(
                         yerr=[s.spread or 0.0 for _, s in points], capsize=3, **style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(batch_sizes), [str(b) for b in batch_sizes])
-        ax.set_xlabel("batch size (per device)")
+        ax.set_xlabel(COLUMNS[column][1])
         if summary:
             cells = list(summary.values())
             set_value_axis(ax, [c.mean - (c.spread or 0.0) for c in cells],
@@ -185,6 +211,8 @@ def write_report(
     batch_sizes: Sequence[int],
     title: str,
     command: str | None = None,
+    column: str = "batch_size",
+    note: str | None = None,
 ) -> dict[str, Path]:
     """Write ``results.csv``, ``results.md`` and ``accuracy_vs_batch_size.png`` into ``output``.
 
@@ -193,9 +221,11 @@ def write_report(
         output: directory for the three files.
         metrics: the task's metrics, the primary one first; one table and one panel each.
         row_order: table row (and legend) order.
-        batch_sizes: column order.
+        batch_sizes: column order (batch sizes, or norm batch sizes).
         title: heading of the note and the plot.
         command: the command that made the sweep, quoted in the note.
+        column: the record key of the columns, ``batch_size`` or ``norm_batch_size`` (:data:`COLUMNS`).
+        note: a paragraph under the command (e.g. the fixed batch size of a norm batch size sweep).
 
     Returns:
         ``{"csv": path, "md": path, "png": path}``.
@@ -205,16 +235,19 @@ def write_report(
     lines = [f"# {title}", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
-    summaries = [(m, summarize(rows, m)) for m in metrics]
+    if note:
+        lines += [note, ""]
+    summaries = [(m, summarize(rows, m, column, batch_sizes)) for m in metrics]
+    per = COLUMNS[column][1].split(" (")[0]
     for i, (metric, summary) in enumerate(summaries):
         best = "highest" if metric.direction == "max" else "lowest"
         lines += [
             f"## {metric.heading}: `{metric.name}`" + (" (primary)" if i == 0 else ""),
             "",
-            f"{_spread_text(summary, seeds)}; {best} mean per batch size in **bold**; (n=k) marks cells "
+            f"{_spread_text(summary, seeds)}; {best} mean per {per} in **bold**; (n=k) marks cells "
             f"with fewer runs. {len(rows)} runs.",
             "",
-            markdown_table(summary, row_order, batch_sizes, metric),
+            markdown_table(summary, row_order, batch_sizes, metric, column),
             "",
         ]
     md = output / MD_FILE
@@ -222,5 +255,5 @@ def write_report(
     return {
         "csv": write_csv(rows, output / CSV_FILE),
         "md": md,
-        "png": plot_metrics(summaries, row_order, batch_sizes, output / PLOT_FILE, title),
+        "png": plot_metrics(summaries, row_order, batch_sizes, output / PLOT_FILE, title, column),
     }

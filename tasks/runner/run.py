@@ -88,10 +88,16 @@ class Run:
         datamodule = datamodule or self.datamodule
         if not any(isinstance(c, GroupCountCheck) for c in trainer.callbacks):
             trainer.callbacks.append(GroupCountCheck())
+        norm_batch_size = self.config.get("norm_batch_size")
+        if norm_batch_size is not None:
+            _apply_norm_batch_size(model, norm_batch_size, self.config["model"].get("norm"))
         if trainer.world_size > 1 and trainer.is_global_zero:
-            synced = self.config.get("sync_norm")
+            synced = self.config.get("sync_norm") and norm_batch_size is None
             hint = "" if synced else " (--sync-norm pools BGN's statistics over all of them)"
             how = "synchronised" if synced else "per device"
+            if norm_batch_size is not None:
+                how = f"per run of {norm_batch_size} samples (--norm-batch-size; nothing synchronised)"
+                hint = ""
             log.info("norm statistics: %s across %d processes%s", how, trainer.world_size, hint)
         resume = self.resume_from if trainer is self.cli.trainer else None
         start = time.perf_counter()
@@ -148,6 +154,21 @@ def _print_table(metrics: dict[str, float]) -> None:
     for name, value in sorted(metrics.items()):
         table.add_row(name, f"{value:.4f}")
     Console().print(table)
+
+
+def _apply_norm_batch_size(model: LightningModule, norm_batch_size: int, norm: str | None) -> None:
+    """``--norm-batch-size``: set it on every norm layer with batch statistics (torch's BatchNorm
+    becomes its ghost variant, sharing parameters); one log line where no layer uses batch statistics."""
+    import warnings
+
+    from bgn_lightning import set_norm_batch_size
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_norm_batch_size(model, norm_batch_size)
+    if any("has no effect" in str(w.message) for w in caught):
+        log.info("%s: --norm-batch-size %d has no effect: no norm layer of this model uses batch statistics "
+                 "(--norm %s)", PROG, norm_batch_size, norm)
 
 
 def _norm_swap(trainer: Trainer) -> Any:

@@ -13,6 +13,7 @@ SHORTCUTS: dict[str, str] = {
     "--norm": "--model.norm",
     "--groups": "--model.groups",
     "--batch-size": "--data.batch_size",
+    "--norm-batch-size": "--norm_batch_size",
     "--data": "--data.dataset",
     "--data-dir": "--data.data_dir",
     "--max-epochs": "--trainer.max_epochs",

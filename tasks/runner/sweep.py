@@ -59,19 +59,24 @@ _NOT_HASHED = frozenset(
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid: a norm, a batch size, a seed and a value of each extra axis."""
+    """One run of the grid: a norm, a batch size, a seed, a value of each extra axis and a norm batch
+    size (``None``: the whole batch)."""
 
     norm: str
     batch_size: int
     seed: int
     variant: tuple[tuple[str, str], ...] = ()
+    norm_batch_size: int | None = None
 
     def directory(self, root: Path, task: str) -> Path:
-        """``<root>/<task>/<norm>[/<axis>=<value>...]/bs<B>/seed<S>``."""
+        """``<root>/<task>/<norm>[/<axis>=<value>...]/bs<B>[-nb<b>]/seed<S>``."""
         path = root / task / self.norm
         for key, value in self.variant:
             path = path / f"{key.split('.')[-1]}={value}"
-        return path / f"bs{self.batch_size}" / f"seed{self.seed}"
+        batch = f"bs{self.batch_size}"
+        if self.norm_batch_size is not None:
+            batch += f"-nb{self.norm_batch_size}"
+        return path / batch / f"seed{self.seed}"
 
     @property
     def row(self) -> str:
@@ -139,6 +144,9 @@ class Grid:
             the grid's own flags come after them and win.
         jobs: cells run at once.
         threads: torch intra-op threads per run, passed as ``--threads`` (``None``: CPU count // jobs).
+        norm_batch_sizes: norm batch sizes ``b`` to sweep (``--norm-batch-size``) at the one batch
+            size of ``batch_sizes``; norms without batch statistics run once, without ``b``. Empty:
+            no such axis.
     """
 
     task: str
@@ -151,6 +159,7 @@ class Grid:
     run_args: list[str] = field(default_factory=list)
     jobs: int = 1
     threads: int | None = None
+    norm_batch_sizes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -171,8 +180,27 @@ class Grid:
             check_int("max_epochs", e, optional=True, owner="Grid", expected="positive ints")
         for key, values in self.axes.items():
             check_axis(key, values)
+        self._check_norm_batch_sizes()
         check_int("jobs", self.jobs, owner="Grid")
         check_int("threads", self.threads, optional=True, owner="Grid")
+
+    def _check_norm_batch_sizes(self) -> None:
+        values = self.norm_batch_sizes
+        if not values:
+            return
+        if len(set(values)) != len(values):
+            raise ValueError(f"Grid: norm batch sizes has duplicates: {values}")
+        for b in values:
+            check_int("norm batch sizes", b, owner="Grid", expected="positive ints")
+        if len(self.batch_sizes) != 1:
+            raise ValueError(
+                f"Grid: --norm-batch-sizes sweeps b at one batch size; got batch sizes {self.batch_sizes}"
+            )
+        too_large = [b for b in values if b > self.batch_sizes[0]]
+        if too_large:
+            raise ValueError(
+                f"Grid: norm batch sizes {too_large} are larger than the batch size {self.batch_sizes[0]}"
+            )
 
     def variants(self) -> list[tuple[tuple[str, str], ...]]:
         """Every combination of the extra axes' values (one empty variant without axes)."""
@@ -182,14 +210,26 @@ class Grid:
         return combos
 
     def cells(self) -> list[Cell]:
-        """All cells, norm-major (then axis values, batch size, seed)."""
-        return [
-            Cell(n, b, s, v)
-            for n in self.norms
-            for v in self.variants()
-            for b in self.batch_sizes
-            for s in self.seeds
-        ]
+        """All cells, norm-major (then axis values, batch size, norm batch size, seed).
+
+        A norm without batch statistics runs once per setting, without a norm batch size (``b``
+        would change nothing).
+        """
+        from bgn_lightning.registry import uses_batch_statistics
+
+        cells = []
+        for n in self.norms:
+            norm_batch_sizes: list[int | None] = [None]
+            if self.norm_batch_sizes and uses_batch_statistics(n):
+                norm_batch_sizes = list(self.norm_batch_sizes)
+            cells += [
+                Cell(n, b, s, v, nb)
+                for v in self.variants()
+                for b in self.batch_sizes
+                for nb in norm_batch_sizes
+                for s in self.seeds
+            ]
+        return cells
 
     def rows(self) -> list[str]:
         """Report rows in grid order (:attr:`Cell.row`)."""
@@ -199,6 +239,8 @@ class Grid:
         """The ``bgn-task`` argument list of ``cell`` (without the program name)."""
         argv = [self.task, *self.run_args]
         argv += ["--norm", cell.norm, "--batch-size", str(cell.batch_size), "--seed", str(cell.seed)]
+        if cell.norm_batch_size is not None:
+            argv += ["--norm-batch-size", str(cell.norm_batch_size)]
         for key, value in cell.variant:
             argv += [f"--{key}", value]
         epochs = self.max_epochs
@@ -361,7 +403,8 @@ def format_outcome(
         metrics: the metric keys to show (the task's declared metrics).
     """
     cell = outcome.cell
-    head = f"[{index:>{len(str(total))}}/{total}] {cell.row} bs={cell.batch_size} seed={cell.seed}:"
+    nb = "" if cell.norm_batch_size is None else f" nb={cell.norm_batch_size}"
+    head = f"[{index:>{len(str(total))}}/{total}] {cell.row} bs={cell.batch_size}{nb} seed={cell.seed}:"
     note = f" [{outcome.note}]" if outcome.note else ""
     if outcome.status == "failed":
         reason = f": {outcome.failure.message}" if outcome.failure is not None else ""

@@ -27,7 +27,7 @@ from tasks.common.progress import LogProgress
 from tasks.common.validate import check_int
 
 from . import PROG, log
-from .checks import check_config, check_options, did_you_mean
+from .checks import check_config, check_norm_batch_size, check_options, did_you_mean
 from .folders import claim_output, last_checkpoint, run_entries
 from .shortcuts import FLAG_SHORTCUTS, SHORTCUTS
 
@@ -77,6 +77,15 @@ class TaskCLI(LightningCLI):
             help="synchronise BGN (and, on GPUs, BatchNorm) statistics across processes: "
             "bgn_lightning.BGNSync (shortcut --sync-norm); otherwise each device normalises with "
             "its own batch",
+        )
+        parser.add_argument(
+            "--norm_batch_size",
+            type=int | None,
+            default=None,
+            help="ghost batches: in training, every norm with batch statistics (bn, bgn) normalises each "
+            "run of this many samples with their own statistics, as that many images per device "
+            "would without --sync-norm; the optimiser (and its learning rate) still uses --batch-size "
+            "(shortcut --norm-batch-size; null: the whole batch)",
         )
         parser.add_argument(
             "--bad_images",
@@ -133,6 +142,7 @@ class TaskCLI(LightningCLI):
             hint = did_you_mean(message, [*parser._option_string_actions, *shortcuts])
             raise UsageError(f"{message}{hint} ('{PROG} {task.name} --help' lists the options)") from err
         check_config(self.config, getattr(task.datamodule_class, "DATASETS", None))
+        check_norm_batch_size(self.config)
         self._move_legacy_options()
         check_options(task, self.config)
 
