@@ -49,6 +49,7 @@ def usage() -> str:
             "                [--metrics M1,M2] [--max-epochs E] [--output DIR] [--config GRID.yaml]",
             "                [--jobs J]",
             "                [-- extra run args]",
+            f"       {PROG} report DIR... [--output DIR]   (one report over bench folders)",
             "",
             "Fit, test the best checkpoint and write <output>/results.json; bench sweeps a grid and writes",
             "results.csv, results.md and accuracy_vs_batch_size.png with each of the task's metrics.",
@@ -115,9 +116,13 @@ def _dispatch(command: str, rest: list[str], debug: bool) -> int:
         from .bench import bench_main
 
         return bench_main(rest, debug=debug, entry=main)
+    if command == "report":
+        from .paper_report import report_main
+
+        return report_main(rest)
     from .run import run_task
 
-    check_choice("task", command, [*discovery.available_tasks(), "bench"])
+    check_choice("task", command, [*discovery.available_tasks(), "bench", "report"])
     task = discovery.load_task(command)
     args = translate_shortcuts(rest, task.all_shortcuts, task.all_flags)
     return run_task(task, args, command=[PROG, command, *rest])

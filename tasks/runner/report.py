@@ -34,6 +34,7 @@ __all__ = [
     "markdown_table",
     "plot_metrics",
     "summarize",
+    "within_noise",
     "write_csv",
     "write_report",
 ]
@@ -124,12 +125,38 @@ def summarize(
     return out
 
 
+def within_noise(a: CellSummary, b: CellSummary) -> bool | None:
+    """Whether the difference of two cells is within noise; ``None`` where the runs cannot tell.
+
+    Two or more runs each: Welch's t-test does not reject equal means at p < 0.05. Single runs with
+    a 95 % confidence half-width (few-shot episodes): the intervals overlap.
+    """
+    if a.spread_kind == b.spread_kind == "std" and a.spread is not None and b.spread is not None:
+        if a.spread == 0 and b.spread == 0:
+            return math.isclose(a.mean, b.mean)
+        from scipy.stats import ttest_ind_from_stats
+
+        test = ttest_ind_from_stats(a.mean, a.spread, a.n, b.mean, b.spread, b.n, equal_var=False)
+        return bool(test.pvalue >= 0.05)
+    if a.spread_kind == b.spread_kind == "ci95" and a.spread is not None and b.spread is not None:
+        return abs(a.mean - b.mean) <= a.spread + b.spread
+    return None
+
+
+NOISE_MARK = "≈"
+NOISE_LEGEND = (
+    f"{NOISE_MARK}: not distinguishable from the column's best (Welch's t-test over seeds, p ≥ 0.05; "
+    f"overlapping 95 % intervals for single episodic runs)"
+)
+
+
 def markdown_table(
     summary: dict[Row, CellSummary], rows: Sequence[str], batch_sizes: Sequence[int], metric: Metric,
-    column: str = "batch_size",
+    column: str = "batch_size", marks: bool = False,
 ) -> str:
     """Rows x columns (batch sizes, or norm batch sizes), cells ``mean ± spread``; the best mean per
-    column (by direction) in bold."""
+    column (by direction) in bold; with ``marks``, cells within noise of it marked
+    :data:`NOISE_MARK` (:func:`within_noise`)."""
     symbol = COLUMNS[column][0]
     header = "| norm | " + " | ".join(f"{symbol} = {b}" for b in batch_sizes) + " |"
     lines = [header, "|---|" + "---:|" * len(batch_sizes)]
@@ -146,7 +173,12 @@ def markdown_table(
                 cells.append("-")
                 continue
             text = s.text() + (f" (n={s.n})" if s.n < full else "")
-            cells.append(f"**{text}**" if best[b] is not None and math.isclose(s.mean, best[b]) else text)
+            if best[b] is not None and math.isclose(s.mean, best[b]):
+                cells.append(f"**{text}**")
+                continue
+            leader = next(summary[(o, b)] for o in rows
+                          if (o, b) in summary and summary[(o, b)].mean == best[b])
+            cells.append(f"{text} {NOISE_MARK}" if marks and within_noise(s, leader) else text)
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

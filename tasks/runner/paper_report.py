@@ -1,0 +1,104 @@
+"""``bgn-task report DIR...``: one report over any ``bgn-task bench`` folders, in the paper's shape.
+
+Per suite (task): for each of its metrics, norms x batch size (or norm batch size b, for a sweep
+of ``--norm-batch-sizes``) with the mean ± std over seeds (a single episodic run: its 95 %
+confidence half-width), the best mean per column in bold and :data:`~tasks.runner.report.NOISE_MARK`
+where a cell is within noise of it; one PNG of curves per suite; and, for a sweep of BGN's values per
+statistic (``--vary model.norm_kwargs.values_per_statistic=...``), the b x values-per-statistic heat
+map. Everything goes into ``report.md``, ``report.csv`` and the PNGs beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from tasks.common.errors import UsageError
+
+from . import PROG, log
+from .collect import Suite, collect_suites
+from .discovery import load_task
+from .report import NOISE_LEGEND, flatten_record, markdown_table, plot_metrics, summarize
+
+__all__ = ["report_main"]
+
+REPORT_MD, REPORT_CSV = "report.md", "report.csv"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"report: {message} ('{PROG} report --help' lists the options)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"{PROG} report",
+        allow_abbrev=False,
+        description="Read bgn-task bench output folders and write one report (report.md, report.csv and "
+        "a PNG per suite): per suite and metric, norms x batch size (or norm batch size b) with mean ± std "
+        "over seeds, the best per column in bold and a mark where a cell is within noise of it.",
+    )
+    parser.add_argument("folders", nargs="+", type=Path, metavar="DIR", help="bench output folders")
+    parser.add_argument("--output", type=Path, default=Path("outputs/report"), help="report folder")
+    parser.add_argument("--title", default="bgn-lightning results", help="the report's heading")
+    return parser
+
+
+def report_main(argv: Sequence[str]) -> int:
+    """``bgn-task report``: write the report; the exit code (2 for bad folders, via :class:`UsageError`)."""
+    args = _parser().parse_args(list(argv))
+    suites = collect_suites(args.folders)
+    output: Path = args.output
+    output.mkdir(parents=True, exist_ok=True)
+    command = shlex.join([PROG, "report", *map(str, argv)])
+    lines = [f"# {args.title}", "", "Command:", "", "```", command, "```", "", NOISE_LEGEND + ".", ""]
+    csv_rows = []
+    for suite in suites:
+        lines += _suite_section(suite, output)
+        csv_rows += [flatten_record(record, row) for row, record in suite.rows]
+    (output / REPORT_MD).write_text("\n".join(lines).rstrip() + "\n")
+    columns = list(dict.fromkeys(k for row in csv_rows for k in row))
+    with (output / REPORT_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    log.info("%s report: %d suites, %d runs -> %s", PROG, len(suites), len(csv_rows), output / REPORT_MD)
+    return 0
+
+
+def _suite_section(suite: Suite, output: Path) -> list[str]:
+    """The Markdown of one suite; writes its PNG into ``output``."""
+    task = load_task(suite.task)
+    metrics = list(task.metrics)
+    records = [r for _, r in suite.rows]
+    dataset = (records[0].get("dataset") if records else None) or "default data"
+    symbol = "b" if suite.column == "norm_batch_size" else "B"
+    title = f"{suite.task} on {dataset}"
+    lines = [f"## {title}", ""]
+    if suite.column == "norm_batch_size" and records:
+        lines += [f"Optimisation batch B = {records[0]['batch_size']} in every run; columns: the norm "
+                  f"batch size b (samples per set of statistics). Norms without batch statistics fill every "
+                  f"column.", ""]
+    seeds = sorted({r.get("seed") for r in records}, key=str)
+    folders = ", ".join(str(f) for f in suite.folders)
+    lines += [f"{len(records)} runs (seeds {', '.join(map(str, seeds))}) from {folders}; shared arguments: "
+              f"`{shlex.join(suite.settings)}`.", ""]
+    if suite.missing:
+        lines += [f"{len(suite.missing)} cells have no result yet (queued, running or failed).", ""]
+    summaries = []
+    for i, metric in enumerate(metrics):
+        summary = summarize(suite.rows, metric, suite.column, suite.columns)
+        if not summary:
+            continue
+        summaries.append((metric, summary))
+        table = markdown_table(summary, suite.row_order, suite.columns, metric, suite.column, marks=True)
+        lines += [f"### {metric.heading}: `{metric.name}`" + (" (primary)" if i == 0 else ""), "", table, ""]
+    if summaries:
+        png = plot_metrics(summaries, suite.row_order, suite.columns, output / f"{suite.task}.png",
+                           f"{title}: vs {symbol}", suite.column)
+        lines += [f"![{title}]({png.name})", ""]
+    return lines
