@@ -26,6 +26,11 @@ where G > C; eval <= 1.05; saved bytes <= BN's + O(G + C). Run::
     python benchmarks/norm_speed.py --threads 1     # one thread, CPU-time clock (shared machines)
     python benchmarks/norm_speed.py --json out.json --check   # exit 1 if a target is missed
     python benchmarks/norm_speed.py --device cuda --json cuda.json --markdown cuda.md
+    python benchmarks/norm_speed.py --norm-batch-sizes 1,2,4,8 --threads 1   # ghost batches (issue 21)
+
+``--norm-batch-sizes`` times ghost batches instead: training forward + backward of BN and BGN with
+``norm_batch_size = b`` against the same layer without it, at N = 32, 64 and 128 (ResNet-20's
+stage shapes and a wider one, contiguous and channels-last); target <= 1.2.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 import bgn_lightning._backends as backends
-from bgn_lightning import BatchGroupNorm2d
+from bgn_lightning import BatchGroupNorm2d, GhostBatchNorm2d
 
 SUITE = [(2, 64, 56, 56), (8, 256, 14, 14), (32, 64, 56, 56), (128, 64, 32, 32), (4, 512, 7, 7),
          (64, 128, 28, 28)]
@@ -55,6 +60,8 @@ RESNET_STAGES = ((64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7))
 CUDA_SUITE = list(dict.fromkeys(SUITE + [(n, *chw) for n in (2, 32, 128) for chw in RESNET_STAGES]))
 QUICK_SUITE = [(8, 256, 14, 14), (4, 512, 7, 7), (2, 64, 56, 56)]
 TRAIN_TARGET = {"G<=C": 1.10, "G>C": 1.30}
+GHOST_SHAPES = [(n, *chw) for n in (32, 64, 128) for chw in ((16, 32, 32), (64, 8, 8), (128, 16, 16))]
+GHOST_TARGET = 1.2
 EVAL_TARGET = 1.05
 
 
@@ -265,6 +272,52 @@ def _native(times: dict[str, list[float]]) -> tuple[float | None, float | None]:
     return _ms(times["native"]), _ratio(times, "native", "bn")
 
 
+def _ghost_layers(norm: str, c: int, b: int | None) -> nn.Module:
+    """BN or BGN (G = C/4) with norm batch size ``b`` (``None``: the plain layer)."""
+    if norm == "bn":
+        return nn.BatchNorm2d(c) if b is None else GhostBatchNorm2d(c, norm_batch_size=b)
+    return BatchGroupNorm2d(c, c // 4, norm_batch_size=b)
+
+
+def measure_ghost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Ghost batches: forward + backward with ``norm_batch_size = b`` over the same layer without."""
+    rows = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    for shape in args.ghost_shapes:
+        base = (torch.randn(shape, generator=gen) * 2 + 1).to(device)
+        grad = torch.randn(shape, generator=gen).to(device)
+        for fmt_name, fmt in formats.items():
+            x = base.contiguous(memory_format=fmt).requires_grad_()
+            dy = grad.contiguous(memory_format=fmt)
+            for norm in ("bn", "bgn"):
+                steps = {f"b={b}": _train_step(_ghost_layers(norm, shape[1], b).to(device).train(), x, dy)
+                         for b in [None, *args.norm_batch_sizes]}
+                times = interleaved_times(steps, args.rounds, args.block, args.budget, device, args.clock_fn)
+                for b in args.norm_batch_sizes:
+                    ratio = _ratio(times, f"b={b}", "b=None")
+                    rows.append({"shape": shape, "memory_format": fmt_name, "norm": norm, "b": b,
+                                 "plain_ms": _ms(times["b=None"]), "ghost_ms": _ms(times[f"b={b}"]),
+                                 "ratio": ratio, "ok": ratio <= GHOST_TARGET})
+        print(f"measured {shape}", file=sys.stderr, flush=True)
+    return rows
+
+
+def format_ghost(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per (shape, format, norm), the ghost / plain ratio per b."""
+    bs = sorted({r["b"] for r in rows})
+    lines = ["| shape | format | norm | plain ms | " + " | ".join(f"b={b}" for b in bs) + " |",
+             "|---|---|---|---:|" + "---:|" * len(bs)]
+    keys = list(dict.fromkeys((tuple(r["shape"]), r["memory_format"], r["norm"]) for r in rows))
+    for key in keys:
+        group = {r["b"]: r for r in rows if (tuple(r["shape"]), r["memory_format"], r["norm"]) == key}
+        first = next(iter(group.values()))
+        cells = [f"{group[b]['ratio']:.2f}" + ("" if group[b]["ok"] else " !") for b in bs]
+        lines.append(f"| {'x'.join(map(str, key[0]))} | {key[1]} | {key[2]} | {first['plain_ms']:.3f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def memory_ok(row: Row) -> bool:
     """Saved-for-backward bytes within BatchNorm's plus O(G + C)."""
     return row.extra["saved_extra_bytes"] <= row.extra["saved_extra_budget"]
@@ -374,7 +427,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default="norm_speed.json", help="where to write the JSON results")
     parser.add_argument("--markdown", default=None, help="also write a markdown summary table here")
     parser.add_argument("--check", action="store_true", help="exit 1 if a row misses its target")
+    parser.add_argument("--norm-batch-sizes", default=None,
+                        help="time ghost batches at these b (e.g. 1,2,4,8) instead of the BGN/BN suite")
     args = parser.parse_args(argv)
+    args.norm_batch_sizes = [int(b) for b in (args.norm_batch_sizes or "").split(",") if b]
+    args.ghost_shapes = GHOST_SHAPES[::4] if args.quick else GHOST_SHAPES
     args.rounds = args.rounds or (7 if args.quick else 11)
     args.eval_rounds = args.eval_rounds or (11 if args.quick else 21)
     args.budget = args.budget if args.budget is not None else (0.25 if args.quick else 0.8)
@@ -398,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{torch.get_num_threads()} threads")
     args.clock_fn = time.thread_time if args.clock == "cpu" else time.perf_counter
     start = time.perf_counter()
+    if args.norm_batch_sizes:
+        return _main_ghost(args, device, start)
     rows: list[Row] = []
     for shape in args.suite:
         rows.extend(measure_shape(shape, args, device))
@@ -431,6 +490,24 @@ def main(argv: list[str] | None = None) -> int:
             f.write(format_markdown(rows) + "\n")
         print(f"markdown table written to {args.markdown}")
     return 1 if args.check and failures else 0
+
+
+def _main_ghost(args: argparse.Namespace, device: torch.device, start: float) -> int:
+    """``--norm-batch-sizes``: time ghost batches, print and write the table; the --check status."""
+    rows = measure_ghost(args, device)
+    table = format_ghost(rows)
+    worst = max(r["ratio"] for r in rows)
+    result = {"environment": environment(args, device), "seconds": time.perf_counter() - start,
+              "worst_ratio": worst, "target": GHOST_TARGET, "rows": rows}
+    print(table)
+    print(f"worst ghost/plain {worst:.2f} (target {GHOST_TARGET}); "
+          f"{sum(r['ok'] for r in rows)}/{len(rows)} within; {result['seconds']:.0f} s")
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    return 1 if args.check and worst > GHOST_TARGET else 0
 
 
 if __name__ == "__main__":

@@ -152,8 +152,8 @@ def set_norm_batch_size(module: nn.Module, norm_batch_size: int | None,
     :class:`~bgn_lightning.BatchGroupNorm` layers (synchronized ones included) and the ghost
     BatchNorms are set in place; torch's ``BatchNorm1d/2d/3d`` are replaced by
     :class:`GhostBatchNorm1d` / ``2d`` / ``3d`` sharing their parameters, buffers and hooks (as
-    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does, so call it before building the
-    optimizer, and use the returned module when ``module`` is itself such a layer). Layers without
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does: an optimizer built before still holds
+    the same parameters; use the returned module when ``module`` is itself such a layer). Layers without
     batch statistics (GroupNorm, LayerNorm, InstanceNorm, PositionalNorm) are left alone: ``b``
     has no effect there. ``None`` goes back to whole-batch statistics.
 
