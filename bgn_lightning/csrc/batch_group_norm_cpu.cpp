@@ -6,13 +6,19 @@
 // consecutive features. Cells are runs of R = gcd(L, S) features: every cell lies in one group
 // and one channel; channel c has k = S / R cells, group g has L / R cells, and there are U = C * k.
 //
+// Ghost batches: with a chunk size B < N (`chunk` of `train`), the batch is K = ceil(N / B) chunks
+// of B consecutive samples (the last one has N - (K - 1) * B), each normalized with its own
+// per-group statistics. Every per-cell / per-group table then has K rows (index kk * U + u or
+// kk * G + grp); the passes over the activation are the same, each sample adding into (reading
+// from) its chunk's row. B = N (K = 1) is plain batch statistics.
+//
 // Memory: a contiguous x is (N, U, R) with each cell run contiguous; a channels-last x is
 // (N, S, C) rows, and element (n, p, c) belongs to cell c * k + p / R.
 //
 // Passes over the activation (as nn.BatchNorm2d): forward = 1 read for the statistics (shifted
 // sums: short float runs, added in double) + 1 read and 1 write to normalize; backward = 1 read of
-// (dy, x) for the cell sums + 1 read of (dy, x) and 1 write for dx. Everything else is O(U) scalar
-// work, so small inputs pay no per-op overhead.
+// (dy, x) for the cell sums + 1 read of (dy, x) and 1 write for dx, with or without chunks.
+// Everything else is O(K * U) scalar work, so small inputs pay no per-op overhead.
 
 #include <torch/extension.h>
 
@@ -35,11 +41,14 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kGrain = 32768;  // elements per parallel task, as ATen's internal::GRAIN_SIZE
 
+// Samples per chunk: `chunk` <= 0 or >= N means one chunk, the whole batch.
+int64_t chunk_size(int64_t chunk, int64_t N) { return chunk <= 0 || chunk >= N ? N : chunk; }
+
 struct Geometry {
-  int64_t N, C, S, G, L, R, k, U, cpg;
+  int64_t N, C, S, G, L, R, k, U, cpg, B, K;
   bool channels_last;
 
-  Geometry(const Tensor& x, int64_t groups, bool cl) : G(groups), channels_last(cl) {
+  Geometry(const Tensor& x, int64_t groups, bool cl, int64_t chunk = 0) : G(groups), channels_last(cl) {
     N = x.size(0);
     C = x.size(1);
     S = 1;
@@ -49,7 +58,11 @@ struct Geometry {
     k = S / R;
     U = C * k;
     cpg = L / R;
+    B = chunk_size(chunk, N);
+    K = B > 0 ? (N + B - 1) / B : 1;
   }
+  // Values per group in chunk kk.
+  double count(int64_t kk) const { return static_cast<double>((std::min(N, (kk + 1) * B) - kk * B) * L); }
   // Shapes the Python layer already validated; checked again so a bad call cannot corrupt memory.
   // Returns the values per group in the batch, N * C * prod(S) / G.
   static int64_t check(const Tensor& x, int64_t groups) {
@@ -103,16 +116,16 @@ inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float value) {
   p[i].x = value != value ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
 }
 
-// Per-cell sums over the batch: a[u] = sum(f1), b[u] = sum(f2) where (f1, f2) = op(x, y, shift)
-// for the elements of cell u. `op` is generic and runs in opmath_t (float for float, bfloat16 and
+// Per-cell sums over each chunk: a[kk * U + u] = sum(f1), b[kk * U + u] = sum(f2) where
+// (f1, f2) = op(x, y, cell_shift[kk * U + u]) for the elements of cell u in the samples of chunk kk. `op` is generic and runs in opmath_t (float for float, bfloat16 and
 // half input; double for double) on short runs whose partial sums are added in double; the
 // values are shifted (by a group's first value, or its mean), so short float sums lose nothing
 // that matters. `cell_shift` must be representable in opmath_t. `y` may be null (statistics).
 template <typename scalar_t, typename Op>
 void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const double* cell_shift,
                std::vector<double>& a, std::vector<double>& b, const Op& op) {
-  a.assign(g.U, 0.0);
-  b.assign(g.U, 0.0);
+  a.assign(g.K * g.U, 0.0);
+  b.assign(g.K * g.U, 0.0);
   using opmath_t = at::opmath_type<scalar_t>;
   if (!g.channels_last) {
     // Blocks of kBlock values add up in opmath_t (vector-width float work for float input), the
@@ -122,7 +135,8 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
     std::vector<double> part(2 * items);
     at::parallel_for(0, items, std::max<int64_t>(1, kGrain / g.R), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const opmath_t shift = static_cast<opmath_t>(cell_shift[i % g.U]);
+        const int64_t n = i / g.U;
+        const opmath_t shift = static_cast<opmath_t>(cell_shift[(n / g.B) * g.U + (i - n * g.U)]);
         const scalar_t* px = x + i * g.R;
         const scalar_t* py = y ? y + i * g.R : px;
         double s1 = 0.0, s2 = 0.0;
@@ -144,40 +158,55 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
     });
     for (int64_t n = 0; n < g.N; ++n) {
       const double* p = part.data() + 2 * n * g.U;
+      double* pa = a.data() + (n / g.B) * g.U;
+      double* pb = b.data() + (n / g.B) * g.U;
       for (int64_t u = 0; u < g.U; ++u) {
-        a[u] += p[2 * u];
-        b[u] += p[2 * u + 1];
+        pa[u] += p[2 * u];
+        pb[u] += p[2 * u + 1];
       }
     }
     return;
   }
-  // Channels-last: rows of C values; accumulators laid out (k, C) per task, summed at the end.
-  // Rows add into opmath_t partial sums, flushed to double every kFlush rows.
+  // Channels-last: rows of C values; accumulators laid out (k, C) per task and chunk the task
+  // touches (a task's rows span chunks first[t] .. first[t] + spans[t] - 1), summed at the end.
+  // Rows add into opmath_t partial sums, flushed to double every kFlush rows and at every segment's
+  // end (segments never cross a sample, so never a chunk).
   constexpr int64_t kFlush = 32;
   const int64_t rows = g.N * g.S;
   const int64_t width = g.k * g.C;
   const int64_t grain = std::max<int64_t>(1, kGrain / g.C);
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain));
   const int64_t per_task = (rows + tasks - 1) / tasks;
-  std::vector<double> acc(2 * tasks * width, 0.0);
-  std::vector<opmath_t> shift_t(width);  // (k, C) layout
-  for (int64_t u = 0; u < g.U; ++u) shift_t[(u % g.k) * g.C + u / g.k] = static_cast<opmath_t>(cell_shift[u]);
+  std::vector<int64_t> first(tasks, 0), offset(tasks + 1, 0);
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t r0 = t * per_task, r1 = std::min(rows, r0 + per_task);
+    int64_t span = 1;
+    if (r0 < r1) {
+      first[t] = (r0 / g.S) / g.B;
+      span = ((r1 - 1) / g.S) / g.B - first[t] + 1;
+    }
+    offset[t + 1] = offset[t] + span;
+  }
+  std::vector<double> acc(2 * offset[tasks] * width, 0.0);
+  std::vector<opmath_t> shift_t(g.K * width);  // (K, k, C) layout
+  for (int64_t kk = 0; kk < g.K; ++kk)
+    for (int64_t u = 0; u < g.U; ++u)
+      shift_t[kk * width + (u % g.k) * g.C + u / g.k] = static_cast<opmath_t>(cell_shift[kk * g.U + u]);
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
     const int64_t C = g.C;
     std::vector<opmath_t> part(2 * C);
     opmath_t* p1 = part.data();
     opmath_t* p2 = p1 + C;
     for (int64_t t = tb; t < te; ++t) {
-      double* a1 = acc.data() + 2 * t * width;
-      double* a2 = a1 + width;
       const int64_t r_end = std::min(rows, (t + 1) * per_task);
       for (int64_t r = t * per_task; r < r_end;) {
-        // Rows up to the end of this segment share their cells.
-        const int64_t p = r % g.S, seg = p / g.R;
+        // Rows up to the end of this segment share their cells (and their sample's chunk).
+        const int64_t p = r % g.S, seg = p / g.R, kk = (r / g.S) / g.B;
         const int64_t stop = std::min(r_end, r + g.R - p % g.R);
+        double* a1 = acc.data() + 2 * (offset[t] + kk - first[t]) * width;
         double* s1 = a1 + seg * C;
-        double* s2 = a2 + seg * C;
-        const opmath_t* sh = shift_t.data() + seg * C;
+        double* s2 = a1 + width + seg * C;
+        const opmath_t* sh = shift_t.data() + kk * width + seg * C;
         while (r < stop) {
           const int64_t block_end = std::min(stop, r + kFlush);
           std::fill(part.begin(), part.end(), opmath_t(0));
@@ -201,18 +230,23 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
     }
   });
   for (int64_t t = 0; t < tasks; ++t) {
-    const double* a1 = acc.data() + 2 * t * width;
-    const double* a2 = a1 + width;
-    for (int64_t s = 0; s < g.k; ++s) {
-      for (int64_t c = 0; c < g.C; ++c) {
-        a[c * g.k + s] += a1[s * g.C + c];
-        b[c * g.k + s] += a2[s * g.C + c];
+    for (int64_t j = 0; j < offset[t + 1] - offset[t]; ++j) {
+      const double* a1 = acc.data() + 2 * (offset[t] + j) * width;
+      const double* a2 = a1 + width;
+      double* pa = a.data() + (first[t] + j) * g.U;
+      double* pb = b.data() + (first[t] + j) * g.U;
+      for (int64_t s = 0; s < g.k; ++s) {
+        for (int64_t c = 0; c < g.C; ++c) {
+          pa[c * g.k + s] += a1[s * g.C + c];
+          pb[c * g.k + s] += a2[s * g.C + c];
+        }
       }
     }
   }
 }
 
-// out = alpha[u] * x + beta[u] (y == null) or alpha[u] * y + gamma[u] * x + beta[u], per cell.
+// out = alpha[u] * x + beta[u] (y == null) or alpha[u] * y + gamma[u] * x + beta[u], per cell, with
+// the tables' row of the sample's chunk (index kk * U + u).
 template <typename scalar_t>
 void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar_t* out,
                  const std::vector<double>& alpha, const std::vector<double>& gamma,
@@ -222,7 +256,8 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
     const int64_t items = g.N * g.U;
     at::parallel_for(0, items, std::max<int64_t>(1, kGrain / g.R), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t u = i % g.U;
+        const int64_t n = i / g.U;
+        const int64_t u = (n / g.B) * g.U + (i - n * g.U);
         const opmath_t a = static_cast<opmath_t>(alpha[u]);
         const opmath_t b = static_cast<opmath_t>(beta[u]);
         const scalar_t* px = x + i * g.R;
@@ -242,17 +277,19 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
     return;
   }
   const int64_t width = g.k * g.C;
-  std::vector<opmath_t> at_(width), bt(width), ct(y ? width : 0);
-  for (int64_t u = 0; u < g.U; ++u) {
-    const int64_t j = (u % g.k) * g.C + u / g.k;
-    at_[j] = static_cast<opmath_t>(alpha[u]);
-    bt[j] = static_cast<opmath_t>(beta[u]);
-    if (y) ct[j] = static_cast<opmath_t>(gamma[u]);
+  std::vector<opmath_t> at_(g.K * width), bt(g.K * width), ct(y ? g.K * width : 0);  // (K, k, C)
+  for (int64_t kk = 0; kk < g.K; ++kk) {
+    for (int64_t u = 0; u < g.U; ++u) {
+      const int64_t j = kk * width + (u % g.k) * g.C + u / g.k, i = kk * g.U + u;
+      at_[j] = static_cast<opmath_t>(alpha[i]);
+      bt[j] = static_cast<opmath_t>(beta[i]);
+      if (y) ct[j] = static_cast<opmath_t>(gamma[i]);
+    }
   }
   const int64_t rows = g.N * g.S;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / g.C), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t off = ((r % g.S) / g.R) * g.C;
+      const int64_t off = ((r / g.S) / g.B) * width + ((r % g.S) / g.R) * g.C;
       const opmath_t* a = at_.data() + off;
       const opmath_t* b = bt.data() + off;
       const scalar_t* px = x + r * g.C;
@@ -283,56 +320,81 @@ std::vector<double> channel_vector(const Tensor& t, int64_t size, double fill) {
   return out;
 }
 
-// Batch statistics: per-group mean and biased variance (double), from shifted sums.
+// Batch statistics: per-(chunk, group) mean and biased variance (double, index kk * G + grp), from
+// shifted sums.
 template <typename scalar_t>
 void group_moments(const Geometry& g, const scalar_t* x, std::vector<double>& mean, std::vector<double>& var) {
-  // Shift every group by its first value in sample 0, so large means do not cancel.
-  std::vector<double> shift_g(g.G), shift_u(g.U);
-  for (int64_t grp = 0; grp < g.G; ++grp) {
-    const int64_t f = grp * g.L;
-    const int64_t off = g.channels_last ? (f % g.S) * g.C + f / g.S : f;
-    shift_g[grp] = static_cast<double>(x[off]);
+  // Shift every group by its first value in the chunk's first sample, so large means do not cancel.
+  std::vector<double> shift_g(g.K * g.G), shift_u(g.K * g.U);
+  for (int64_t kk = 0; kk < g.K; ++kk) {
+    const int64_t sample = kk * g.B * g.C * g.S;
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      const int64_t f = grp * g.L;
+      const int64_t off = g.channels_last ? (f % g.S) * g.C + f / g.S : f;
+      shift_g[kk * g.G + grp] = static_cast<double>(x[sample + off]);
+    }
+    for (int64_t u = 0; u < g.U; ++u) shift_u[kk * g.U + u] = shift_g[kk * g.G + g.group_of(u)];
   }
-  for (int64_t u = 0; u < g.U; ++u) shift_u[u] = shift_g[g.group_of(u)];
   std::vector<double> s1, s2;
   cell_sums<scalar_t>(g, x, nullptr, shift_u.data(), s1, s2, [](auto v, auto, auto sh) {
     const auto d = v - sh;
     return std::make_pair(d, d * d);
   });
-  mean.assign(g.G, 0.0);
-  var.assign(g.G, 0.0);
-  for (int64_t u = 0; u < g.U; ++u) {
-    mean[g.group_of(u)] += s1[u];
-    var[g.group_of(u)] += s2[u];
-  }
-  const double count = static_cast<double>(g.N * g.L);
-  for (int64_t grp = 0; grp < g.G; ++grp) {
-    const double m = mean[grp] / count;
-    var[grp] = std::max(var[grp] / count - m * m, 0.0);
-    mean[grp] = shift_g[grp] + m;
+  mean.assign(g.K * g.G, 0.0);
+  var.assign(g.K * g.G, 0.0);
+  for (int64_t kk = 0; kk < g.K; ++kk) {
+    double* pm = mean.data() + kk * g.G;
+    double* pv = var.data() + kk * g.G;
+    for (int64_t u = 0; u < g.U; ++u) {
+      pm[g.group_of(u)] += s1[kk * g.U + u];
+      pv[g.group_of(u)] += s2[kk * g.U + u];
+    }
+    const double count = g.count(kk);
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      const double m = pm[grp] / count;
+      pv[grp] = std::max(pv[grp] / count - m * m, 0.0);
+      pm[grp] = shift_g[kk * g.G + grp] + m;
+    }
   }
 }
 
 // A 0-element tensor stands for an absent weight or bias inside the autograd function.
 Tensor optional_param(const Tensor& t) { return t.numel() == 0 ? Tensor() : t; }
 
-// Running statistics: lerp towards the batch mean and unbiased variance (in place).
-void update_running(const Tensor& running_mean, const Tensor& running_var, const std::vector<double>& mean,
-                    const std::vector<double>& var, double factor, double count) {
-  const double unbias = count / (count - 1.0);
-  for (const auto& [buffer, values, scale] :
-       {std::make_tuple(running_mean, &mean, 1.0), std::make_tuple(running_var, &var, unbias)}) {
+// Running statistics (in place): lerp towards the batch mean and unbiased variance. With chunks
+// (g.K > 1): chunk 0's (what DDP keeps with rank 0's buffers broadcast), or with `average` the
+// mean over chunks of each chunk's mean and unbiased variance (each unbiased with its own count).
+void update_running(const Tensor& running_mean, const Tensor& running_var, const Geometry& g,
+                    const std::vector<double>& mean, const std::vector<double>& var, double factor, bool average) {
+  std::vector<double> target_mean(g.G), target_var(g.G);
+  const int64_t used = average ? g.K : 1;
+  for (int64_t kk = 0; kk < used; ++kk) {
+    const double count = g.count(kk), unbias = count / (count - 1.0);
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      const double m = mean[kk * g.G + grp], v = var[kk * g.G + grp] * unbias;
+      target_mean[grp] = kk == 0 ? m : target_mean[grp] + m;
+      target_var[grp] = kk == 0 ? v : target_var[grp] + v;
+    }
+  }
+  if (used > 1) {
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      target_mean[grp] /= static_cast<double>(used);
+      target_var[grp] /= static_cast<double>(used);
+    }
+  }
+  for (const auto& [buffer, values] :
+       {std::make_pair(running_mean, &target_mean), std::make_pair(running_var, &target_var)}) {
     if (buffer.dim() != 1 || buffer.stride(0) != 1) {  // unusual buffer: plain tensor ops
       Tensor v = at::empty({(int64_t)values->size()}, at::TensorOptions().dtype(at::kDouble));
       std::copy(values->begin(), values->end(), v.data_ptr<double>());
-      buffer.lerp_((v * scale).to(buffer.scalar_type()), factor);
+      buffer.lerp_(v.to(buffer.scalar_type()), factor);
       continue;
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buffer.scalar_type(), "bgn_running", [&] {
       scalar_t* p = buffer.mutable_data_ptr<scalar_t>();
       for (size_t i = 0; i < values->size(); ++i) {
         const double old = static_cast<double>(p[i]);
-        p[i] = static_cast<scalar_t>(old + factor * ((*values)[i] * scale - old));
+        p[i] = static_cast<scalar_t>(old + factor * ((*values)[i] - old));
       }
     });
     buffer.unsafeGetTensorImpl()->bump_version();  // an in-place update, as lerp_ would record
@@ -350,24 +412,25 @@ Prepared prepare(const Tensor& input) {
   return {input.contiguous(), false};
 }
 
-// Forward of training-mode BGN; fills the per-group mean / variance and the values per group.
+// Forward of training-mode BGN; fills the per-(chunk, group) mean / variance.
 Tensor forward_train(const Tensor& input, const Tensor& weight, const Tensor& bias, int64_t groups, double eps,
-                     std::vector<double>& mean, std::vector<double>& var, double& count) {
+                     int64_t chunk, std::vector<double>& mean, std::vector<double>& var) {
   Prepared p = prepare(input);
-  Geometry g(p.x, groups, p.channels_last);
-  count = static_cast<double>(g.N * g.L);
+  Geometry g(p.x, groups, p.channels_last, chunk);
   Tensor out = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
   const auto w = channel_vector(weight, g.C, 1.0);
   const auto b = channel_vector(bias, g.C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_forward", [&] {
     const scalar_t* px = p.x.const_data_ptr<scalar_t>();
     group_moments<scalar_t>(g, px, mean, var);
-    std::vector<double> alpha(g.U), beta(g.U), unused;
-    for (int64_t u = 0; u < g.U; ++u) {
-      const int64_t grp = g.group_of(u), c = g.channel_of(u);
-      const double rstd = 1.0 / std::sqrt(var[grp] + eps);
-      alpha[u] = rstd * w[c];
-      beta[u] = b[c] - mean[grp] * alpha[u];
+    std::vector<double> alpha(g.K * g.U), beta(g.K * g.U), unused;
+    for (int64_t kk = 0; kk < g.K; ++kk) {
+      for (int64_t u = 0; u < g.U; ++u) {
+        const int64_t grp = kk * g.G + g.group_of(u), c = g.channel_of(u), i = kk * g.U + u;
+        const double rstd = 1.0 / std::sqrt(var[grp] + eps);
+        alpha[i] = rstd * w[c];
+        beta[i] = b[c] - mean[grp] * alpha[i];
+      }
     }
     cell_affine<scalar_t>(g, px, nullptr, out.mutable_data_ptr<scalar_t>(), alpha, unused, beta);
   });
@@ -375,11 +438,26 @@ Tensor forward_train(const Tensor& input, const Tensor& weight, const Tensor& bi
 }
 
 // Differentiable composite of training-mode BGN (double backward goes through this graph).
-Tensor composite(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t groups, double eps) {
+Tensor composite(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t groups, double eps,
+                 int64_t chunk) {
   const auto dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor xg = x.reshape({x.size(0), groups, -1}).to(dtype);
-  auto [var, mean] = at::var_mean(xg, {0, 2}, /*correction=*/0, /*keepdim=*/true);
-  Tensor y = ((xg - mean) * at::rsqrt(var + eps)).view(x.sizes());
+  const int64_t N = x.size(0), B = chunk_size(chunk, N);
+  Tensor y;
+  if (B == N) {
+    Tensor xg = x.reshape({N, groups, -1}).to(dtype);
+    auto [var, mean] = at::var_mean(xg, {0, 2}, /*correction=*/0, /*keepdim=*/true);
+    y = ((xg - mean) * at::rsqrt(var + eps)).view(x.sizes());
+  } else {
+    // Full chunks as one (chunks, B, G, L) view; a shorter last chunk on its own.
+    auto normalize = [&](const Tensor& part, int64_t chunks) {
+      Tensor xg = part.reshape({chunks, part.size(0) / chunks, groups, -1}).to(dtype);
+      auto [var, mean] = at::var_mean(xg, {1, 3}, /*correction=*/0, /*keepdim=*/true);
+      return ((xg - mean) * at::rsqrt(var + eps)).reshape(part.sizes());
+    };
+    const int64_t full = N / B;
+    y = normalize(x.narrow(0, 0, full * B), full);
+    if (full * B < N) y = at::cat({y, normalize(x.narrow(0, full * B, N - full * B), 1)}, 0);
+  }
   std::vector<int64_t> shape(x.dim(), 1);
   shape[1] = x.size(1);
   if (weight.defined()) y = y * weight.view(shape);
@@ -392,18 +470,23 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
   // weight and bias are autograd inputs, so "None" is a 0-element tensor (see `train`).
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight_in, const Tensor& bias_in,
                         int64_t groups, double eps, const std::optional<Tensor>& running_mean,
-                        const std::optional<Tensor>& running_var, double factor) {
+                        const std::optional<Tensor>& running_var, double factor, int64_t chunk,
+                        bool running_average) {
     const Tensor weight = optional_param(weight_in), bias = optional_param(bias_in);
     std::vector<double> mean, var;
-    double count = 0.0;
-    Tensor out = forward_train(x, weight, bias, groups, eps, mean, var, count);
-    if (running_mean && running_var) update_running(*running_mean, *running_var, mean, var, factor, count);
-    Tensor stats = torch::empty({2, groups}, at::TensorOptions().dtype(at::kDouble));
+    Tensor out = forward_train(x, weight, bias, groups, eps, chunk, mean, var);
+    if (running_mean && running_var) {
+      const Geometry g(x, groups, false, chunk);  // for K, B and the counts only
+      update_running(*running_mean, *running_var, g, mean, var, factor, running_average);
+    }
+    const int64_t stats_size = static_cast<int64_t>(mean.size());  // K * G
+    Tensor stats = torch::empty({2, stats_size}, at::TensorOptions().dtype(at::kDouble));
     std::copy(mean.begin(), mean.end(), stats.data_ptr<double>());
-    std::copy(var.begin(), var.end(), stats.data_ptr<double>() + groups);
+    std::copy(var.begin(), var.end(), stats.data_ptr<double>() + stats_size);
     ctx->save_for_backward({x, weight_in, bias_in, stats});
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["chunk"] = chunk;
     return out;
   }
 
@@ -415,79 +498,87 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
     const Tensor& stats = saved[3];
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                need_b = ctx->needs_input_grad(2);
     Tensor dy = grads[0];
-    if (!dy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const variable_list none(10);  // one gradient (all undefined here) per forward argument
+    if (!dy.defined()) return none;
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate a differentiable graph
       std::vector<Tensor> inputs;
       if (need_x) inputs.push_back(x);
       if (need_w) inputs.push_back(saved[1]);
       if (need_b) inputs.push_back(saved[2]);
-      Tensor y = composite(x, weight, bias, groups, eps);
+      Tensor y = composite(x, weight, bias, groups, eps, chunk);
       auto res = torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
                                        /*allow_unused=*/true);
       size_t i = 0;
       Tensor dx = need_x ? res[i++] : Tensor();
       Tensor dw = need_w ? res[i++] : Tensor();
       Tensor db = need_b ? res[i++] : Tensor();
-      return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+      variable_list out = none;
+      out[0] = dx, out[1] = dw, out[2] = db;
+      return out;
     }
     Prepared p = prepare(x);
-    Geometry g(p.x, groups, p.channels_last);
+    Geometry g(p.x, groups, p.channels_last, chunk);
     dy = dy.contiguous(format_of(p.x, p.channels_last));
     if (dy.scalar_type() != p.x.scalar_type()) dy = dy.to(p.x.scalar_type());
+    const int64_t KG = g.K * groups;  // statistics per (chunk, group), index kk * G + grp
     const double* sp = stats.data_ptr<double>();
-    std::vector<double> mean(sp, sp + groups), rstd(groups);
-    for (int64_t grp = 0; grp < groups; ++grp) rstd[grp] = 1.0 / std::sqrt(sp[groups + grp] + eps);
+    std::vector<double> mean(sp, sp + KG), rstd(KG);
+    for (int64_t i = 0; i < KG; ++i) rstd[i] = 1.0 / std::sqrt(sp[KG + i] + eps);
     const auto w = channel_vector(weight, g.C, 1.0);
     Tensor dx, dw, db;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_backward", [&] {
       const scalar_t* px = p.x.const_data_ptr<scalar_t>();
       const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
-      // Per cell: sum(dy) and sum(dy * (x - mean)), shifted by the mean as opmath_t represents it
-      // (the channels-last loop works in opmath_t) and corrected for that rounding.
+      // Per (chunk, cell): sum(dy) and sum(dy * (x - mean)), shifted by the chunk's mean as opmath_t
+      // represents it (the channels-last loop works in opmath_t) and corrected for that rounding.
       using opmath_t = at::opmath_type<scalar_t>;
-      std::vector<double> shift(g.U);
-      for (int64_t u = 0; u < g.U; ++u) shift[u] = static_cast<opmath_t>(mean[g.group_of(u)]);
+      const int64_t KU = g.K * g.U;
+      auto grp_of = [&](int64_t i) { return (i / g.U) * groups + g.group_of(i % g.U); };  // (kk, u) -> (kk, grp)
+      std::vector<double> shift(KU);
+      for (int64_t i = 0; i < KU; ++i) shift[i] = static_cast<opmath_t>(mean[grp_of(i)]);
       std::vector<double> sdy, sdyx;
       cell_sums<scalar_t>(g, px, pdy, shift.data(), sdy, sdyx, [](auto v, auto d, auto sh) {
         return std::make_pair(d, d * (v - sh));
       });
-      for (int64_t u = 0; u < g.U; ++u) sdyx[u] += (shift[u] - mean[g.group_of(u)]) * sdy[u];
+      for (int64_t i = 0; i < KU; ++i) sdyx[i] += (shift[i] - mean[grp_of(i)]) * sdy[i];
       if (need_w || need_b) {
         Tensor sums = at::zeros({2, g.C}, at::TensorOptions().dtype(at::kDouble));
         double* gw = sums.data_ptr<double>();
         double* gb = gw + g.C;
-        for (int64_t u = 0; u < g.U; ++u) {
-          gw[g.channel_of(u)] += rstd[g.group_of(u)] * sdyx[u];
-          gb[g.channel_of(u)] += sdy[u];
+        for (int64_t i = 0; i < KU; ++i) {
+          gw[g.channel_of(i % g.U)] += rstd[grp_of(i)] * sdyx[i];
+          gb[g.channel_of(i % g.U)] += sdy[i];
         }
         if (need_w) dw = sums[0].to(weight.scalar_type());
         if (need_b) db = sums[1].to(bias.scalar_type());
       }
       if (need_x) {
-        std::vector<double> s1(groups, 0.0), s2(groups, 0.0);
-        for (int64_t u = 0; u < g.U; ++u) {
-          const int64_t grp = g.group_of(u);
-          const double wc = w[g.channel_of(u)];
-          s1[grp] += wc * sdy[u];
-          s2[grp] += wc * rstd[grp] * sdyx[u];
+        std::vector<double> s1(KG, 0.0), s2(KG, 0.0);
+        for (int64_t i = 0; i < KU; ++i) {
+          const int64_t grp = grp_of(i);
+          const double wc = w[g.channel_of(i % g.U)];
+          s1[grp] += wc * sdy[i];
+          s2[grp] += wc * rstd[grp] * sdyx[i];
         }
-        const double count = static_cast<double>(g.N * g.L);
-        std::vector<double> a(g.U), c(g.U), d(g.U);
-        for (int64_t u = 0; u < g.U; ++u) {
-          const int64_t grp = g.group_of(u);
-          const double r = rstd[grp];
-          a[u] = r * w[g.channel_of(u)];
-          c[u] = -r * r * s2[grp] / count;
-          d[u] = -r * s1[grp] / count - c[u] * mean[grp];
+        std::vector<double> a(KU), c(KU), d(KU);
+        for (int64_t i = 0; i < KU; ++i) {
+          const int64_t grp = grp_of(i);
+          const double r = rstd[grp], count = g.count(i / g.U);
+          a[i] = r * w[g.channel_of(i % g.U)];
+          c[i] = -r * r * s2[grp] / count;
+          d[i] = -r * s1[grp] / count - c[i] * mean[grp];
         }
         dx = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
         cell_affine<scalar_t>(g, px, pdy, dx.mutable_data_ptr<scalar_t>(), a, c, d);
       }
     });
-    return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    variable_list out = none;
+    out[0] = dx, out[1] = dw, out[2] = db;
+    return out;
   }
 };
 
@@ -496,19 +587,26 @@ void check_vector(const std::optional<Tensor>& t, int64_t size, const char* what
               " must be a 1-D tensor of ", size, " elements on the CPU, got shape ", t ? t->sizes() : at::IntArrayRef{});
 }
 
-// Training mode with batch statistics; updates the running statistics when given.
+// Training mode with batch statistics, per chunk of `chunk` samples (ghost batches; <= 0 or >= N:
+// the whole batch); updates the running statistics when given, towards chunk 0's statistics or,
+// with `running_average`, the mean over the chunks of theirs.
 Tensor train(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
              int64_t groups, double eps, const std::optional<Tensor>& running_mean,
-             const std::optional<Tensor>& running_var, double factor) {
-  TORCH_CHECK(Geometry::check(x, groups) > 1,
-              "batch_group_norm: expected more than 1 value per group in training, got input ", x.sizes());
+             const std::optional<Tensor>& running_var, double factor, int64_t chunk, bool running_average) {
+  const int64_t values = Geometry::check(x, groups);
+  TORCH_CHECK(values > 1, "batch_group_norm: expected more than 1 value per group in training, got input ",
+              x.sizes());
+  const int64_t N = x.size(0), B = chunk_size(chunk, N), last = N - (N - 1) / B * B;
+  TORCH_CHECK(last * (values / N) > 1, "batch_group_norm: expected more than 1 value per group in every chunk of ",
+              B, " samples, got ", last, " sample(s) of ", values / N, " value(s) per group in the last chunk of input ",
+              x.sizes());
   check_vector(weight, x.size(1), "weight");
   check_vector(bias, x.size(1), "bias");
   check_vector(running_mean, groups, "running_mean");
   check_vector(running_var, groups, "running_var");
   const Tensor none = at::empty({0}, x.options());
   return BatchGroupNormFunction::apply(x, weight ? *weight : none, bias ? *bias : none, groups, eps, running_mean,
-                                       running_var, factor);
+                                       running_var, factor, chunk, running_average);
 }
 
 // Eval mode with given per-group statistics; not differentiable (the caller checks).
@@ -543,6 +641,10 @@ Tensor eval(const Tensor& input, const std::optional<Tensor>& weight, const std:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Batch Group Normalization CPU kernels (bgn_lightning)";
-  m.def("train", &train, "Training-mode BGN (autograd-aware, updates running statistics)");
+  m.def("train", &train,
+        "Training-mode BGN (autograd-aware, updates running statistics), per chunk of `chunk` samples "
+        "(ghost batches; <= 0 or >= N: the whole batch)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("groups"), py::arg("eps"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("factor"), py::arg("chunk") = 0, py::arg("running_average") = false);
   m.def("eval", &eval, "Eval-mode BGN with given statistics (no autograd)");
 }
