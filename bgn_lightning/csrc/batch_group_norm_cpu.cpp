@@ -47,6 +47,9 @@ int64_t chunk_size(int64_t chunk, int64_t N) { return chunk <= 0 || chunk >= N ?
 struct Geometry {
   int64_t N, C, S, G, L, R, k, U, cpg, B, K;
   bool channels_last;
+  // Per cell u: its group, its channel and its slot (u % k) * C + u / k in a channels-last (k, C)
+  // table, looked up (not divided) in the O(K * U) loops.
+  std::vector<int64_t> group_u, channel_u, slot_u;
 
   Geometry(const Tensor& x, int64_t groups, bool cl, int64_t chunk = 0) : G(groups), channels_last(cl) {
     N = x.size(0);
@@ -60,6 +63,14 @@ struct Geometry {
     cpg = L / R;
     B = chunk_size(chunk, N);
     K = B > 0 ? (N + B - 1) / B : 1;
+    group_u.resize(U);
+    channel_u.resize(U);
+    slot_u.resize(U);
+    for (int64_t u = 0; u < U; ++u) {
+      group_u[u] = u / cpg;
+      channel_u[u] = u / k;
+      slot_u[u] = (u % k) * C + u / k;
+    }
   }
   // Values per group in chunk kk.
   double count(int64_t kk) const { return static_cast<double>((std::min(N, (kk + 1) * B) - kk * B) * L); }
@@ -74,8 +85,8 @@ struct Geometry {
                 "batch_group_norm: num_groups=", groups, " must divide C*prod(S) for input ", x.sizes());
     return x.size(0) * (features / groups);
   }
-  int64_t group_of(int64_t u) const { return u / cpg; }
-  int64_t channel_of(int64_t u) const { return u / k; }
+  int64_t group_of(int64_t u) const { return group_u[u]; }
+  int64_t channel_of(int64_t u) const { return channel_u[u]; }
 };
 
 bool is_channels_last(const Tensor& x) {
@@ -117,7 +128,8 @@ inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float value) {
 }
 
 // Per-cell sums over each chunk: a[kk * U + u] = sum(f1), b[kk * U + u] = sum(f2) where
-// (f1, f2) = op(x, y, cell_shift[kk * U + u]) for the elements of cell u in the samples of chunk kk. `op` is generic and runs in opmath_t (float for float, bfloat16 and
+// (f1, f2) = op(x, y, cell_shift[u]) for the elements of cell u in the samples of chunk kk (one shift
+// per cell for every chunk: the tables of K rows are the outputs only). `op` is generic and runs in opmath_t (float for float, bfloat16 and
 // half input; double for double) on short runs whose partial sums are added in double; the
 // values are shifted (by a group's first value, or its mean), so short float sums lose nothing
 // that matters. `cell_shift` must be representable in opmath_t. `y` may be null (statistics).
@@ -135,8 +147,7 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
     std::vector<double> part(2 * items);
     at::parallel_for(0, items, std::max<int64_t>(1, kGrain / g.R), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / g.U;
-        const opmath_t shift = static_cast<opmath_t>(cell_shift[(n / g.B) * g.U + (i - n * g.U)]);
+        const opmath_t shift = static_cast<opmath_t>(cell_shift[i % g.U]);
         const scalar_t* px = x + i * g.R;
         const scalar_t* py = y ? y + i * g.R : px;
         double s1 = 0.0, s2 = 0.0;
@@ -158,7 +169,7 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
     });
     for (int64_t n = 0; n < g.N; ++n) {
       const double* p = part.data() + 2 * n * g.U;
-      double* pa = a.data() + (n / g.B) * g.U;
+      double* pa = a.data() + (n / g.B) * g.U;  // one division per sample
       double* pb = b.data() + (n / g.B) * g.U;
       for (int64_t u = 0; u < g.U; ++u) {
         pa[u] += p[2 * u];
@@ -188,10 +199,8 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
     offset[t + 1] = offset[t] + span;
   }
   std::vector<double> acc(2 * offset[tasks] * width, 0.0);
-  std::vector<opmath_t> shift_t(g.K * width);  // (K, k, C) layout
-  for (int64_t kk = 0; kk < g.K; ++kk)
-    for (int64_t u = 0; u < g.U; ++u)
-      shift_t[kk * width + (u % g.k) * g.C + u / g.k] = static_cast<opmath_t>(cell_shift[kk * g.U + u]);
+  std::vector<opmath_t> shift_t(width);  // (k, C) layout
+  for (int64_t u = 0; u < g.U; ++u) shift_t[g.slot_u[u]] = static_cast<opmath_t>(cell_shift[u]);
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
     const int64_t C = g.C;
     std::vector<opmath_t> part(2 * C);
@@ -206,7 +215,7 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
         double* a1 = acc.data() + 2 * (offset[t] + kk - first[t]) * width;
         double* s1 = a1 + seg * C;
         double* s2 = a1 + width + seg * C;
-        const opmath_t* sh = shift_t.data() + kk * width + seg * C;
+        const opmath_t* sh = shift_t.data() + seg * C;
         while (r < stop) {
           const int64_t block_end = std::min(stop, r + kFlush);
           std::fill(part.begin(), part.end(), opmath_t(0));
@@ -255,9 +264,14 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
   if (!g.channels_last) {
     const int64_t items = g.N * g.U;
     at::parallel_for(0, items, std::max<int64_t>(1, kGrain / g.R), [&](int64_t begin, int64_t end) {
+      int64_t n = begin / g.U, cell = begin - n * g.U;  // item i is (sample n, cell)
+      int64_t row = (n / g.B) * g.U;                    // the sample's chunk's row in the tables
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / g.U;
-        const int64_t u = (n / g.B) * g.U + (i - n * g.U);
+        const int64_t u = row + cell;
+        if (++cell == g.U) {
+          cell = 0;
+          row = (++n / g.B) * g.U;
+        }
         const opmath_t a = static_cast<opmath_t>(alpha[u]);
         const opmath_t b = static_cast<opmath_t>(beta[u]);
         const scalar_t* px = x + i * g.R;
@@ -280,7 +294,7 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
   std::vector<opmath_t> at_(g.K * width), bt(g.K * width), ct(y ? g.K * width : 0);  // (K, k, C)
   for (int64_t kk = 0; kk < g.K; ++kk) {
     for (int64_t u = 0; u < g.U; ++u) {
-      const int64_t j = kk * width + (u % g.k) * g.C + u / g.k, i = kk * g.U + u;
+      const int64_t j = kk * width + g.slot_u[u], i = kk * g.U + u;
       at_[j] = static_cast<opmath_t>(alpha[i]);
       bt[j] = static_cast<opmath_t>(beta[i]);
       if (y) ct[j] = static_cast<opmath_t>(gamma[i]);
@@ -288,8 +302,14 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
   }
   const int64_t rows = g.N * g.S;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / g.C), [&](int64_t begin, int64_t end) {
+    int64_t n = begin / g.S, pos = begin - n * g.S;  // row r is (sample n, position pos)
+    int64_t row = (n / g.B) * width;                 // the sample's chunk's row in the tables
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t off = ((r / g.S) / g.B) * width + ((r % g.S) / g.R) * g.C;
+      const int64_t off = row + (pos / g.R) * g.C;
+      if (++pos == g.S) {
+        pos = 0;
+        row = (++n / g.B) * width;
+      }
       const opmath_t* a = at_.data() + off;
       const opmath_t* b = bt.data() + off;
       const scalar_t* px = x + r * g.C;
@@ -324,38 +344,58 @@ std::vector<double> channel_vector(const Tensor& t, int64_t size, double fill) {
 // shifted sums.
 template <typename scalar_t>
 void group_moments(const Geometry& g, const scalar_t* x, std::vector<double>& mean, std::vector<double>& var) {
-  // Shift every group by its first value in the chunk's first sample, so large means do not cancel.
-  std::vector<double> shift_g(g.K * g.G), shift_u(g.K * g.U);
-  for (int64_t kk = 0; kk < g.K; ++kk) {
-    const int64_t sample = kk * g.B * g.C * g.S;
-    for (int64_t grp = 0; grp < g.G; ++grp) {
-      const int64_t f = grp * g.L;
-      const int64_t off = g.channels_last ? (f % g.S) * g.C + f / g.S : f;
-      shift_g[kk * g.G + grp] = static_cast<double>(x[sample + off]);
-    }
-    for (int64_t u = 0; u < g.U; ++u) shift_u[kk * g.U + u] = shift_g[kk * g.G + g.group_of(u)];
+  // Shift every group by its first value in sample 0 (every chunk alike), so large means do not cancel.
+  std::vector<double> shift_g(g.G), shift_u(g.U);
+  for (int64_t grp = 0; grp < g.G; ++grp) {
+    const int64_t f = grp * g.L;
+    const int64_t off = g.channels_last ? (f % g.S) * g.C + f / g.S : f;
+    shift_g[grp] = static_cast<double>(x[off]);
   }
+  for (int64_t u = 0; u < g.U; ++u) shift_u[u] = shift_g[g.group_of(u)];
   std::vector<double> s1, s2;
   cell_sums<scalar_t>(g, x, nullptr, shift_u.data(), s1, s2, [](auto v, auto, auto sh) {
     const auto d = v - sh;
     return std::make_pair(d, d * d);
   });
-  mean.assign(g.K * g.G, 0.0);
-  var.assign(g.K * g.G, 0.0);
+  if (g.U == g.G) {  // cells are the groups: the sums are the statistics' sums
+    mean.swap(s1);
+    var.swap(s2);
+  } else {
+    mean.assign(g.K * g.G, 0.0);
+    var.assign(g.K * g.G, 0.0);
+    for (int64_t kk = 0; kk < g.K; ++kk) {
+      double* pm = mean.data() + kk * g.G;
+      double* pv = var.data() + kk * g.G;
+      const double* p1 = s1.data() + kk * g.U;
+      const double* p2 = s2.data() + kk * g.U;
+      for (int64_t u = 0; u < g.U; ++u) {
+        pm[g.group_of(u)] += p1[u];
+        pv[g.group_of(u)] += p2[u];
+      }
+    }
+  }
   for (int64_t kk = 0; kk < g.K; ++kk) {
     double* pm = mean.data() + kk * g.G;
     double* pv = var.data() + kk * g.G;
-    for (int64_t u = 0; u < g.U; ++u) {
-      pm[g.group_of(u)] += s1[kk * g.U + u];
-      pv[g.group_of(u)] += s2[kk * g.U + u];
-    }
     const double count = g.count(kk);
+#pragma omp simd
     for (int64_t grp = 0; grp < g.G; ++grp) {
       const double m = pm[grp] / count;
       pv[grp] = std::max(pv[grp] / count - m * m, 0.0);
-      pm[grp] = shift_g[kk * g.G + grp] + m;
+      pm[grp] = shift_g[grp] + m;
     }
   }
+}
+
+// 1 / sqrt(var + eps), elementwise (outside AT_DISPATCH, whose macro arguments cannot hold a pragma).
+std::vector<double> inverse_std(const std::vector<double>& var, double eps) {
+  std::vector<double> out(var.size());
+  const double* v = var.data();
+  double* o = out.data();
+  const int64_t size = static_cast<int64_t>(var.size());
+#pragma omp simd
+  for (int64_t i = 0; i < size; ++i) o[i] = 1.0 / std::sqrt(v[i] + eps);
+  return out;
 }
 
 // A 0-element tensor stands for an absent weight or bias inside the autograd function.
@@ -423,13 +463,17 @@ Tensor forward_train(const Tensor& input, const Tensor& weight, const Tensor& bi
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_forward", [&] {
     const scalar_t* px = p.x.const_data_ptr<scalar_t>();
     group_moments<scalar_t>(g, px, mean, var);
+    const std::vector<double> rstd = inverse_std(var, eps);
     std::vector<double> alpha(g.K * g.U), beta(g.K * g.U), unused;
     for (int64_t kk = 0; kk < g.K; ++kk) {
+      const double* r = rstd.data() + kk * g.G;
+      const double* m = mean.data() + kk * g.G;
+      double* a = alpha.data() + kk * g.U;
+      double* be = beta.data() + kk * g.U;
       for (int64_t u = 0; u < g.U; ++u) {
-        const int64_t grp = kk * g.G + g.group_of(u), c = g.channel_of(u), i = kk * g.U + u;
-        const double rstd = 1.0 / std::sqrt(var[grp] + eps);
-        alpha[i] = rstd * w[c];
-        beta[i] = b[c] - mean[grp] * alpha[i];
+        const int64_t grp = g.group_of(u), c = g.channel_of(u);
+        a[u] = r[grp] * w[c];
+        be[u] = b[c] - m[grp] * a[u];
       }
     }
     cell_affine<scalar_t>(g, px, nullptr, out.mutable_data_ptr<scalar_t>(), alpha, unused, beta);
@@ -526,8 +570,7 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
     if (dy.scalar_type() != p.x.scalar_type()) dy = dy.to(p.x.scalar_type());
     const int64_t KG = g.K * groups;  // statistics per (chunk, group), index kk * G + grp
     const double* sp = stats.data_ptr<double>();
-    std::vector<double> mean(sp, sp + KG), rstd(KG);
-    for (int64_t i = 0; i < KG; ++i) rstd[i] = 1.0 / std::sqrt(sp[KG + i] + eps);
+    const std::vector<double> mean(sp, sp + KG), rstd = inverse_std(std::vector<double>(sp + KG, sp + 2 * KG), eps);
     const auto w = channel_vector(weight, g.C, 1.0);
     Tensor dx, dw, db;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_backward", [&] {
@@ -536,41 +579,61 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
       // Per (chunk, cell): sum(dy) and sum(dy * (x - mean)), shifted by the chunk's mean as opmath_t
       // represents it (the channels-last loop works in opmath_t) and corrected for that rounding.
       using opmath_t = at::opmath_type<scalar_t>;
+      // Tables indexed kk * U + u over (chunk, cell) and kk * G + grp over (chunk, group). The shift
+      // is chunk 0's mean for every chunk; the correction below makes each chunk's sums exact.
       const int64_t KU = g.K * g.U;
-      auto grp_of = [&](int64_t i) { return (i / g.U) * groups + g.group_of(i % g.U); };  // (kk, u) -> (kk, grp)
-      std::vector<double> shift(KU);
-      for (int64_t i = 0; i < KU; ++i) shift[i] = static_cast<opmath_t>(mean[grp_of(i)]);
+      std::vector<double> shift(g.U);
+      for (int64_t u = 0; u < g.U; ++u) shift[u] = static_cast<opmath_t>(mean[g.group_of(u)]);
       std::vector<double> sdy, sdyx;
       cell_sums<scalar_t>(g, px, pdy, shift.data(), sdy, sdyx, [](auto v, auto d, auto sh) {
         return std::make_pair(d, d * (v - sh));
       });
-      for (int64_t i = 0; i < KU; ++i) sdyx[i] += (shift[i] - mean[grp_of(i)]) * sdy[i];
-      if (need_w || need_b) {
-        Tensor sums = at::zeros({2, g.C}, at::TensorOptions().dtype(at::kDouble));
-        double* gw = sums.data_ptr<double>();
-        double* gb = gw + g.C;
-        for (int64_t i = 0; i < KU; ++i) {
-          gw[g.channel_of(i % g.U)] += rstd[grp_of(i)] * sdyx[i];
-          gb[g.channel_of(i % g.U)] += sdy[i];
+      std::vector<double> gsums(2 * g.C, 0.0), s1(KG, 0.0), s2(KG, 0.0);
+      double* gw = gsums.data();
+      double* gb = gw + g.C;
+      for (int64_t kk = 0; kk < g.K; ++kk) {
+        const double* m = mean.data() + kk * groups;
+        const double* r = rstd.data() + kk * groups;
+        double* p1 = s1.data() + kk * groups;
+        double* p2 = s2.data() + kk * groups;
+        const double* pdy_ = sdy.data() + kk * g.U;
+        double* pdyx = sdyx.data() + kk * g.U;
+        for (int64_t u = 0; u < g.U; ++u) {
+          const int64_t grp = g.group_of(u), c = g.channel_of(u);
+          pdyx[u] += (shift[u] - m[grp]) * pdy_[u];
+          gw[c] += r[grp] * pdyx[u];
+          gb[c] += pdy_[u];
+          p1[grp] += w[c] * pdy_[u];
+          p2[grp] += w[c] * r[grp] * pdyx[u];
         }
+      }
+      if (need_w || need_b) {
+        Tensor sums = at::empty({2, g.C}, at::TensorOptions().dtype(at::kDouble));
+        std::copy(gsums.begin(), gsums.end(), sums.data_ptr<double>());
         if (need_w) dw = sums[0].to(weight.scalar_type());
         if (need_b) db = sums[1].to(bias.scalar_type());
       }
       if (need_x) {
-        std::vector<double> s1(KG, 0.0), s2(KG, 0.0);
-        for (int64_t i = 0; i < KU; ++i) {
-          const int64_t grp = grp_of(i);
-          const double wc = w[g.channel_of(i % g.U)];
-          s1[grp] += wc * sdy[i];
-          s2[grp] += wc * rstd[grp] * sdyx[i];
+        // dx = a * dy + c * x + d per cell: c and d are per (chunk, group), a per (chunk, cell).
+        std::vector<double> cg(KG), dg(KG), a(KU), c(KU), d(KU);
+        for (int64_t kk = 0; kk < g.K; ++kk) {
+          const double count = g.count(kk);
+          for (int64_t grp = kk * groups; grp < (kk + 1) * groups; ++grp) {
+            const double r = rstd[grp];
+            cg[grp] = -r * r * s2[grp] / count;
+            dg[grp] = -r * s1[grp] / count - cg[grp] * mean[grp];
+          }
         }
-        std::vector<double> a(KU), c(KU), d(KU);
-        for (int64_t i = 0; i < KU; ++i) {
-          const int64_t grp = grp_of(i);
-          const double r = rstd[grp], count = g.count(i / g.U);
-          a[i] = r * w[g.channel_of(i % g.U)];
-          c[i] = -r * r * s2[grp] / count;
-          d[i] = -r * s1[grp] / count - c[i] * mean[grp];
+        for (int64_t kk = 0, i = 0; kk < g.K; ++kk) {
+          const double* r = rstd.data() + kk * groups;
+          const double* pc = cg.data() + kk * groups;
+          const double* pd = dg.data() + kk * groups;
+          for (int64_t u = 0; u < g.U; ++u, ++i) {
+            const int64_t grp = g.group_of(u);
+            a[i] = r[grp] * w[g.channel_of(u)];
+            c[i] = pc[grp];
+            d[i] = pd[grp];
+          }
         }
         dx = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
         cell_affine<scalar_t>(g, px, pdy, dx.mutable_data_ptr<scalar_t>(), a, c, d);
