@@ -293,11 +293,13 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
   const int64_t width = g.k * g.C;
   std::vector<opmath_t> at_(g.K * width), bt(g.K * width), ct(y ? g.K * width : 0);  // (K, k, C)
   for (int64_t kk = 0; kk < g.K; ++kk) {
-    for (int64_t u = 0; u < g.U; ++u) {
-      const int64_t j = kk * width + g.slot_u[u], i = kk * g.U + u;
-      at_[j] = static_cast<opmath_t>(alpha[i]);
-      bt[j] = static_cast<opmath_t>(beta[i]);
-      if (y) ct[j] = static_cast<opmath_t>(gamma[i]);
+    for (int64_t s = 0; s < g.k; ++s) {  // slot s * C + c holds cell u = c * k + s: strided reads
+      const int64_t j = kk * width + s * g.C, i = kk * g.U + s;
+      for (int64_t c = 0; c < g.C; ++c) {
+        at_[j + c] = static_cast<opmath_t>(alpha[i + c * g.k]);
+        bt[j + c] = static_cast<opmath_t>(beta[i + c * g.k]);
+        if (y) ct[j + c] = static_cast<opmath_t>(gamma[i + c * g.k]);
+      }
     }
   }
   const int64_t rows = g.N * g.S;
@@ -326,6 +328,16 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
       }
     }
   });
+}
+
+// a * b + c, fused where the target has FMA: what the compiler's contraction of `c += a * b` gives,
+// which an in-order vectorized reduction would not (so sums match the scalar loops bit for bit).
+inline double mul_add(double a, double b, double c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
 }
 
 // A 1-D vector (weight, bias, statistics) as doubles; `fill` everywhere when undefined.
@@ -368,9 +380,14 @@ void group_moments(const Geometry& g, const scalar_t* x, std::vector<double>& me
       double* pv = var.data() + kk * g.G;
       const double* p1 = s1.data() + kk * g.U;
       const double* p2 = s2.data() + kk * g.U;
-      for (int64_t u = 0; u < g.U; ++u) {
-        pm[g.group_of(u)] += p1[u];
-        pv[g.group_of(u)] += p2[u];
+      for (int64_t grp = 0; grp < g.G; ++grp) {  // a group's cells are consecutive
+        double a1 = 0.0, a2 = 0.0;
+        for (int64_t u = grp * g.cpg; u < (grp + 1) * g.cpg; ++u) {
+          a1 += p1[u];
+          a2 += p2[u];
+        }
+        pm[grp] = a1;
+        pv[grp] = a2;
       }
     }
   }
@@ -591,20 +608,37 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
       std::vector<double> gsums(2 * g.C, 0.0), s1(KG, 0.0), s2(KG, 0.0);
       double* gw = gsums.data();
       double* gb = gw + g.C;
+      // Sums kept in registers over a channel's (a group's) consecutive cells, no read-modify-write
+      // chains through memory.
       for (int64_t kk = 0; kk < g.K; ++kk) {
         const double* m = mean.data() + kk * groups;
         const double* r = rstd.data() + kk * groups;
-        double* p1 = s1.data() + kk * groups;
-        double* p2 = s2.data() + kk * groups;
         const double* pdy_ = sdy.data() + kk * g.U;
         double* pdyx = sdyx.data() + kk * g.U;
-        for (int64_t u = 0; u < g.U; ++u) {
-          const int64_t grp = g.group_of(u), c = g.channel_of(u);
-          pdyx[u] += (shift[u] - m[grp]) * pdy_[u];
-          gw[c] += r[grp] * pdyx[u];
-          gb[c] += pdy_[u];
-          p1[grp] += w[c] * pdy_[u];
-          p2[grp] += w[c] * r[grp] * pdyx[u];
+        for (int64_t c = 0, u = 0; c < g.C; ++c) {
+          double aw = 0.0, ab = 0.0;
+          for (int64_t e = u + g.k; u < e; ++u) {
+            const int64_t grp = g.group_of(u);
+            pdyx[u] += (shift[u] - m[grp]) * pdy_[u];
+            aw = mul_add(r[grp], pdyx[u], aw);
+            ab += pdy_[u];
+          }
+          gw[c] += aw;
+          gb[c] += ab;
+        }
+        if (!need_x) continue;
+        double* p1 = s1.data() + kk * groups;
+        double* p2 = s2.data() + kk * groups;
+        for (int64_t grp = 0, u = 0; grp < groups; ++grp) {
+          double a1 = 0.0, a2 = 0.0;
+          const double rg = r[grp];
+          for (int64_t e = u + g.cpg; u < e; ++u) {
+            const double wc = w[g.channel_of(u)];
+            a1 = mul_add(wc, pdy_[u], a1);
+            a2 = mul_add(wc * rg, pdyx[u], a2);
+          }
+          p1[grp] = a1;
+          p2[grp] = a2;
         }
       }
       if (need_w || need_b) {
