@@ -6,13 +6,19 @@
 // consecutive features. Cells are runs of R = gcd(L, S) features: every cell lies in one group
 // and one channel; channel c has k = S / R cells, group g has L / R cells, and there are U = C * k.
 //
+// Ghost batches: with a chunk size B < N (`chunk` of `train`), the batch is K = ceil(N / B) chunks
+// of B consecutive samples (the last one has N - (K - 1) * B), each normalized with its own
+// per-group statistics. Every per-cell / per-group table then has K rows (index kk * U + u or
+// kk * G + grp); the passes over the activation are the same, each sample adding into (reading
+// from) its chunk's row. B = N (K = 1) is plain batch statistics.
+//
 // Memory: a contiguous x is (N, U, R) with each cell run contiguous; a channels-last x is
 // (N, S, C) rows, and element (n, p, c) belongs to cell c * k + p / R.
 //
 // Passes over the activation (as nn.BatchNorm2d): forward = 1 read for the statistics (shifted
 // sums: short float runs, added in double) + 1 read and 1 write to normalize; backward = 1 read of
-// (dy, x) for the cell sums + 1 read of (dy, x) and 1 write for dx. Everything else is O(U) scalar
-// work, so small inputs pay no per-op overhead.
+// (dy, x) for the cell sums + 1 read of (dy, x) and 1 write for dx, with or without chunks.
+// Everything else is O(K * U) scalar work, so small inputs pay no per-op overhead.
 
 #include <torch/extension.h>
 
@@ -35,11 +41,17 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kGrain = 32768;  // elements per parallel task, as ATen's internal::GRAIN_SIZE
 
-struct Geometry {
-  int64_t N, C, S, G, L, R, k, U, cpg;
-  bool channels_last;
+// Samples per chunk: `chunk` <= 0 or >= N means one chunk, the whole batch.
+int64_t chunk_size(int64_t chunk, int64_t N) { return chunk <= 0 || chunk >= N ? N : chunk; }
 
-  Geometry(const Tensor& x, int64_t groups, bool cl) : G(groups), channels_last(cl) {
+struct Geometry {
+  int64_t N, C, S, G, L, R, k, U, cpg, B, K;
+  bool channels_last;
+  // Per cell u: its group, its channel and its slot (u % k) * C + u / k in a channels-last (k, C)
+  // table, looked up (not divided) in the O(K * U) loops.
+  std::vector<int64_t> group_u, channel_u, slot_u;
+
+  Geometry(const Tensor& x, int64_t groups, bool cl, int64_t chunk = 0) : G(groups), channels_last(cl) {
     N = x.size(0);
     C = x.size(1);
     S = 1;
@@ -49,7 +61,19 @@ struct Geometry {
     k = S / R;
     U = C * k;
     cpg = L / R;
+    B = chunk_size(chunk, N);
+    K = B > 0 ? (N + B - 1) / B : 1;
+    group_u.resize(U);
+    channel_u.resize(U);
+    slot_u.resize(U);
+    for (int64_t u = 0; u < U; ++u) {
+      group_u[u] = u / cpg;
+      channel_u[u] = u / k;
+      slot_u[u] = (u % k) * C + u / k;
+    }
   }
+  // Values per group in chunk kk.
+  double count(int64_t kk) const { return static_cast<double>((std::min(N, (kk + 1) * B) - kk * B) * L); }
   // Shapes the Python layer already validated; checked again so a bad call cannot corrupt memory.
   // Returns the values per group in the batch, N * C * prod(S) / G.
   static int64_t check(const Tensor& x, int64_t groups) {
@@ -61,8 +85,8 @@ struct Geometry {
                 "batch_group_norm: num_groups=", groups, " must divide C*prod(S) for input ", x.sizes());
     return x.size(0) * (features / groups);
   }
-  int64_t group_of(int64_t u) const { return u / cpg; }
-  int64_t channel_of(int64_t u) const { return u / k; }
+  int64_t group_of(int64_t u) const { return group_u[u]; }
+  int64_t channel_of(int64_t u) const { return channel_u[u]; }
 };
 
 bool is_channels_last(const Tensor& x) {
@@ -103,16 +127,17 @@ inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float value) {
   p[i].x = value != value ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
 }
 
-// Per-cell sums over the batch: a[u] = sum(f1), b[u] = sum(f2) where (f1, f2) = op(x, y, shift)
-// for the elements of cell u. `op` is generic and runs in opmath_t (float for float, bfloat16 and
+// Per-cell sums over each chunk: a[kk * U + u] = sum(f1), b[kk * U + u] = sum(f2) where
+// (f1, f2) = op(x, y, cell_shift[u]) for the elements of cell u in the samples of chunk kk (one shift
+// per cell for every chunk: the tables of K rows are the outputs only). `op` is generic and runs in opmath_t (float for float, bfloat16 and
 // half input; double for double) on short runs whose partial sums are added in double; the
 // values are shifted (by a group's first value, or its mean), so short float sums lose nothing
 // that matters. `cell_shift` must be representable in opmath_t. `y` may be null (statistics).
 template <typename scalar_t, typename Op>
 void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const double* cell_shift,
                std::vector<double>& a, std::vector<double>& b, const Op& op) {
-  a.assign(g.U, 0.0);
-  b.assign(g.U, 0.0);
+  a.assign(g.K * g.U, 0.0);
+  b.assign(g.K * g.U, 0.0);
   using opmath_t = at::opmath_type<scalar_t>;
   if (!g.channels_last) {
     // Blocks of kBlock values add up in opmath_t (vector-width float work for float input), the
@@ -144,39 +169,52 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
     });
     for (int64_t n = 0; n < g.N; ++n) {
       const double* p = part.data() + 2 * n * g.U;
+      double* pa = a.data() + (n / g.B) * g.U;  // one division per sample
+      double* pb = b.data() + (n / g.B) * g.U;
       for (int64_t u = 0; u < g.U; ++u) {
-        a[u] += p[2 * u];
-        b[u] += p[2 * u + 1];
+        pa[u] += p[2 * u];
+        pb[u] += p[2 * u + 1];
       }
     }
     return;
   }
-  // Channels-last: rows of C values; accumulators laid out (k, C) per task, summed at the end.
-  // Rows add into opmath_t partial sums, flushed to double every kFlush rows.
+  // Channels-last: rows of C values; accumulators laid out (k, C) per task and chunk the task
+  // touches (a task's rows span chunks first[t] .. first[t] + spans[t] - 1), summed at the end.
+  // Rows add into opmath_t partial sums, flushed to double every kFlush rows and at every segment's
+  // end (segments never cross a sample, so never a chunk).
   constexpr int64_t kFlush = 32;
   const int64_t rows = g.N * g.S;
   const int64_t width = g.k * g.C;
   const int64_t grain = std::max<int64_t>(1, kGrain / g.C);
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain));
   const int64_t per_task = (rows + tasks - 1) / tasks;
-  std::vector<double> acc(2 * tasks * width, 0.0);
+  std::vector<int64_t> first(tasks, 0), offset(tasks + 1, 0);
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t r0 = t * per_task, r1 = std::min(rows, r0 + per_task);
+    int64_t span = 1;
+    if (r0 < r1) {
+      first[t] = (r0 / g.S) / g.B;
+      span = ((r1 - 1) / g.S) / g.B - first[t] + 1;
+    }
+    offset[t + 1] = offset[t] + span;
+  }
+  std::vector<double> acc(2 * offset[tasks] * width, 0.0);
   std::vector<opmath_t> shift_t(width);  // (k, C) layout
-  for (int64_t u = 0; u < g.U; ++u) shift_t[(u % g.k) * g.C + u / g.k] = static_cast<opmath_t>(cell_shift[u]);
+  for (int64_t u = 0; u < g.U; ++u) shift_t[g.slot_u[u]] = static_cast<opmath_t>(cell_shift[u]);
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
     const int64_t C = g.C;
     std::vector<opmath_t> part(2 * C);
     opmath_t* p1 = part.data();
     opmath_t* p2 = p1 + C;
     for (int64_t t = tb; t < te; ++t) {
-      double* a1 = acc.data() + 2 * t * width;
-      double* a2 = a1 + width;
       const int64_t r_end = std::min(rows, (t + 1) * per_task);
       for (int64_t r = t * per_task; r < r_end;) {
-        // Rows up to the end of this segment share their cells.
-        const int64_t p = r % g.S, seg = p / g.R;
+        // Rows up to the end of this segment share their cells (and their sample's chunk).
+        const int64_t p = r % g.S, seg = p / g.R, kk = (r / g.S) / g.B;
         const int64_t stop = std::min(r_end, r + g.R - p % g.R);
+        double* a1 = acc.data() + 2 * (offset[t] + kk - first[t]) * width;
         double* s1 = a1 + seg * C;
-        double* s2 = a2 + seg * C;
+        double* s2 = a1 + width + seg * C;
         const opmath_t* sh = shift_t.data() + seg * C;
         while (r < stop) {
           const int64_t block_end = std::min(stop, r + kFlush);
@@ -201,18 +239,23 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
     }
   });
   for (int64_t t = 0; t < tasks; ++t) {
-    const double* a1 = acc.data() + 2 * t * width;
-    const double* a2 = a1 + width;
-    for (int64_t s = 0; s < g.k; ++s) {
-      for (int64_t c = 0; c < g.C; ++c) {
-        a[c * g.k + s] += a1[s * g.C + c];
-        b[c * g.k + s] += a2[s * g.C + c];
+    for (int64_t j = 0; j < offset[t + 1] - offset[t]; ++j) {
+      const double* a1 = acc.data() + 2 * (offset[t] + j) * width;
+      const double* a2 = a1 + width;
+      double* pa = a.data() + (first[t] + j) * g.U;
+      double* pb = b.data() + (first[t] + j) * g.U;
+      for (int64_t s = 0; s < g.k; ++s) {
+        for (int64_t c = 0; c < g.C; ++c) {
+          pa[c * g.k + s] += a1[s * g.C + c];
+          pb[c * g.k + s] += a2[s * g.C + c];
+        }
       }
     }
   }
 }
 
-// out = alpha[u] * x + beta[u] (y == null) or alpha[u] * y + gamma[u] * x + beta[u], per cell.
+// out = alpha[u] * x + beta[u] (y == null) or alpha[u] * y + gamma[u] * x + beta[u], per cell, with
+// the tables' row of the sample's chunk (index kk * U + u).
 template <typename scalar_t>
 void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar_t* out,
                  const std::vector<double>& alpha, const std::vector<double>& gamma,
@@ -221,8 +264,14 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
   if (!g.channels_last) {
     const int64_t items = g.N * g.U;
     at::parallel_for(0, items, std::max<int64_t>(1, kGrain / g.R), [&](int64_t begin, int64_t end) {
+      int64_t n = begin / g.U, cell = begin - n * g.U;  // item i is (sample n, cell)
+      int64_t row = (n / g.B) * g.U;                    // the sample's chunk's row in the tables
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t u = i % g.U;
+        const int64_t u = row + cell;
+        if (++cell == g.U) {
+          cell = 0;
+          row = (++n / g.B) * g.U;
+        }
         const opmath_t a = static_cast<opmath_t>(alpha[u]);
         const opmath_t b = static_cast<opmath_t>(beta[u]);
         const scalar_t* px = x + i * g.R;
@@ -242,17 +291,27 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
     return;
   }
   const int64_t width = g.k * g.C;
-  std::vector<opmath_t> at_(width), bt(width), ct(y ? width : 0);
-  for (int64_t u = 0; u < g.U; ++u) {
-    const int64_t j = (u % g.k) * g.C + u / g.k;
-    at_[j] = static_cast<opmath_t>(alpha[u]);
-    bt[j] = static_cast<opmath_t>(beta[u]);
-    if (y) ct[j] = static_cast<opmath_t>(gamma[u]);
+  std::vector<opmath_t> at_(g.K * width), bt(g.K * width), ct(y ? g.K * width : 0);  // (K, k, C)
+  for (int64_t kk = 0; kk < g.K; ++kk) {
+    for (int64_t s = 0; s < g.k; ++s) {  // slot s * C + c holds cell u = c * k + s: strided reads
+      const int64_t j = kk * width + s * g.C, i = kk * g.U + s;
+      for (int64_t c = 0; c < g.C; ++c) {
+        at_[j + c] = static_cast<opmath_t>(alpha[i + c * g.k]);
+        bt[j + c] = static_cast<opmath_t>(beta[i + c * g.k]);
+        if (y) ct[j + c] = static_cast<opmath_t>(gamma[i + c * g.k]);
+      }
+    }
   }
   const int64_t rows = g.N * g.S;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / g.C), [&](int64_t begin, int64_t end) {
+    int64_t n = begin / g.S, pos = begin - n * g.S;  // row r is (sample n, position pos)
+    int64_t row = (n / g.B) * width;                 // the sample's chunk's row in the tables
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t off = ((r % g.S) / g.R) * g.C;
+      const int64_t off = row + (pos / g.R) * g.C;
+      if (++pos == g.S) {
+        pos = 0;
+        row = (++n / g.B) * width;
+      }
       const opmath_t* a = at_.data() + off;
       const opmath_t* b = bt.data() + off;
       const scalar_t* px = x + r * g.C;
@@ -271,6 +330,16 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
   });
 }
 
+// a * b + c, fused where the target has FMA: what the compiler's contraction of `c += a * b` gives,
+// which an in-order vectorized reduction would not (so sums match the scalar loops bit for bit).
+inline double mul_add(double a, double b, double c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // A 1-D vector (weight, bias, statistics) as doubles; `fill` everywhere when undefined.
 std::vector<double> channel_vector(const Tensor& t, int64_t size, double fill) {
   std::vector<double> out(size, fill);
@@ -283,10 +352,11 @@ std::vector<double> channel_vector(const Tensor& t, int64_t size, double fill) {
   return out;
 }
 
-// Batch statistics: per-group mean and biased variance (double), from shifted sums.
+// Batch statistics: per-(chunk, group) mean and biased variance (double, index kk * G + grp), from
+// shifted sums.
 template <typename scalar_t>
 void group_moments(const Geometry& g, const scalar_t* x, std::vector<double>& mean, std::vector<double>& var) {
-  // Shift every group by its first value in sample 0, so large means do not cancel.
+  // Shift every group by its first value in sample 0 (every chunk alike), so large means do not cancel.
   std::vector<double> shift_g(g.G), shift_u(g.U);
   for (int64_t grp = 0; grp < g.G; ++grp) {
     const int64_t f = grp * g.L;
@@ -299,40 +369,89 @@ void group_moments(const Geometry& g, const scalar_t* x, std::vector<double>& me
     const auto d = v - sh;
     return std::make_pair(d, d * d);
   });
-  mean.assign(g.G, 0.0);
-  var.assign(g.G, 0.0);
-  for (int64_t u = 0; u < g.U; ++u) {
-    mean[g.group_of(u)] += s1[u];
-    var[g.group_of(u)] += s2[u];
+  if (g.U == g.G) {  // cells are the groups: the sums are the statistics' sums
+    mean.swap(s1);
+    var.swap(s2);
+  } else {
+    mean.assign(g.K * g.G, 0.0);
+    var.assign(g.K * g.G, 0.0);
+    for (int64_t kk = 0; kk < g.K; ++kk) {
+      double* pm = mean.data() + kk * g.G;
+      double* pv = var.data() + kk * g.G;
+      const double* p1 = s1.data() + kk * g.U;
+      const double* p2 = s2.data() + kk * g.U;
+      for (int64_t grp = 0; grp < g.G; ++grp) {  // a group's cells are consecutive
+        double a1 = 0.0, a2 = 0.0;
+        for (int64_t u = grp * g.cpg; u < (grp + 1) * g.cpg; ++u) {
+          a1 += p1[u];
+          a2 += p2[u];
+        }
+        pm[grp] = a1;
+        pv[grp] = a2;
+      }
+    }
   }
-  const double count = static_cast<double>(g.N * g.L);
-  for (int64_t grp = 0; grp < g.G; ++grp) {
-    const double m = mean[grp] / count;
-    var[grp] = std::max(var[grp] / count - m * m, 0.0);
-    mean[grp] = shift_g[grp] + m;
+  for (int64_t kk = 0; kk < g.K; ++kk) {
+    double* pm = mean.data() + kk * g.G;
+    double* pv = var.data() + kk * g.G;
+    const double count = g.count(kk);
+#pragma omp simd
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      const double m = pm[grp] / count;
+      pv[grp] = std::max(pv[grp] / count - m * m, 0.0);
+      pm[grp] = shift_g[grp] + m;
+    }
   }
+}
+
+// 1 / sqrt(var + eps), elementwise (outside AT_DISPATCH, whose macro arguments cannot hold a pragma).
+std::vector<double> inverse_std(const std::vector<double>& var, double eps) {
+  std::vector<double> out(var.size());
+  const double* v = var.data();
+  double* o = out.data();
+  const int64_t size = static_cast<int64_t>(var.size());
+#pragma omp simd
+  for (int64_t i = 0; i < size; ++i) o[i] = 1.0 / std::sqrt(v[i] + eps);
+  return out;
 }
 
 // A 0-element tensor stands for an absent weight or bias inside the autograd function.
 Tensor optional_param(const Tensor& t) { return t.numel() == 0 ? Tensor() : t; }
 
-// Running statistics: lerp towards the batch mean and unbiased variance (in place).
-void update_running(const Tensor& running_mean, const Tensor& running_var, const std::vector<double>& mean,
-                    const std::vector<double>& var, double factor, double count) {
-  const double unbias = count / (count - 1.0);
-  for (const auto& [buffer, values, scale] :
-       {std::make_tuple(running_mean, &mean, 1.0), std::make_tuple(running_var, &var, unbias)}) {
+// Running statistics (in place): lerp towards the batch mean and unbiased variance. With chunks
+// (g.K > 1): chunk 0's (what DDP keeps with rank 0's buffers broadcast), or with `average` the
+// mean over chunks of each chunk's mean and unbiased variance (each unbiased with its own count).
+void update_running(const Tensor& running_mean, const Tensor& running_var, const Geometry& g,
+                    const std::vector<double>& mean, const std::vector<double>& var, double factor, bool average) {
+  std::vector<double> target_mean(g.G), target_var(g.G);
+  const int64_t used = average ? g.K : 1;
+  for (int64_t kk = 0; kk < used; ++kk) {
+    const double count = g.count(kk), unbias = count / (count - 1.0);
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      const double m = mean[kk * g.G + grp], v = var[kk * g.G + grp] * unbias;
+      target_mean[grp] = kk == 0 ? m : target_mean[grp] + m;
+      target_var[grp] = kk == 0 ? v : target_var[grp] + v;
+    }
+  }
+  if (used > 1) {
+    for (int64_t grp = 0; grp < g.G; ++grp) {
+      target_mean[grp] /= static_cast<double>(used);
+      target_var[grp] /= static_cast<double>(used);
+    }
+  }
+  for (const auto& [buffer, values] :
+       {std::make_pair(running_mean, &target_mean), std::make_pair(running_var, &target_var)}) {
     if (buffer.dim() != 1 || buffer.stride(0) != 1) {  // unusual buffer: plain tensor ops
       Tensor v = at::empty({(int64_t)values->size()}, at::TensorOptions().dtype(at::kDouble));
       std::copy(values->begin(), values->end(), v.data_ptr<double>());
-      buffer.lerp_((v * scale).to(buffer.scalar_type()), factor);
+      buffer.lerp_(v.to(buffer.scalar_type()), factor);
       continue;
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, buffer.scalar_type(), "bgn_running", [&] {
       scalar_t* p = buffer.mutable_data_ptr<scalar_t>();
       for (size_t i = 0; i < values->size(); ++i) {
         const double old = static_cast<double>(p[i]);
-        p[i] = static_cast<scalar_t>(old + factor * ((*values)[i] * scale - old));
+        p[i] = static_cast<scalar_t>(old + factor * ((*values)[i] - old));
       }
     });
     buffer.unsafeGetTensorImpl()->bump_version();  // an in-place update, as lerp_ would record
@@ -350,24 +469,29 @@ Prepared prepare(const Tensor& input) {
   return {input.contiguous(), false};
 }
 
-// Forward of training-mode BGN; fills the per-group mean / variance and the values per group.
+// Forward of training-mode BGN; fills the per-(chunk, group) mean / variance.
 Tensor forward_train(const Tensor& input, const Tensor& weight, const Tensor& bias, int64_t groups, double eps,
-                     std::vector<double>& mean, std::vector<double>& var, double& count) {
+                     int64_t chunk, std::vector<double>& mean, std::vector<double>& var) {
   Prepared p = prepare(input);
-  Geometry g(p.x, groups, p.channels_last);
-  count = static_cast<double>(g.N * g.L);
+  Geometry g(p.x, groups, p.channels_last, chunk);
   Tensor out = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
   const auto w = channel_vector(weight, g.C, 1.0);
   const auto b = channel_vector(bias, g.C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_forward", [&] {
     const scalar_t* px = p.x.const_data_ptr<scalar_t>();
     group_moments<scalar_t>(g, px, mean, var);
-    std::vector<double> alpha(g.U), beta(g.U), unused;
-    for (int64_t u = 0; u < g.U; ++u) {
-      const int64_t grp = g.group_of(u), c = g.channel_of(u);
-      const double rstd = 1.0 / std::sqrt(var[grp] + eps);
-      alpha[u] = rstd * w[c];
-      beta[u] = b[c] - mean[grp] * alpha[u];
+    const std::vector<double> rstd = inverse_std(var, eps);
+    std::vector<double> alpha(g.K * g.U), beta(g.K * g.U), unused;
+    for (int64_t kk = 0; kk < g.K; ++kk) {
+      const double* r = rstd.data() + kk * g.G;
+      const double* m = mean.data() + kk * g.G;
+      double* a = alpha.data() + kk * g.U;
+      double* be = beta.data() + kk * g.U;
+      for (int64_t u = 0; u < g.U; ++u) {
+        const int64_t grp = g.group_of(u), c = g.channel_of(u);
+        a[u] = r[grp] * w[c];
+        be[u] = b[c] - m[grp] * a[u];
+      }
     }
     cell_affine<scalar_t>(g, px, nullptr, out.mutable_data_ptr<scalar_t>(), alpha, unused, beta);
   });
@@ -375,11 +499,26 @@ Tensor forward_train(const Tensor& input, const Tensor& weight, const Tensor& bi
 }
 
 // Differentiable composite of training-mode BGN (double backward goes through this graph).
-Tensor composite(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t groups, double eps) {
+Tensor composite(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t groups, double eps,
+                 int64_t chunk) {
   const auto dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor xg = x.reshape({x.size(0), groups, -1}).to(dtype);
-  auto [var, mean] = at::var_mean(xg, {0, 2}, /*correction=*/0, /*keepdim=*/true);
-  Tensor y = ((xg - mean) * at::rsqrt(var + eps)).view(x.sizes());
+  const int64_t N = x.size(0), B = chunk_size(chunk, N);
+  Tensor y;
+  if (B == N) {
+    Tensor xg = x.reshape({N, groups, -1}).to(dtype);
+    auto [var, mean] = at::var_mean(xg, {0, 2}, /*correction=*/0, /*keepdim=*/true);
+    y = ((xg - mean) * at::rsqrt(var + eps)).view(x.sizes());
+  } else {
+    // Full chunks as one (chunks, B, G, L) view; a shorter last chunk on its own.
+    auto normalize = [&](const Tensor& part, int64_t chunks) {
+      Tensor xg = part.reshape({chunks, part.size(0) / chunks, groups, -1}).to(dtype);
+      auto [var, mean] = at::var_mean(xg, {1, 3}, /*correction=*/0, /*keepdim=*/true);
+      return ((xg - mean) * at::rsqrt(var + eps)).reshape(part.sizes());
+    };
+    const int64_t full = N / B;
+    y = normalize(x.narrow(0, 0, full * B), full);
+    if (full * B < N) y = at::cat({y, normalize(x.narrow(0, full * B, N - full * B), 1)}, 0);
+  }
   std::vector<int64_t> shape(x.dim(), 1);
   shape[1] = x.size(1);
   if (weight.defined()) y = y * weight.view(shape);
@@ -392,18 +531,23 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
   // weight and bias are autograd inputs, so "None" is a 0-element tensor (see `train`).
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight_in, const Tensor& bias_in,
                         int64_t groups, double eps, const std::optional<Tensor>& running_mean,
-                        const std::optional<Tensor>& running_var, double factor) {
+                        const std::optional<Tensor>& running_var, double factor, int64_t chunk,
+                        bool running_average) {
     const Tensor weight = optional_param(weight_in), bias = optional_param(bias_in);
     std::vector<double> mean, var;
-    double count = 0.0;
-    Tensor out = forward_train(x, weight, bias, groups, eps, mean, var, count);
-    if (running_mean && running_var) update_running(*running_mean, *running_var, mean, var, factor, count);
-    Tensor stats = torch::empty({2, groups}, at::TensorOptions().dtype(at::kDouble));
+    Tensor out = forward_train(x, weight, bias, groups, eps, chunk, mean, var);
+    if (running_mean && running_var) {
+      const Geometry g(x, groups, false, chunk);  // for K, B and the counts only
+      update_running(*running_mean, *running_var, g, mean, var, factor, running_average);
+    }
+    const int64_t stats_size = static_cast<int64_t>(mean.size());  // K * G
+    Tensor stats = torch::empty({2, stats_size}, at::TensorOptions().dtype(at::kDouble));
     std::copy(mean.begin(), mean.end(), stats.data_ptr<double>());
-    std::copy(var.begin(), var.end(), stats.data_ptr<double>() + groups);
+    std::copy(var.begin(), var.end(), stats.data_ptr<double>() + stats_size);
     ctx->save_for_backward({x, weight_in, bias_in, stats});
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["chunk"] = chunk;
     return out;
   }
 
@@ -415,79 +559,123 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
     const Tensor& stats = saved[3];
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                need_b = ctx->needs_input_grad(2);
     Tensor dy = grads[0];
-    if (!dy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const variable_list none(10);  // one gradient (all undefined here) per forward argument
+    if (!dy.defined()) return none;
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate a differentiable graph
       std::vector<Tensor> inputs;
       if (need_x) inputs.push_back(x);
       if (need_w) inputs.push_back(saved[1]);
       if (need_b) inputs.push_back(saved[2]);
-      Tensor y = composite(x, weight, bias, groups, eps);
+      Tensor y = composite(x, weight, bias, groups, eps, chunk);
       auto res = torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
                                        /*allow_unused=*/true);
       size_t i = 0;
       Tensor dx = need_x ? res[i++] : Tensor();
       Tensor dw = need_w ? res[i++] : Tensor();
       Tensor db = need_b ? res[i++] : Tensor();
-      return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+      variable_list out = none;
+      out[0] = dx, out[1] = dw, out[2] = db;
+      return out;
     }
     Prepared p = prepare(x);
-    Geometry g(p.x, groups, p.channels_last);
+    Geometry g(p.x, groups, p.channels_last, chunk);
     dy = dy.contiguous(format_of(p.x, p.channels_last));
     if (dy.scalar_type() != p.x.scalar_type()) dy = dy.to(p.x.scalar_type());
+    const int64_t KG = g.K * groups;  // statistics per (chunk, group), index kk * G + grp
     const double* sp = stats.data_ptr<double>();
-    std::vector<double> mean(sp, sp + groups), rstd(groups);
-    for (int64_t grp = 0; grp < groups; ++grp) rstd[grp] = 1.0 / std::sqrt(sp[groups + grp] + eps);
+    const std::vector<double> mean(sp, sp + KG), rstd = inverse_std(std::vector<double>(sp + KG, sp + 2 * KG), eps);
     const auto w = channel_vector(weight, g.C, 1.0);
     Tensor dx, dw, db;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_backward", [&] {
       const scalar_t* px = p.x.const_data_ptr<scalar_t>();
       const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
-      // Per cell: sum(dy) and sum(dy * (x - mean)), shifted by the mean as opmath_t represents it
-      // (the channels-last loop works in opmath_t) and corrected for that rounding.
+      // Per (chunk, cell): sum(dy) and sum(dy * (x - mean)), shifted by the chunk's mean as opmath_t
+      // represents it (the channels-last loop works in opmath_t) and corrected for that rounding.
       using opmath_t = at::opmath_type<scalar_t>;
+      // Tables indexed kk * U + u over (chunk, cell) and kk * G + grp over (chunk, group). The shift
+      // is chunk 0's mean for every chunk; the correction below makes each chunk's sums exact.
+      const int64_t KU = g.K * g.U;
       std::vector<double> shift(g.U);
       for (int64_t u = 0; u < g.U; ++u) shift[u] = static_cast<opmath_t>(mean[g.group_of(u)]);
       std::vector<double> sdy, sdyx;
       cell_sums<scalar_t>(g, px, pdy, shift.data(), sdy, sdyx, [](auto v, auto d, auto sh) {
         return std::make_pair(d, d * (v - sh));
       });
-      for (int64_t u = 0; u < g.U; ++u) sdyx[u] += (shift[u] - mean[g.group_of(u)]) * sdy[u];
-      if (need_w || need_b) {
-        Tensor sums = at::zeros({2, g.C}, at::TensorOptions().dtype(at::kDouble));
-        double* gw = sums.data_ptr<double>();
-        double* gb = gw + g.C;
-        for (int64_t u = 0; u < g.U; ++u) {
-          gw[g.channel_of(u)] += rstd[g.group_of(u)] * sdyx[u];
-          gb[g.channel_of(u)] += sdy[u];
+      std::vector<double> gsums(2 * g.C, 0.0), s1(KG, 0.0), s2(KG, 0.0);
+      double* gw = gsums.data();
+      double* gb = gw + g.C;
+      // Sums kept in registers over a channel's (a group's) consecutive cells, no read-modify-write
+      // chains through memory.
+      for (int64_t kk = 0; kk < g.K; ++kk) {
+        const double* m = mean.data() + kk * groups;
+        const double* r = rstd.data() + kk * groups;
+        const double* pdy_ = sdy.data() + kk * g.U;
+        double* pdyx = sdyx.data() + kk * g.U;
+        for (int64_t c = 0, u = 0; c < g.C; ++c) {
+          double aw = 0.0, ab = 0.0;
+          for (int64_t e = u + g.k; u < e; ++u) {
+            const int64_t grp = g.group_of(u);
+            pdyx[u] += (shift[u] - m[grp]) * pdy_[u];
+            aw = mul_add(r[grp], pdyx[u], aw);
+            ab += pdy_[u];
+          }
+          gw[c] += aw;
+          gb[c] += ab;
         }
+        if (!need_x) continue;
+        double* p1 = s1.data() + kk * groups;
+        double* p2 = s2.data() + kk * groups;
+        for (int64_t grp = 0, u = 0; grp < groups; ++grp) {
+          double a1 = 0.0, a2 = 0.0;
+          const double rg = r[grp];
+          for (int64_t e = u + g.cpg; u < e; ++u) {
+            const double wc = w[g.channel_of(u)];
+            a1 = mul_add(wc, pdy_[u], a1);
+            a2 = mul_add(wc * rg, pdyx[u], a2);
+          }
+          p1[grp] = a1;
+          p2[grp] = a2;
+        }
+      }
+      if (need_w || need_b) {
+        Tensor sums = at::empty({2, g.C}, at::TensorOptions().dtype(at::kDouble));
+        std::copy(gsums.begin(), gsums.end(), sums.data_ptr<double>());
         if (need_w) dw = sums[0].to(weight.scalar_type());
         if (need_b) db = sums[1].to(bias.scalar_type());
       }
       if (need_x) {
-        std::vector<double> s1(groups, 0.0), s2(groups, 0.0);
-        for (int64_t u = 0; u < g.U; ++u) {
-          const int64_t grp = g.group_of(u);
-          const double wc = w[g.channel_of(u)];
-          s1[grp] += wc * sdy[u];
-          s2[grp] += wc * rstd[grp] * sdyx[u];
+        // dx = a * dy + c * x + d per cell: c and d are per (chunk, group), a per (chunk, cell).
+        std::vector<double> cg(KG), dg(KG), a(KU), c(KU), d(KU);
+        for (int64_t kk = 0; kk < g.K; ++kk) {
+          const double count = g.count(kk);
+          for (int64_t grp = kk * groups; grp < (kk + 1) * groups; ++grp) {
+            const double r = rstd[grp];
+            cg[grp] = -r * r * s2[grp] / count;
+            dg[grp] = -r * s1[grp] / count - cg[grp] * mean[grp];
+          }
         }
-        const double count = static_cast<double>(g.N * g.L);
-        std::vector<double> a(g.U), c(g.U), d(g.U);
-        for (int64_t u = 0; u < g.U; ++u) {
-          const int64_t grp = g.group_of(u);
-          const double r = rstd[grp];
-          a[u] = r * w[g.channel_of(u)];
-          c[u] = -r * r * s2[grp] / count;
-          d[u] = -r * s1[grp] / count - c[u] * mean[grp];
+        for (int64_t kk = 0, i = 0; kk < g.K; ++kk) {
+          const double* r = rstd.data() + kk * groups;
+          const double* pc = cg.data() + kk * groups;
+          const double* pd = dg.data() + kk * groups;
+          for (int64_t u = 0; u < g.U; ++u, ++i) {
+            const int64_t grp = g.group_of(u);
+            a[i] = r[grp] * w[g.channel_of(u)];
+            c[i] = pc[grp];
+            d[i] = pd[grp];
+          }
         }
         dx = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
         cell_affine<scalar_t>(g, px, pdy, dx.mutable_data_ptr<scalar_t>(), a, c, d);
       }
     });
-    return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    variable_list out = none;
+    out[0] = dx, out[1] = dw, out[2] = db;
+    return out;
   }
 };
 
@@ -496,19 +684,26 @@ void check_vector(const std::optional<Tensor>& t, int64_t size, const char* what
               " must be a 1-D tensor of ", size, " elements on the CPU, got shape ", t ? t->sizes() : at::IntArrayRef{});
 }
 
-// Training mode with batch statistics; updates the running statistics when given.
+// Training mode with batch statistics, per chunk of `chunk` samples (ghost batches; <= 0 or >= N:
+// the whole batch); updates the running statistics when given, towards chunk 0's statistics or,
+// with `running_average`, the mean over the chunks of theirs.
 Tensor train(const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
              int64_t groups, double eps, const std::optional<Tensor>& running_mean,
-             const std::optional<Tensor>& running_var, double factor) {
-  TORCH_CHECK(Geometry::check(x, groups) > 1,
-              "batch_group_norm: expected more than 1 value per group in training, got input ", x.sizes());
+             const std::optional<Tensor>& running_var, double factor, int64_t chunk, bool running_average) {
+  const int64_t values = Geometry::check(x, groups);
+  TORCH_CHECK(values > 1, "batch_group_norm: expected more than 1 value per group in training, got input ",
+              x.sizes());
+  const int64_t N = x.size(0), B = chunk_size(chunk, N), last = N - (N - 1) / B * B;
+  TORCH_CHECK(last * (values / N) > 1, "batch_group_norm: expected more than 1 value per group in every chunk of ",
+              B, " samples, got ", last, " sample(s) of ", values / N, " value(s) per group in the last chunk of input ",
+              x.sizes());
   check_vector(weight, x.size(1), "weight");
   check_vector(bias, x.size(1), "bias");
   check_vector(running_mean, groups, "running_mean");
   check_vector(running_var, groups, "running_var");
   const Tensor none = at::empty({0}, x.options());
   return BatchGroupNormFunction::apply(x, weight ? *weight : none, bias ? *bias : none, groups, eps, running_mean,
-                                       running_var, factor);
+                                       running_var, factor, chunk, running_average);
 }
 
 // Eval mode with given per-group statistics; not differentiable (the caller checks).
@@ -543,6 +738,10 @@ Tensor eval(const Tensor& input, const std::optional<Tensor>& weight, const std:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Batch Group Normalization CPU kernels (bgn_lightning)";
-  m.def("train", &train, "Training-mode BGN (autograd-aware, updates running statistics)");
+  m.def("train", &train,
+        "Training-mode BGN (autograd-aware, updates running statistics), per chunk of `chunk` samples "
+        "(ghost batches; <= 0 or >= N: the whole batch)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("groups"), py::arg("eps"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("factor"), py::arg("chunk") = 0, py::arg("running_average") = false);
   m.def("eval", &eval, "Eval-mode BGN with given statistics (no autograd)");
 }
