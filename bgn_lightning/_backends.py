@@ -145,13 +145,7 @@ class FusedBackend:
               running_mean: Tensor | None, running_var: Tensor | None, factor: float,
               chunk: int | None = None, running_average: bool = False) -> Tensor:
         """See :meth:`Backend.train`."""
-        if chunk is not None and chunk < x.shape[0] and self.name == "cpp":  # C++ chunks: not yet
-            return NATIVE.train(x, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
-                                running_mean=running_mean, running_var=running_var, factor=factor,
-                                chunk=chunk, running_average=running_average)
         try:
-            if self.name == "cpp":
-                return self.kernels.train(x, weight, bias, num_groups, eps, running_mean, running_var, factor)
             return self.kernels.train(x, weight, bias, num_groups, eps, running_mean, running_var, factor,
                                       chunk or 0, running_average)
         except KernelFailure as err:
@@ -180,7 +174,7 @@ _SYNC_CPU = "synchronized BGN off CUDA: native ops around the collectives"
 
 
 def fused_kernels(x: Tensor, *, num_groups: int, synchronized: bool = False,
-                  tensors: tuple[Tensor | None, ...] = ()) -> tuple[Any, str]:
+                  tensors: tuple[Tensor | None, ...] = (), chunked: bool = False) -> tuple[Any, str]:
     """The raw fused kernels that serve ``x`` (``None`` if none do), and why.
 
     Args:
@@ -188,12 +182,13 @@ def fused_kernels(x: Tensor, *, num_groups: int, synchronized: bool = False,
         num_groups: ``G``.
         synchronized: for synchronized BGN, which runs only the Triton kernels' passes.
         tensors: the parameters and buffers of the call (the Triton kernels need them on ``x``'s device).
+        chunked: ghost batches (``norm_batch_size``): cuDNN's batch norm cannot serve ``G = C``.
     """
     if x.is_cpu:  # not x.device.type: building a device costs more than the rest of select
         if synchronized:
             return None, _SYNC_CPU
         return cpu_kernels(), cpu_kernels_reason()
-    if not synchronized and num_groups == x.shape[1] and x.dtype == torch.float32:
+    if not (synchronized or chunked) and num_groups == x.shape[1] and x.dtype == torch.float32:
         return None, _BATCH_NORM
     return cuda_kernels(x, *tensors)
 
@@ -207,7 +202,7 @@ def _fused_selection(kernels: Any, reason: str) -> Selection:
 
 def select(x: Tensor, *, num_groups: int, training: bool, weight: Tensor | None = None,
            bias: Tensor | None = None, running_mean: Tensor | None = None, running_var: Tensor | None = None,
-           synchronized: bool = False) -> Selection:
+           synchronized: bool = False, chunked: bool = False) -> Selection:
     """The backend that runs this call of BGN, and a short reason why.
 
     Args:
@@ -220,6 +215,7 @@ def select(x: Tensor, *, num_groups: int, training: bool, weight: Tensor | None 
         running_var: the call's running variance, or ``None``.
         synchronized: for :mod:`bgn_lightning.sync`, which uses the Triton kernels' passes
             (``backend.kernels``) and runs its own custom autograd function even when traced.
+        chunked: a training call with ghost batches (``norm_batch_size`` below the batch).
 
     Returns:
         ``(backend, reason)``; ``backend.name`` is ``"cpp"``, ``"triton"`` or ``"native"``.
@@ -227,7 +223,7 @@ def select(x: Tensor, *, num_groups: int, training: bool, weight: Tensor | None 
     if not synchronized and composite_only():
         return _TRACED
     kernels, reason = fused_kernels(x, num_groups=num_groups, synchronized=synchronized,
-                                    tensors=(weight, bias, running_mean, running_var))
+                                    tensors=(weight, bias, running_mean, running_var), chunked=chunked)
     if kernels is None:
         return Selection(NATIVE, reason)
     if not training and needs_grad(x, weight, bias):

@@ -182,7 +182,7 @@ def _batch_group_norm(
         )
     update = training and running_mean is not None and running_var is not None
     backend = select(x, num_groups=num_groups, training=True, weight=weight, bias=bias,
-                     running_mean=running_mean, running_var=running_var).backend
+                     running_mean=running_mean, running_var=running_var, chunked=chunk is not None).backend
     return backend.train(x, num_groups=num_groups, weight=weight, bias=bias, eps=eps,
                          running_mean=running_mean if update else None,
                          running_var=running_var if update else None,
