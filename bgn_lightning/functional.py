@@ -199,7 +199,8 @@ def valid_num_groups(num_channels: int, feature_numel: int) -> list[int]:
 
 
 def auto_num_groups(
-    batch_size: int, num_channels: int, feature_numel: int, reference_batch_size: int = 32
+    batch_size: int, num_channels: int, feature_numel: int, reference_batch_size: int = 32,
+    values_per_statistic: int | None = None,
 ) -> int:
     """Pick ``G`` so each statistic sees about as many values as BatchNorm at a reference batch.
 
@@ -214,10 +215,18 @@ def auto_num_groups(
         num_channels: ``C``.
         feature_numel: ``D = C * prod(S)``.
         reference_batch_size: the batch size whose BatchNorm statistics BGN imitates.
+        values_per_statistic: instead, the number of values ``V`` each statistic should pool, the
+            same in every layer: the target is then ``G = batch_size * D / V`` (the rule a sweep of
+            ``V`` fits; ``docs/ghost_batches.md``).
     """
     if reference_batch_size < 1:
         raise ValueError(f"reference_batch_size must be >= 1, got {reference_batch_size}")
-    target = num_channels * batch_size / reference_batch_size
+    if values_per_statistic is not None and values_per_statistic < 2:
+        raise ValueError(f"values_per_statistic must be >= 2, got {values_per_statistic}")
+    if values_per_statistic is None:
+        target = num_channels * batch_size / reference_batch_size
+    else:
+        target = max(batch_size * feature_numel / values_per_statistic, 1.0)
     candidates = [g for g in valid_num_groups(num_channels, feature_numel)
                   if batch_size * feature_numel // g > 1]
     if not candidates:

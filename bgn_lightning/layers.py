@@ -54,6 +54,9 @@ class BatchGroupNorm(nn.Module):
             without synchronized statistics: the paper's per-device batch. ``None`` (default): the
             whole batch. Auto-``G`` follows ``b``. Eval mode is unchanged. Settable later
             (:func:`bgn_lightning.set_norm_batch_size` sets it on a whole model).
+        values_per_statistic: auto-``G`` targets this many values per statistic in every layer
+            (``G = b * D / V``, the valid ``G`` closest on a log scale) instead of following
+            ``reference_batch_size``; ``None``: the reference-batch rule.
         running_stats_from: with ghost batches, what the running statistics follow: ``"first"``
             (the first run's statistics: what DDP's default buffer broadcast keeps, the first
             device's) or ``"mean"`` (the mean over runs of each run's mean and unbiased variance).
@@ -78,10 +81,18 @@ class BatchGroupNorm(nn.Module):
         *,
         norm_batch_size: int | None = None,
         running_stats_from: RunningStatsFrom = "first",
+        values_per_statistic: int | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         check_running_stats_from(running_stats_from, name)
+        if values_per_statistic is not None and (
+            isinstance(values_per_statistic, bool) or not isinstance(values_per_statistic, int)
+            or values_per_statistic < 2
+        ):
+            raise ValueError(
+                f"{name}: values_per_statistic must be an int >= 2 or None, got {values_per_statistic!r}"
+            )
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         if num_groups != "auto":
@@ -106,6 +117,7 @@ class BatchGroupNorm(nn.Module):
         self.reference_batch_size = reference_batch_size
         self.norm_batch_size = norm_batch_size
         self.running_stats_from: RunningStatsFrom = running_stats_from
+        self.values_per_statistic = values_per_statistic
         # D = C*prod(S) seen in training when the group layout depends on the spatial size
         # (G does not divide C): the running statistics are then tied to that size.
         self.feature_numel: int | None = None
@@ -197,7 +209,8 @@ class BatchGroupNorm(nn.Module):
         self._adopt_shared_num_groups()
         if self.num_groups is None:
             self._set_num_groups(
-                auto_num_groups(batch_size, self.num_features, feature_numel, self.reference_batch_size)
+                auto_num_groups(batch_size, self.num_features, feature_numel, self.reference_batch_size,
+                                self.values_per_statistic)
             )
         return self.num_groups
 
@@ -322,6 +335,8 @@ class BatchGroupNorm(nn.Module):
             groups = f"{self.num_groups}" + (" (auto)" if self.auto_groups else "")
         ghost = "" if self._norm_batch_size is None else (
             f", norm_batch_size={self._norm_batch_size}, running_stats_from={self.running_stats_from!r}")
+        if self.values_per_statistic is not None:
+            ghost += f", values_per_statistic={self.values_per_statistic}"
         return (
             f"{self.num_features}, num_groups={groups}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, track_running_stats={self.track_running_stats}{ghost}"

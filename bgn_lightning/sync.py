@@ -285,6 +285,7 @@ class SyncBatchGroupNorm(BatchGroupNorm):
         dtype: their dtype.
         norm_batch_size: ghost batches, as in :class:`~bgn_lightning.BatchGroupNorm` (no collectives).
         running_stats_from: as in :class:`~bgn_lightning.BatchGroupNorm`.
+        values_per_statistic: as in :class:`~bgn_lightning.BatchGroupNorm` (with the global batch).
     """
 
     _expected_dims = None
@@ -304,10 +305,11 @@ class SyncBatchGroupNorm(BatchGroupNorm):
         *,
         norm_batch_size: int | None = None,
         running_stats_from: RunningStatsFrom = "first",
+        values_per_statistic: int | None = None,
     ) -> None:
         super().__init__(num_features, num_groups, eps, momentum, affine, track_running_stats,
                          reference_batch_size, device=device, dtype=dtype, norm_batch_size=norm_batch_size,
-                         running_stats_from=running_stats_from)
+                         running_stats_from=running_stats_from, values_per_statistic=values_per_statistic)
         self.process_group = process_group
         # The BatchGroupNorm class this layer was converted from (for revert_sync_batchgroupnorm).
         self.original_class: type[BatchGroupNorm] = BatchGroupNorm
@@ -323,7 +325,7 @@ class SyncBatchGroupNorm(BatchGroupNorm):
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.process_group)
             batch_size = int(total)
             self._set_num_groups(auto_num_groups(batch_size, self.num_features, feature_numel,
-                                                 self.reference_batch_size))
+                                                 self.reference_batch_size, self.values_per_statistic))
         return super().fix_num_groups(batch_size, feature_numel)
 
     def _buffer_device(self) -> torch.device:
@@ -369,6 +371,7 @@ def _rebuild(source: BatchGroupNorm, cls: type[BatchGroupNorm], *extra: Any) -> 
         *extra,
     )
     target.norm_batch_size = source.norm_batch_size
+    target.values_per_statistic = source.values_per_statistic
     target.running_stats_from = source.running_stats_from
     target.auto_groups = source.auto_groups
     target.num_groups = source.num_groups

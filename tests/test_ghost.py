@@ -378,3 +378,17 @@ def test_normswap_sets_the_norm_batch_size(tmp_path: Path) -> None:
     assert model.seen == auto_num_groups(4, 8, 8 * 16)
     with pytest.raises(ValueError, match="NormSwap: norm_batch_size must be a positive int"):
         NormSwap("bgn", norm_batch_size=0)
+
+
+def test_values_per_statistic_rule() -> None:
+    """auto-G with values_per_statistic=V targets b * D / V values per statistic in every layer."""
+    layer = BatchGroupNorm2d(64, norm_batch_size=4, values_per_statistic=256)
+    layer(torch.randn(16, 64, 8, 8))
+    assert layer.num_groups == 64  # 4 * 4096 / 256 = 64 = C
+    assert "values_per_statistic=256" in repr(layer)
+    wide = BatchGroupNorm2d(16, values_per_statistic=8)
+    wide(torch.randn(2, 16, 4, 4))  # 2 * 256 / 8 = 64 = 4C: groups inside channels
+    assert wide.num_groups == 64
+    assert auto_num_groups(2, 16, 256, values_per_statistic=10**6) == 1
+    with pytest.raises(ValueError, match="values_per_statistic must be an int >= 2"):
+        BatchGroupNorm2d(8, values_per_statistic=1)

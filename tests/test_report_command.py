@@ -12,11 +12,14 @@ from tasks.runner.cli import main
 
 
 def _cell(root: Path, norm: str, seed: int, acc: float, *, b: int | None = None, task: str = "classification",
-          extra: tuple[str, ...] = (), batch: int = 32) -> Path:
+          extra: tuple[str, ...] = (), batch: int = 32, axis: str | None = None) -> Path:
     name = f"bs{batch}" + ("" if b is None else f"-nb{b}")
-    cell = root / task / norm / name / f"seed{seed}"
+    cell = root / task / norm / (axis or "") / name / f"seed{seed}"
     cell.mkdir(parents=True)
     argv = [task, "--max-epochs", "10", *extra, "--norm", norm, "--batch-size", str(batch)]
+    if axis is not None:
+        key, value = axis.split("=", 1)
+        argv += [f"--model.{key}", value]
     argv += ["--seed", str(seed)]
     argv += [] if b is None else ["--norm-batch-size", str(b)]
     argv += ["--output", str(cell), "--threads", "1"]
@@ -82,3 +85,16 @@ def test_report_bad_folders_are_one_line_and_exit_2(tmp_path: Path, capsys) -> N
     _cell(c, "bn", 0, 0.5, b=2)
     _cell(c, "bn", 1, 0.5)
     assert "mix a norm batch size sweep with whole-batch runs of bn" in _error(capsys, ["report", str(c)])
+
+
+def test_report_draws_the_values_per_statistic_heat_map(tmp_path: Path) -> None:
+    bench = tmp_path / "gsweep"
+    for v in (64, 1024):
+        for b in (2, 32):
+            axis = f"norm_kwargs={{values_per_statistic: {v}}}"
+            _cell(bench, "bgn", 0, 0.5 + v / 1e4 + b / 1e3, b=b, axis=axis)
+    out = tmp_path / "report"
+    assert main(["report", str(bench), "--output", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| bgn, norm_kwargs={values_per_statistic: 1024} | **60.44** | **63.44** |" in md
+    assert (out / "classification_values_per_statistic.png").stat().st_size > 0

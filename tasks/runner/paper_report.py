@@ -12,21 +12,33 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from tasks.common.contract import Metric
 from tasks.common.errors import UsageError
 
 from . import PROG, log
 from .collect import Suite, collect_suites
 from .discovery import load_task
-from .report import NOISE_LEGEND, flatten_record, markdown_table, plot_metrics, summarize
+from .report import (
+    NOISE_LEGEND,
+    CellSummary,
+    Row,
+    flatten_record,
+    markdown_table,
+    plot_heatmap,
+    plot_metrics,
+    summarize,
+)
 
 __all__ = ["report_main"]
 
 REPORT_MD, REPORT_CSV = "report.md", "report.csv"
+_VPS = re.compile(r"values_per_statistic:\s*(\d+)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,4 +113,22 @@ def _suite_section(suite: Suite, output: Path) -> list[str]:
         png = plot_metrics(summaries, suite.row_order, suite.columns, output / f"{suite.task}.png",
                            f"{title}: vs {symbol}", suite.column)
         lines += [f"![{title}]({png.name})", ""]
+        lines += _heatmap(suite, summaries[0], output, title, symbol)
     return lines
+
+
+def _heatmap(suite: Suite, primary: tuple[Metric, dict[Row, CellSummary]], output: Path, title: str,
+             symbol: str) -> list[str]:
+    """The values-per-statistic x b (or B) heat map of BGN rows swept over ``values_per_statistic``."""
+    metric, summary = primary
+    by_label = {label: int(m.group(1)) for label in suite.row_order if (m := _VPS.search(label))}
+    if len(set(by_label.values())) < 2:
+        return []
+    values = {(v, col): summary[(label, col)].mean for label, v in by_label.items() for col in suite.columns
+              if (label, col) in summary}
+    rows = sorted(set(by_label.values()))
+    png = plot_heatmap(values, rows, list(suite.columns), output / f"{suite.task}_values_per_statistic.png",
+                       f"{title}: BGN, {metric.heading}", "values per statistic V (G = b·D / V per layer)",
+                       f"{symbol} ({'norm batch size' if symbol == 'b' else 'batch size'})", metric.heading)
+    return [f"BGN with auto-G at a fixed number of values per statistic V: {metric.heading}.", "",
+            f"![values per statistic]({png.name})", ""]

@@ -32,6 +32,7 @@ __all__ = [
     "CellSummary",
     "flatten_record",
     "markdown_table",
+    "plot_heatmap",
     "plot_metrics",
     "summarize",
     "within_noise",
@@ -222,6 +223,37 @@ def plot_metrics(
         ax.legend(title="norm", fontsize="small")
     if panels > 1:
         fig.suptitle(title)
+    fig.savefig(path, dpi=150)
+    return path
+
+
+def plot_heatmap(
+    values: dict[tuple[int, int], float], rows: Sequence[int], columns: Sequence[int], path: Path, title: str,
+    row_label: str, column_label: str, value_label: str,
+) -> Path:
+    """A heat map of ``values[(row, column)]`` (e.g. values per statistic x norm batch size -> accuracy),
+    each cell annotated; missing cells stay blank."""
+    import numpy as np
+
+    grid = np.full((len(rows), len(columns)), np.nan)
+    for (r, c), v in values.items():
+        grid[rows.index(r), columns.index(c)] = v
+    fig = Figure(figsize=(1.2 * len(columns) + 2.5, 0.55 * len(rows) + 1.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label=value_label)
+    ax.set_xticks(range(len(columns)), [str(c) for c in columns])
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set_xlabel(column_label)
+    ax.set_ylabel(row_label)
+    ax.set_title(title, fontsize="medium")
+    finite = grid[np.isfinite(grid)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize="small",
+                    color="black" if v > middle else "white")
     fig.savefig(path, dpi=150)
     return path
 
