@@ -9,6 +9,12 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _image_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded images (``tasks.common.image_cache``) are cached in the session's temporary folder."""
+    monkeypatch.setenv("BGN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny networks: a second intra-op thread only adds contention on a shared CPU."""

@@ -23,6 +23,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms import v2
 
 from .data import TaskDataModule, TransformSubset, dataset_not_found, stratified_split
+from .image_cache import decode_folder
 from .images import ImageFolder, first_image
 from .validate import check_choice, check_int
 
@@ -204,7 +205,9 @@ class VisionDataModule(TaskDataModule):
       ``test/`` beside it (ImageNet, the CIFAR-10 JPEG subset). Images are read as RGB and
       normalised with ImageNet statistics. ``image_size`` defaults to 224 (random-resized crops
       and flips; resize + centre crop for evaluation) unless the first training image is smaller
-      than 64 px, in which case the data is treated as small images at their own size.
+      than 64 px, in which case the data is treated as small images at their own size. Small
+      images that all share one size are decoded once per split into memory and kept in an
+      on-disk cache (``cache_images``; see :mod:`tasks.common.image_cache`).
 
     Args:
         dataset: one of the names above.
@@ -220,6 +223,10 @@ class VisionDataModule(TaskDataModule):
             run's seed so that every run of a sweep evaluates on the same images.
         normalize: standardise inputs with the dataset's ``mean`` and ``std``; ``False`` keeps
             pixels in [0, 1] (what adversarial attacks expect: the model normalises inside).
+        cache_images: for ``imagefolder`` trees of small images (the first under 64 px), decode
+            each split once into memory, cached on disk under ``$BGN_CACHE_DIR/decoded`` (default
+            ``~/.cache/bgn-lightning/decoded``); the transforms give the same pixels either way.
+            ``False`` decodes every image on each access, as large images always are.
     """
 
     DATASETS: ClassVar[tuple[str, ...]] = tuple(DATASETS)
@@ -237,6 +244,7 @@ class VisionDataModule(TaskDataModule):
         augment: bool = True,
         split_seed: int = 0,
         normalize: bool = True,
+        cache_images: bool = True,
     ) -> None:
         check_choice("dataset", dataset, self.DATASETS)
         super().__init__(dataset, data_dir, batch_size, num_workers, download)
@@ -249,6 +257,7 @@ class VisionDataModule(TaskDataModule):
         self.augment = augment
         self.split_seed = split_seed
         self.normalize = normalize
+        self.cache_images = cache_images
         self.save_hyperparameters()
 
     # -- what the model needs (linked into the model's init args by the CLI) ----------------------
@@ -317,7 +326,20 @@ class VisionDataModule(TaskDataModule):
         if self.train_set is not None:
             return
         splits = load_split_datasets(self.dataset, self.data_dir, False, self.val_fraction, self.split_seed)
+        if self.dataset == "imagefolder" and self.cache_images and self._imagefolder_info[1] < 64:
+            splits = self._decoded(splits)
         train_tf, eval_tf = self._transforms(train=True), self._transforms(train=False)
         self.train_set = TransformSubset(*splits["train"], transform=train_tf)
         self.val_set = TransformSubset(*splits["val"], transform=eval_tf)
         self.test_set = TransformSubset(*splits["test"], transform=eval_tf)
+
+    @staticmethod
+    def _decoded(splits: dict[str, Any]) -> dict[str, Any]:
+        """``splits`` with each image folder decoded into memory (once, where train and val share one)."""
+        decoded: dict[int, Dataset] = {}
+        for name, (folder, indices) in splits.items():
+            if id(folder) not in decoded:
+                in_memory = decode_folder(folder)
+                decoded[id(folder)] = folder if in_memory is None else in_memory
+            splits[name] = (decoded[id(folder)], indices)
+        return splits

@@ -37,6 +37,7 @@ class NasDataModule(VisionDataModule):
         split_seed: seed of the train/val and weight/arch splits.
         normalize: standardise inputs.
         arch_fraction: share of the training split that trains alpha, in (0, 1) (DARTS: 0.5).
+        cache_images: decode small ``imagefolder`` images once, cached on disk (see the vision module).
     """
 
     def __init__(
@@ -52,10 +53,11 @@ class NasDataModule(VisionDataModule):
         split_seed: int = 0,
         normalize: bool = True,
         arch_fraction: float = 0.5,
+        cache_images: bool = True,
     ) -> None:
         super().__init__(
             dataset, data_dir, batch_size, num_workers, download, val_fraction, image_size, augment,
-            split_seed, normalize,
+            split_seed, normalize, cache_images,
         )  # fmt: skip
         if not 0.0 < arch_fraction < 1.0:
             raise ValueError(f"arch_fraction must be in (0, 1), got {arch_fraction!r}")
