@@ -147,9 +147,10 @@ def _inductor_available() -> bool:
 
 
 @pytest.mark.skipif(not _inductor_available(), reason="torch.compile's inductor backend needs a C++ compiler")
-def test_torch_compile_matches_eager() -> None:
+@pytest.mark.parametrize("norm_batch_size", [None, 2])  # 2: ghost batches of 2, 2 and 1 sample
+def test_torch_compile_matches_eager(norm_batch_size: int | None) -> None:
     torch.manual_seed(3)
-    layer = BatchGroupNorm2d(4, num_groups=2)
+    layer = BatchGroupNorm2d(4, num_groups=2, norm_batch_size=norm_batch_size)
     eager = copy.deepcopy(layer)
     compiled = torch.compile(layer)
     x = torch.randn(3, 4, 5, 5) * 2 + 1
