@@ -23,9 +23,9 @@ import pytest
 from tasks.runner.bench import bench_main
 from tasks.runner.cli import main
 from tasks.runner.failure import RunFailure
-from tasks.runner.launch import LOCK_FILE, output_lock
 
 REPO = Path(__file__).resolve().parents[1]
+LOCK_FILE = ".bench.lock"  # (this module is light: jobs import it for fake_entry)
 RUN_ARGS = [
     "--accelerator", "cpu", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
     "--trainer.limit_test_batches", "1",
@@ -310,6 +310,8 @@ def test_without_submitit_the_launcher_is_one_line(tmp_path, capsys, monkeypatch
 
 
 def test_a_folder_another_bench_holds_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys) -> None:
+    from tasks.runner.launch import output_lock
+
     out = tmp_path / "sweep"
     out.mkdir()
     lock = out / LOCK_FILE
@@ -326,3 +328,15 @@ def test_a_folder_another_bench_holds_is_refused_and_a_stale_lock_taken_over(tmp
     with output_lock(out):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+def test_the_debug_cluster_runs_the_jobs_inside_the_bench(tmp_path, capsys, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="tasks")
+    out = tmp_path / "sweep"
+    argv = _bench(out, "--launcher", "submitit", "--cluster", "debug", batch_sizes="4")
+    assert bench_main(argv[1:], entry=fake_entry) == 0  # waits: the jobs ran here
+    cells = [out / "classification" / norm / "bs4" / "seed0" for norm in ("bn", "bgn")]
+    assert all(json.loads((c / "results.json").read_text())["batch_size"] == 4 for c in cells)
+    assert _job(cells[0])["cluster"] == "debug" and (out / "results.md").is_file()
+    print("this process's stdout is its own again")
+    assert capsys.readouterr().out == "this process's stdout is its own again\n"

@@ -22,7 +22,6 @@ import argparse
 import difflib
 import json
 import os
-import shlex
 import socket
 import sys
 import time
@@ -39,6 +38,7 @@ from tasks.common.validate import check_int
 
 from . import PROG
 from .failure import RunFailure
+from .job import run_cell_job
 from .sweep import RUN_LOG, CellOutcome, Entry, Grid, args_hash, finished_record, start_cell
 
 if TYPE_CHECKING:
@@ -57,7 +57,6 @@ __all__ = [
     "launch_grid",
     "make_executor",
     "output_lock",
-    "run_cell_job",
 ]
 
 JOB_FILE = "job.json"
@@ -301,42 +300,6 @@ def make_executor(grid: Grid, resources: Resources, cluster: str) -> Any:
         reason = " ".join(str(err).split("\n")[0].split())
         raise UsageError(f"bench: submitit refuses the job parameters: {reason}") from err
     return executor
-
-
-def run_cell_job(entry: Entry, argv: list[str], directory: str) -> int:
-    """What each job runs: ``entry(argv)``, ``bgn-task`` with the cell's arguments; its exit code.
-
-    The first process of the job (SLURM's rank 0, the only one elsewhere) writes the run's output
-    to the cell's ``run.log`` and a failure to its ``error.json``, as a local cell does; the other
-    processes of a multi-node cell log to submitit's per-task logs.
-    """
-    cell = Path(directory)
-    if int(os.environ.get("SLURM_PROCID", "0")) > 0:
-        return entry(argv)
-    with _output_to(cell / RUN_LOG):
-        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "debug"
-        print(f"$ {PROG} {shlex.join(argv)}  [job {job}, pid {os.getpid()}]", flush=True)
-        return entry(argv, error_dir=cell)
-
-
-@contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """Send this process's stdout and stderr (file descriptors 1 and 2) to ``path``, then back."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for target, fd in zip((1, 2), saved, strict=True):
-            os.dup2(fd, target)
-            os.close(fd)
 
 
 def _process_alive(pid: int, name: str = "") -> bool:
@@ -592,9 +555,8 @@ def launch_grid(
 def _submit(executor: Any, grid: Grid, cells: list[Cell], cluster: str, entry: Entry) -> list[Any]:
     """Submit ``cells`` as one job array and record each job in its cell's ``job.json``."""
     directories = [c.directory(grid.output, grid.task) for c in cells]
-    jobs = executor.map_array(
-        run_cell_job, [entry] * len(cells), [grid.run_argv(c) for c in cells], [str(d) for d in directories]
-    )
+    argvs, logs = [grid.run_argv(c) for c in cells], [str(d / RUN_LOG) for d in directories]
+    jobs = executor.map_array(run_cell_job, [entry] * len(cells), argvs, logs)
     submitted, host = _now(), socket.gethostname()
     for cell, directory, job in zip(cells, directories, jobs, strict=True):
         record = {
