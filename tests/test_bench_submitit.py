@@ -35,12 +35,15 @@ RUN_ARGS = [
 def fake_entry(argv: list[str], error_dir: Path | None = None) -> int:
     """Stands in for ``bgn-task`` in a job (no torch run): writes the cell's ``results.json``.
 
-    ``BENCH_FAKE_HOLD=<norm>:<batch size>``: that cell writes its pid to ``hold.pid`` and sleeps;
+    ``BENCH_FAKE_HOLD=<norm>:<batch size>``: that cell saves a checkpoint, writes its pid to
+    ``hold.pid`` and sleeps;
     ``BENCH_FAKE_FAIL=<norm>:<batch size>``: that cell fails as a missing dataset does.
     """
     value = {flag: argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag.startswith("--")}
     out, cell = Path(value["--output"]), f"{value['--norm']}:{value['--batch-size']}"
     if os.environ.get("BENCH_FAKE_HOLD") == cell:
+        (out / "checkpoints").mkdir()
+        (out / "checkpoints" / "last.ckpt").write_text("weights")
         (out / "hold.pid").write_text(str(os.getpid()))
         time.sleep(120)
     if os.environ.get("BENCH_FAKE_FAIL") == cell:
@@ -51,7 +54,7 @@ def fake_entry(argv: list[str], error_dir: Path | None = None) -> int:
     record = {
         "schema": 1, "task": argv[0], "dataset": "digits", "norm": value["--norm"],
         "batch_size": int(value["--batch-size"]), "seed": int(value["--seed"]), "config": {},
-        "metrics": {"test/acc": acc, "test/acc_top5": 1.0}, "wall_time_s": 0.1,
+        "metrics": {"test/acc": acc, "test/acc_top5": 1.0}, "wall_time_s": 0.1, "resumed": "--resume" in argv,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(record))
     return 0
@@ -138,7 +141,8 @@ def test_local_executor_grid_collects_resubmits_a_killed_job_and_never_submits_t
     assert main(_bench(out)) == 2  # the local pool
     assert "bench: 1 cell(s) have a cluster job queued or running" in capsys.readouterr().err
 
-    # 3. The job dies (killed); re-running submits it again, --wait collects it, the report has all four.
+    # 3. The job dies (killed); re-running submits it again, continuing from the checkpoint it left,
+    # --wait collects it, the report has all four.
     os.kill(int((held / "hold.pid").read_text()), signal.SIGKILL)
     _wait_for(lambda: _gone(int(first["job_id"])))
     jobs_env.delenv("BENCH_FAKE_HOLD")
@@ -152,9 +156,13 @@ def test_local_executor_grid_collects_resubmits_a_killed_job_and_never_submits_t
     resubmitted = next(line.splitlines() for line in lines if line.startswith("[2/4]"))
     assert resubmitted[0] == (
         f"[2/4] bn bs=8 seed=0: submitted as job {again['job_id']} [job {first['job_id']} ended without a "
-        "result (ENDED)]"
+        "result (ENDED); resumes from its last checkpoint]"
     )
     assert resubmitted[1].startswith("    | $ bgn-task classification ")  # the tail of its run.log
+    assert json.loads((held / "results.json").read_text())["resumed"]
+    log = (held / "run.log").read_text().splitlines()  # both attempts, the second with --resume
+    assert [line.split("[job ")[1].split(",")[0] for line in log] == [first["job_id"], again["job_id"]]
+    assert log[1].split("  [job")[0].endswith("--threads 1 --resume")
     assert (
         f"[2/4] bn bs=8 seed=0: test/acc=0.5800, test/acc_top5=1.0000 (0.1 s) [job {again['job_id']}]"
         in lines

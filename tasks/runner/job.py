@@ -28,12 +28,12 @@ def run_cell_job(entry: Callable[..., int], argv: list[str], log: str) -> int:
     Args:
         entry: ``bgn-task``'s entry point (:data:`~tasks.runner.sweep.Entry`).
         argv: the cell's ``bgn-task`` arguments.
-        log: the cell's ``run.log``.
+        log: the cell's ``run.log`` (continued when ``argv`` resumes the run).
     """
     cell = Path(log).parent
     if int(os.environ.get("SLURM_PROCID", "0")) > 0:
         return entry(argv)
-    with _output_to(Path(log)):
+    with _output_to(Path(log), append="--resume" in argv):
         print(f"$ {PROG} {shlex.join(argv)}  [job {_job_id()}, pid {os.getpid()}]", flush=True)
         return entry(argv, error_dir=cell)
 
@@ -49,13 +49,14 @@ def _job_id() -> str:
 
 
 @contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """Send this process's output to ``path``, then back: file descriptors 1 and 2 (C code, child
-    processes) and ``sys.stdout``/``sys.stderr`` (which may not write to them, e.g. under pytest)."""
+def _output_to(path: Path, append: bool = False) -> Iterator[None]:
+    """Send this process's output to ``path`` (after what it holds with ``append``), then back: file
+    descriptors 1 and 2 (C code, child processes) and ``sys.stdout``/``sys.stderr`` (which may not
+    write to them, e.g. under pytest)."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "w", buffering=1) as stream:  # line-buffered: the log follows the run
+    with open(path, "a" if append else "w", buffering=1) as stream:  # line-buffered: the log follows the run
         os.dup2(stream.fileno(), 1)
         os.dup2(stream.fileno(), 2)
         try:

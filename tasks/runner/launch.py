@@ -10,10 +10,11 @@ output tree, so the skip and re-run rules, the argument hash and the report are 
 A submitted cell holds ``job.json`` (:data:`JOB_FILE`: job id, cluster, host, submission time, its
 argument hash and log). Re-running the same command collects the finished cells, reports the
 failed ones (their recorded error and the tail of their log), submits again the cells whose job
-ended without a result or an error (killed, timed out, lost with its node) and never submits a
-cell whose job is queued or running. The bench returns once submitted; ``--wait`` blocks until
-every job has ended. While a bench submits into (or waits on, or runs) an output folder it holds
-``<output>/.bench.lock`` (:data:`LOCK_FILE`, its pid and host); another bench there is refused.
+ended without a result or an error (killed, timed out, lost with its node; with ``--resume`` from
+the checkpoint it left, if any) and never submits a cell whose job is queued or running. The
+bench returns once submitted; ``--wait`` blocks until every job has ended. While a bench submits
+into (or waits on, or runs) an output folder it holds ``<output>/.bench.lock`` (:data:`LOCK_FILE`,
+its pid and host); another bench there is refused.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tasks.common.validate import check_int
 
 from . import PROG
 from .failure import RunFailure
+from .folders import last_checkpoint
 from .job import run_cell_job
 from .sweep import RUN_LOG, CellOutcome, Entry, Grid, args_hash, finished_record, start_cell
 
@@ -424,19 +426,25 @@ def _with_tail(line: str, tail: list[str]) -> str:
     return "\n".join([line, *(f"    | {t}" for t in tail)])
 
 
-_Resubmit = tuple[str, list[str]]
-"""A cell to submit: why (``""`` for a new cell) and the tail of its last job's log."""
+@dataclass(frozen=True)
+class _Submit:
+    """A cell to submit: why (``""`` for a new cell), the tail of its last job's log, and whether
+    the run continues from the checkpoint its dead job left (``--resume``) instead of anew."""
+
+    why: str = ""
+    tail: tuple[str, ...] = ()
+    resume: bool = False
 
 
 def _survey(
     grid: Grid, submitit: ModuleType | None, *, retry_failed: bool
-) -> dict[Cell, CellOutcome | _Resubmit]:
+) -> dict[Cell, CellOutcome | _Submit]:
     """Each cell's state: an outcome (``done``/``skipped``, ``queued``, ``failed``), or a cell to submit."""
     cells = grid.cells()
     directories = {c: c.directory(grid.output, grid.task) for c in cells}
     records = {c: r for c in cells if (r := _read_job(directories[c])) is not None}
     states = _job_states(records, submitit)
-    survey: dict[Cell, CellOutcome | _Resubmit] = {}
+    survey: dict[Cell, CellOutcome | _Submit] = {}
     for cell in cells:
         directory, record = directories[cell], records.get(cell)
         digest = args_hash(grid.run_argv(cell))
@@ -448,11 +456,14 @@ def _survey(
         elif record and _active(states[cell]):
             survey[cell] = CellOutcome(cell, "queued", directory, note=f"{job} {states[cell]}")
         elif record is None or record.get("hash") != digest or (directory / RESULTS_FILE).is_file():
-            survey[cell] = ("", [])  # new, interrupted in the local pool, or its arguments changed
-        elif (failure := RunFailure.read(directory)) is None:
-            survey[cell] = (f"{job} ended without a result ({states[cell]})", _log_tail(directory))
+            survey[cell] = _Submit()  # new, interrupted in the local pool, or its arguments changed
+        elif (failure := RunFailure.read(directory)) is None:  # killed, timed out, lost with its node
+            resume = last_checkpoint(directory) is not None
+            why = f"{job} ended without a result ({states[cell]})"
+            why += "; resumes from its last checkpoint" if resume else ""
+            survey[cell] = _Submit(why, tuple(_log_tail(directory)), resume)
         elif retry_failed:
-            survey[cell] = (f"its run failed in {job}: {failure.message}", _log_tail(directory))
+            survey[cell] = _Submit(f"its run failed in {job}: {failure.message}", tuple(_log_tail(directory)))
         else:
             survey[cell] = CellOutcome(
                 cell, "failed", directory, returncode=failure.exit_code, failure=failure, note=job
@@ -511,12 +522,16 @@ def launch_grid(
         outcomes = {c: s for c, s in survey.items() if isinstance(s, CellOutcome)}
         submit = {c: s for c, s in survey.items() if not isinstance(s, CellOutcome)}
         lines: dict[Cell, str] = {}
-        for cell, (why, tail) in submit.items():
+        for cell, plan in submit.items():
             argv = grid.run_argv(cell)
-            changed = start_cell(cell.directory(grid.output, grid.task), argv, args_hash(argv))
-            note = "; ".join(n for n in (why, changed) if n)
-            lines[cell] = _with_tail(f" [{note}]" if note else "", tail)
-        jobs = _submit(executor, grid, list(submit), cluster, entry) if submit else []
+            changed = (
+                ""
+                if plan.resume
+                else start_cell(cell.directory(grid.output, grid.task), argv, args_hash(argv))
+            )
+            note = "; ".join(n for n in (plan.why, changed) if n)
+            lines[cell] = _with_tail(f" [{note}]" if note else "", list(plan.tail))
+        jobs = _submit(executor, grid, submit, cluster, entry) if submit else []
         for cell, job in zip(submit, jobs, strict=True):
             directory = cell.directory(grid.output, grid.task)
             outcomes[cell] = CellOutcome(
@@ -545,17 +560,24 @@ def launch_grid(
                 if cell not in queued or (isinstance(state, CellOutcome) and state.status == "queued"):
                     continue
                 if not isinstance(state, CellOutcome):  # ended without a result: not submitted again now
-                    state = CellOutcome(cell, "failed", outcomes[cell].directory, returncode=1, note=state[0])
+                    state = CellOutcome(
+                        cell, "failed", outcomes[cell].directory, returncode=1, note=state.why
+                    )
                 outcomes[cell] = state
                 on_line(_format(index, total, state, metrics))
             queued = [c for c in cells if outcomes[c].status == "queued"]
     return [outcomes[c] for c in cells]
 
 
-def _submit(executor: Any, grid: Grid, cells: list[Cell], cluster: str, entry: Entry) -> list[Any]:
-    """Submit ``cells`` as one job array and record each job in its cell's ``job.json``."""
+def _submit(executor: Any, grid: Grid, plans: dict[Cell, _Submit], cluster: str, entry: Entry) -> list[Any]:
+    """Submit the cells of ``plans`` as one job array and record each job in its cell's ``job.json``.
+
+    A resumed cell runs its arguments plus ``--resume``; its argument hash stays that of the grid's.
+    """
+    cells = list(plans)
     directories = [c.directory(grid.output, grid.task) for c in cells]
-    argvs, logs = [grid.run_argv(c) for c in cells], [str(d / RUN_LOG) for d in directories]
+    argvs = [[*grid.run_argv(c), *(["--resume"] if plans[c].resume else [])] for c in cells]
+    logs = [str(d / RUN_LOG) for d in directories]
     jobs = executor.map_array(run_cell_job, [entry] * len(cells), argvs, logs)
     submitted, host = _now(), socket.gethostname()
     for cell, directory, job in zip(cells, directories, jobs, strict=True):
