@@ -261,7 +261,11 @@ def test_slurm_job_array_parameters_and_job_states_without_a_cluster(
     cells = [out / "classification" / "bgn" / f"bs{b}" / "seed0" for b in (4, 8)]
     assert [_job(c)["job_id"] for c in cells] == ["4242_0", "4242_1"]
     run = json.loads((cells[0] / "bench_args.json").read_text())["argv"]
-    assert run[run.index("--trainer.num_nodes") + 1] == "2" and run[run.index("--threads") + 1] == "10"
+    assert [run[run.index(flag) + 1] for flag in ("--devices", "--trainer.num_nodes", "--threads")] == [
+        "4",
+        "2",
+        "10",
+    ]
 
     # sacct: the first job runs, the second was cancelled: only the second is submitted again
     (tmp_path / "sacct").write_text("4242_0|RUNNING|n1\n4242_1|CANCELLED by 7|n2\n")

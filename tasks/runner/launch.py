@@ -56,9 +56,11 @@ __all__ = [
     "Resources",
     "add_launcher_arguments",
     "claim_grid",
+    "import_submitit",
     "launch_grid",
     "make_executor",
     "output_lock",
+    "parse_slurm",
 ]
 
 JOB_FILE = "job.json"
@@ -125,9 +127,9 @@ class Resources:
 
     Attributes:
         cluster: submitit's executor (:data:`CLUSTERS`); ``None``: what ``AutoExecutor`` detects.
-        gpus_per_cell: GPUs per node of each job.
-        cpus_per_cell: CPUs per task, also each run's ``--threads`` (``None``: the cluster's default;
-            1 thread).
+        gpus_per_cell: GPUs per node of each job; more than one adds ``--devices`` to each run.
+        cpus_per_cell: CPUs per task, also each run's ``--threads`` (``None``: the cluster's default
+            CPUs, 1 thread).
         nodes_per_cell: nodes per job; more than one adds ``--trainer.num_nodes`` to each run.
         timeout_min: each job's time limit in minutes.
         partition: the SLURM partition.
@@ -174,25 +176,18 @@ class Resources:
                 "bench: --jobs sizes the local pool; with --launcher submitit every cell is a job "
                 "(--array-parallelism caps how many run at once on SLURM)"
             )
-        import_submitit()
-        defaults = cls()
-        return cls(
-            cluster=args.cluster,
-            gpus_per_cell=defaults.gpus_per_cell if args.gpus_per_cell is None else args.gpus_per_cell,
-            cpus_per_cell=args.cpus_per_cell,
-            nodes_per_cell=defaults.nodes_per_cell if args.nodes_per_cell is None else args.nodes_per_cell,
-            timeout_min=defaults.timeout_min if args.timeout_min is None else args.timeout_min,
-            partition=args.partition,
-            array_parallelism=args.array_parallelism,
-            slurm=parse_slurm(args.slurm or []),
-            wait=args.wait,
-            retry_failed=args.retry_failed,
-        )
+        names = ("cluster", "gpus_per_cell", "cpus_per_cell", "nodes_per_cell", "timeout_min", "partition",
+                 "array_parallelism", "wait", "retry_failed")  # fmt: skip
+        given_values = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+        return cls(**given_values, slurm=parse_slurm(args.slurm or []))
 
     def apply(self, grid: Grid) -> None:
-        """Make ``grid``'s runs fit the jobs: ``--threads`` = CPUs per cell (1 by default), and
-        ``--trainer.num_nodes`` for a multi-node cell (Lightning finds the nodes' processes itself)."""
+        """Make ``grid``'s runs fit the jobs: ``--threads`` = CPUs per cell (1 by default),
+        ``--devices`` = GPUs per cell when more than one, ``--trainer.num_nodes`` for a multi-node
+        cell (Lightning finds the processes of the job itself)."""
         grid.threads = grid.threads or self.cpus_per_cell or 1
+        if self.gpus_per_cell > 1:
+            grid.run_args = [*grid.run_args, "--devices", str(self.gpus_per_cell)]
         if self.nodes_per_cell > 1:
             grid.run_args = [*grid.run_args, "--trainer.num_nodes", str(self.nodes_per_cell)]
 
@@ -373,7 +368,7 @@ def _read_job(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def _job_states(records: dict[Cell, dict[str, Any]], submitit: ModuleType | None) -> dict[Cell, str]:
+def _job_states(records: dict[Cell, dict[str, Any]], submitit: ModuleType) -> dict[Cell, str]:
     """Each recorded job's state: ``RUNNING``/``PENDING``/... while it is queued or running
     (:func:`_active`), anything else once it has ended.
 
@@ -383,7 +378,7 @@ def _job_states(records: dict[Cell, dict[str, Any]], submitit: ModuleType | None
     slurm = {
         cell: submitit.SlurmJob(folder=record["folder"], job_id=str(record["job_id"]))
         for cell, record in records.items()
-        if record.get("cluster") == "slurm" and submitit is not None
+        if record.get("cluster") == "slurm"
     }
     states: dict[Cell, str] = {}
     host = socket.gethostname()
@@ -403,8 +398,9 @@ def _job_states(records: dict[Cell, dict[str, Any]], submitit: ModuleType | None
 
 
 def _active(state: str) -> bool:
-    """Whether a job in ``state`` may still run (submitit's own test; ``UNKNOWN``: ``sacct`` does not
-    know it yet, or a local job of another host: never submitted twice)."""
+    """Whether a job in ``state`` may still run: submitit's unfinished states and SLURM's other live
+    ones; ``UNKNOWN`` (``sacct`` does not know it yet, or a local job of another host) counts, so
+    that a cell is never submitted twice."""
     return state.split()[0].upper() in {
         "READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED",
         "CONFIGURING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT",
@@ -436,9 +432,7 @@ class _Submit:
     resume: bool = False
 
 
-def _survey(
-    grid: Grid, submitit: ModuleType | None, *, retry_failed: bool
-) -> dict[Cell, CellOutcome | _Submit]:
+def _survey(grid: Grid, submitit: ModuleType, *, retry_failed: bool) -> dict[Cell, CellOutcome | _Submit]:
     """Each cell's state: an outcome (``done``/``skipped``, ``queued``, ``failed``), or a cell to submit."""
     cells = grid.cells()
     directories = {c: c.directory(grid.output, grid.task) for c in cells}
