@@ -35,6 +35,12 @@ created           ISO-8601 UTC time
 images            bad image files: ``{"bad_images": "stop"|"skip", "checked": n, "skipped": [path]}``
 bgn_kernels       what BGN ran on: ``cpu: C++ kernels``, ``cpu: native ops``, ``cuda: Triton
                   kernels``, ``cuda: native ops``; ``null`` without BGN layers
+distributed       the run's processes: ``world_size``, ``num_nodes``, ``devices_per_node``,
+                  ``global_batch_size`` (per-device batch x processes: what one synchronised BGN
+                  statistic sees per step), ``sync_norm`` (``--sync-norm``: statistics pooled over
+                  the processes) and ``cluster_environment`` (Lightning's: ``LightningEnvironment``,
+                  ``TorchElasticEnvironment`` under torchrun, ``SLURMEnvironment``; ``null`` for
+                  one process)
 ...               task-specific fields (:attr:`Task.extra_results <tasks.common.contract.Task>`),
                   e.g. NAS's ``genotype``
 ================= =========================================================================
@@ -123,6 +129,7 @@ def results_record(
     norm: str | None = None,
     checkpoint_epoch: int | None = None,
     checkpoint_step: int | None = None,
+    distributed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the ``results.json`` record (see the module docstring for the schema).
 
@@ -142,6 +149,7 @@ def results_record(
         hparams: the model's hyper-parameters.
         norm: the norm that ran, when not the config's ``model.norm`` (a NormSwap callback swapped
             it in; ``extra`` then says from what).
+        distributed: the run's processes (see the schema); ``None`` outside a ``bgn-task`` run.
         extra: task-specific fields (a task's ``extra_results`` hook), added after the others; they
             may not replace a schema key.
 
@@ -172,6 +180,7 @@ def results_record(
         "config": config,
         "hparams": json.loads(json.dumps(hparams or {}, default=str)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "distributed": distributed,
     }
     clash = sorted(set(extra or {}) & set(record))
     if clash:

@@ -95,6 +95,9 @@ def _bench_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run", action="store_true", help="check the grid and list each cell's command; run nothing"
     )
+    from .launch import add_launcher_arguments
+
+    add_launcher_arguments(parser)
     return parser
 
 
@@ -188,6 +191,7 @@ def bench_main(argv: Sequence[str], debug: bool = False, *, entry: Entry) -> int
     """
     from bgn_lightning import available_norms
 
+    from .launch import Resources, claim_grid, launch_grid
     from .report import write_report
     from .sweep import Grid, format_outcome, parse_epochs, parse_list, run_grid
 
@@ -217,8 +221,11 @@ def bench_main(argv: Sequence[str], debug: bool = False, *, entry: Entry) -> int
             jobs=int(spec.get("jobs") or 1),
             threads=spec.get("threads"),
         )
+        resources = Resources.from_args(args)  # None: the local pool
     except ValueError as err:
         raise UsageError(f"bench: {err}") from err
+    if resources is not None:
+        resources.apply(grid)
     cells = grid.cells()
     if args.dry_run:
         for cell in cells:
@@ -227,7 +234,11 @@ def bench_main(argv: Sequence[str], debug: bool = False, *, entry: Entry) -> int
         return 0
     log.info("%s bench: %d runs of %s -> %s", PROG, len(cells), name, grid.output)
     names = [m.name for m in metrics]
-    outcomes = run_grid(grid, lambda i, n, o: log.info(format_outcome(i, n, o, names)), entry=entry)
+    if resources is not None:
+        outcomes = launch_grid(grid, resources, log.info, names, entry=entry)
+    else:
+        with claim_grid(grid):
+            outcomes = run_grid(grid, lambda i, n, o: log.info(format_outcome(i, n, o, names)), entry=entry)
     rows = [(o.cell.row, o.record) for o in outcomes if o.record is not None]
     failed = [o for o in outcomes if o.status == "failed"]
     if rows:
@@ -249,6 +260,7 @@ def bench_main(argv: Sequence[str], debug: bool = False, *, entry: Entry) -> int
             written += task.bench_outputs(rows, grid.output)
         log.info("wrote %s", ", ".join(str(p) for p in written))
     if failed:
-        log.info("%d of %d runs failed; re-run the same command to retry them", len(failed), len(cells))
+        retry = "re-run the same command" + (" with --retry-failed" if resources is not None else "")
+        log.info("%d of %d runs failed; %s to retry them", len(failed), len(cells), retry)
         return 1
     return 0

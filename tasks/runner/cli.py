@@ -47,7 +47,7 @@ def usage() -> str:
             "                [task shortcuts] [--trainer.* / --model.* / --data.* ...]",
             f"       {PROG} bench --task TASK --norms a,b --batch-sizes 2,4 --seeds 0,1 [--vary KEY=V1,V2]",
             "                [--metrics M1,M2] [--max-epochs E] [--output DIR] [--config GRID.yaml]",
-            "                [--jobs J]",
+            "                [--jobs J | --launcher submitit [--cluster C] [--gpus-per-cell G] [--wait] ...]",
             "                [-- extra run args]",
             f"       {PROG} report DIR... [--output DIR]   (one report over bench folders)",
             "",

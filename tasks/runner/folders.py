@@ -19,8 +19,9 @@ from .failure import FAILURE_FILE
 __all__ = ["BENCH_FILES", "claim_output", "discard", "last_checkpoint", "run_entries"]
 
 
-BENCH_FILES = frozenset({"bench_args.json", "run.log", FAILURE_FILE})
-"""What ``bgn-task bench`` writes into a cell around its run (its own rules keep cells apart)."""
+BENCH_FILES = frozenset({"bench_args.json", "job.json", "run.log", FAILURE_FILE})
+"""What ``bgn-task bench`` writes into a cell around its run (its own rules keep cells apart);
+``job.json`` records the cluster job that runs it (:mod:`tasks.runner.launch`)."""
 
 
 def run_entries(root: Path) -> list[str]:

@@ -202,6 +202,22 @@ def _kernel_path(model: LightningModule) -> str | None:
     return f"{device}: native ops"
 
 
+def _distributed(trainer: Trainer, config: dict[str, Any]) -> dict[str, Any]:
+    """The run's processes for ``results.json``: world size, nodes, devices per node, the global
+    batch, whether the norms' statistics were synchronised and the cluster environment Lightning
+    detected (torchrun's, SLURM's, or its own launcher's)."""
+    per_device = (config.get("data") or {}).get("batch_size")
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    return {
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "devices_per_node": trainer.num_devices,
+        "global_batch_size": per_device * trainer.world_size if isinstance(per_device, int) else None,
+        "sync_norm": bool(config.get("sync_norm")),
+        "cluster_environment": None if environment is None else type(environment).__name__,
+    }
+
+
 def _shortcut_help() -> str:
     return (
         "Shortcuts: --norm NAME, --groups G|auto, --batch-size N, --data NAME, --data-dir PATH, "
@@ -304,6 +320,7 @@ def _run(
             command=list(command),
             hparams=dict(run.model.hparams),
             extra=extra,
+            distributed=_distributed(run.trainer, run.config),
         )
         path = write_results(run.output, record)
         shown = ", ".join(

@@ -43,10 +43,12 @@ __all__ = [
     "CellOutcome",
     "Grid",
     "args_hash",
+    "finished_record",
     "format_outcome",
     "parse_epochs",
     "parse_list",
     "run_grid",
+    "start_cell",
 ]
 
 
@@ -86,7 +88,8 @@ class Cell:
 
 @dataclass(frozen=True)
 class CellOutcome:
-    """What happened to a cell: ``status`` is ``done``, ``skipped`` or ``failed``.
+    """What happened to a cell: ``status`` is ``done``, ``skipped``, ``failed`` or ``queued`` (its
+    cluster job, :mod:`tasks.runner.launch`, is queued or running).
 
     ``note`` says why a cell with results ran again (its arguments changed); ``failure`` is the
     error a failed run recorded in its cell (``None``: it recorded none, e.g. it was killed).
@@ -340,21 +343,14 @@ def run_grid(
         directory = cell.directory(grid.output, grid.task)
         argv = grid.run_argv(cell)
         digest = args_hash(argv)
-        note = ""
-        if (directory / RESULTS_FILE).is_file():
-            stored = _stored_hash(directory)
-            if stored == digest:
-                outcome = CellOutcome(cell, "skipped", directory, record=read_results(directory))
-                with lock:
-                    outcomes[cell] = outcome
-                    report(len(outcomes), total, outcome)
-                return outcome
-            kept = _keep_aside(directory, stored or "unknown")
-            note = f"arguments changed since the stored result (kept in {kept.name}), re-running"
-        elif directory.exists():  # an interrupted run: start it again from scratch
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
-        (directory / ARGS_FILE).write_text(json.dumps({"hash": digest, "argv": argv}, indent=2) + "\n")
+        record = finished_record(directory, digest)
+        if record is not None:
+            outcome = CellOutcome(cell, "skipped", directory, record=record)
+            with lock:
+                outcomes[cell] = outcome
+                report(len(outcomes), total, outcome)
+            return outcome
+        note = start_cell(directory, argv, digest)
         start = time.perf_counter()
         process = ctx.Process(target=_run_in_child, args=(entry, argv, str(directory / RUN_LOG), os.getpid()))
         process.start()
@@ -378,6 +374,32 @@ def run_grid(
         with ThreadPoolExecutor(grid.jobs) as pool:
             list(pool.map(run, cells))
     return [outcomes[c] for c in cells]
+
+
+def finished_record(directory: Path, digest: str) -> dict[str, Any] | None:
+    """The ``results.json`` record of a cell that finished with the arguments hashed as ``digest``
+    (:func:`args_hash`); ``None`` when it has none or ran with other arguments."""
+    if (directory / RESULTS_FILE).is_file() and _stored_hash(directory) == digest:
+        return read_results(directory)
+    return None
+
+
+def start_cell(directory: Path, argv: Sequence[str], digest: str) -> str:
+    """Make ``directory`` ready for a fresh run of ``argv``: a finished cell with other arguments is
+    kept aside, an interrupted one's leftovers are removed, ``bench_args.json`` is written.
+
+    Returns:
+        why a cell with results runs again (the line's note), or ``""``.
+    """
+    note = ""
+    if (directory / RESULTS_FILE).is_file():
+        kept = _keep_aside(directory, _stored_hash(directory) or "unknown")
+        note = f"arguments changed since the stored result (kept in {kept.name}), re-running"
+    elif directory.exists():  # an interrupted run: start it again from scratch
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    (directory / ARGS_FILE).write_text(json.dumps({"hash": digest, "argv": list(argv)}, indent=2) + "\n")
+    return note
 
 
 def _keep_aside(directory: Path, stored: str) -> Path:
