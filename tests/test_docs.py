@@ -133,6 +133,11 @@ def test_bgn_task_commands_parse(where: str, argv: list[str], capsys, monkeypatc
             else (args, [], [])  # fmt: skip
         assert main([*own, "--dry-run", *sep, *rest]) == 0, f"{where}: {shlex.join(argv)}"
         return
+    if args[0] == "report":  # its folders come from a bench run: check that the options parse
+        from tasks.runner.paper_report import _parser
+
+        assert _parser().parse_args(args[1:]).folders, f"{where}: {shlex.join(argv)}"
+        return
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--print_config"])
     assert exit_info.value.code == 0, f"{where}: {shlex.join(argv)}: {capsys.readouterr().err[-500:]}"
