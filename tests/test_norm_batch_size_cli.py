@@ -100,3 +100,14 @@ def test_summary_by_norm_batch_size_repeats_runs_without_one() -> None:
     assert summary[("gn", 2)].mean == summary[("gn", 8)].mean == pytest.approx(60.0)
     table = markdown_table(summary, ["bn", "gn"], [2, 8], acc, "norm_batch_size")
     assert "| bn | 50.00 | **70.00** |" in table and "| gn | **60.00** | 60.00 |" in table
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("grid", sorted((ROOT / "configs").glob("bench_*.yaml")), ids=lambda p: p.name)
+def test_every_bench_config_makes_a_valid_grid(grid: Path, capsys, monkeypatch) -> None:
+    """The shipped grid files (the small-batch study, the G sweep...) parse and list their cells."""
+    monkeypatch.chdir(ROOT)
+    assert main(["bench", "--config", str(grid), "--dry-run", "--", "--data-dir", "data"]) == 0
+    assert "--norm" in capsys.readouterr().out
