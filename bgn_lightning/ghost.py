@@ -29,18 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import (
-    RunningStatsFrom,
-    _batch_group_norm,
-    check_norm_batch_size,
-    check_running_stats_from,
-)
-from .layers import BatchGroupNorm
+from .functional import RunningStatsFrom, _batch_group_norm, check_norm_batch_size, check_running_stats_from
+from .layers import NormBatchSize
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "set_norm_batch_size"]
 
 
-class _GhostBatchNorm:
+class _GhostBatchNorm(NormBatchSize):
     """The ghost-batch forward shared by :class:`GhostBatchNorm1d` / ``2d`` / ``3d``."""
 
     num_features: int
@@ -53,21 +48,6 @@ class _GhostBatchNorm:
     num_batches_tracked: Tensor | None
     weight: Tensor | None
     bias: Tensor | None
-
-    def _init_ghost(self, norm_batch_size: int | None, running_stats_from: RunningStatsFrom) -> None:
-        check_running_stats_from(running_stats_from, type(self).__name__)
-        self.norm_batch_size = norm_batch_size
-        self.running_stats_from: RunningStatsFrom = running_stats_from
-
-    @property
-    def norm_batch_size(self) -> int | None:
-        """``b``: samples per set of batch statistics in training; ``None``: the whole batch."""
-        return self._norm_batch_size
-
-    @norm_batch_size.setter
-    def norm_batch_size(self, value: int | None) -> None:
-        check_norm_batch_size(value, type(self).__name__)
-        self._norm_batch_size = value
 
     def forward(self, x: Tensor) -> Tensor:
         """BatchNorm's forward; in training with ``b`` below the batch, per run of ``b`` samples."""
@@ -96,11 +76,7 @@ class _GhostBatchNorm:
         )
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()  # type: ignore[misc]
-        if self._norm_batch_size is None:
-            return text
-        ghost = f"norm_batch_size={self._norm_batch_size}, running_stats_from={self.running_stats_from!r}"
-        return f"{text}, {ghost}"
+        return super().extra_repr() + self._ghost_repr()  # type: ignore[misc]
 
 
 def _ghost_class(base: type[nn.modules.batchnorm._BatchNorm], dims: str) -> type[nn.Module]:
@@ -117,7 +93,7 @@ def _ghost_class(base: type[nn.modules.batchnorm._BatchNorm], dims: str) -> type
                  **kwargs: Any) -> None:
         base.__init__(self, num_features, eps=eps, momentum=momentum, affine=affine,
                       track_running_stats=track_running_stats, device=device, dtype=dtype, **kwargs)
-        self._init_ghost(norm_batch_size, running_stats_from)
+        self._init_norm_batch_size(norm_batch_size, running_stats_from)
 
     name = "Ghost" + base.__name__
     return type(name, (_GhostBatchNorm, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__,
@@ -174,9 +150,8 @@ def set_norm_batch_size(module: nn.Module, norm_batch_size: int | None,
     """
     check_norm_batch_size(norm_batch_size, "set_norm_batch_size")
     check_running_stats_from(running_stats_from, "set_norm_batch_size")
-    settable = (BatchGroupNorm, _GhostBatchNorm)
     refused = [f"{name or '<root>'} ({type(m).__name__})" for name, m in module.named_modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, settable)
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, NormBatchSize)
                and type(m) not in _GHOST]
     if refused:
         raise ValueError(
@@ -195,7 +170,7 @@ def set_norm_batch_size(module: nn.Module, norm_batch_size: int | None,
                 setattr(parent, name, ghosts[id(child)])
     found = 0
     for layer in module.modules():
-        if isinstance(layer, settable):
+        if isinstance(layer, NormBatchSize):
             layer.norm_batch_size = norm_batch_size
             layer.running_stats_from = running_stats_from
             found += 1

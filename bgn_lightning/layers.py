@@ -23,13 +23,52 @@ __all__ = [
     "BatchGroupNorm1d",
     "BatchGroupNorm2d",
     "BatchGroupNorm3d",
+    "NormBatchSize",
     "PositionalNorm",
 ]
 
 NumGroups = int | Literal["auto"]
 
 
-class BatchGroupNorm(nn.Module):
+class NormBatchSize:
+    """The ``norm_batch_size`` (ghost batches) of a layer with batch statistics: checked when set.
+
+    Shared by :class:`BatchGroupNorm` and :mod:`bgn_lightning.ghost`'s BatchNorms; what ``b`` means
+    is described there.
+    """
+
+    _norm_batch_size: int | None = None
+    running_stats_from: RunningStatsFrom = "first"
+
+    def _init_norm_batch_size(self, norm_batch_size: int | None,
+                              running_stats_from: RunningStatsFrom) -> None:
+        check_running_stats_from(running_stats_from, type(self).__name__)
+        self.norm_batch_size = norm_batch_size
+        self.running_stats_from = running_stats_from
+
+    @property
+    def norm_batch_size(self) -> int | None:
+        """``b``: samples per set of batch statistics in training (ghost batches); ``None``: the batch."""
+        return self._norm_batch_size
+
+    @norm_batch_size.setter
+    def norm_batch_size(self, value: int | None) -> None:
+        check_norm_batch_size(value, type(self).__name__)
+        self._norm_batch_size = value
+
+    def statistics_batch_size(self, batch_size: int) -> int:
+        """The samples one set of training statistics covers for a batch of ``batch_size``: ``min(b, N)``."""
+        b = self._norm_batch_size
+        return batch_size if b is None else min(b, batch_size)
+
+    def _ghost_repr(self) -> str:
+        """``", norm_batch_size=2, running_stats_from='first'"`` when ``b`` is set, else ``""``."""
+        if self._norm_batch_size is None:
+            return ""
+        return f", norm_batch_size={self._norm_batch_size}, running_stats_from={self.running_stats_from!r}"
+
+
+class BatchGroupNorm(NormBatchSize, nn.Module):
     """Batch Group Normalization (Zhou et al., 2020) for inputs of shape ``(N, C, *S)``.
 
     The flattened ``(C, *S)`` features of each sample are split into ``G`` contiguous groups;
@@ -85,7 +124,7 @@ class BatchGroupNorm(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check_running_stats_from(running_stats_from, name)
+        self._init_norm_batch_size(norm_batch_size, running_stats_from)
         if values_per_statistic is not None and (
             isinstance(values_per_statistic, bool) or not isinstance(values_per_statistic, int)
             or values_per_statistic < 2
@@ -115,8 +154,6 @@ class BatchGroupNorm(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.reference_batch_size = reference_batch_size
-        self.norm_batch_size = norm_batch_size
-        self.running_stats_from: RunningStatsFrom = running_stats_from
         self.values_per_statistic = values_per_statistic
         # D = C*prod(S) seen in training when the group layout depends on the spatial size
         # (G does not divide C): the running statistics are then tied to that size.
@@ -143,21 +180,6 @@ class BatchGroupNorm(nn.Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
-
-    @property
-    def norm_batch_size(self) -> int | None:
-        """``b``: samples per set of batch statistics in training (ghost batches); ``None``: the batch."""
-        return self._norm_batch_size
-
-    @norm_batch_size.setter
-    def norm_batch_size(self, value: int | None) -> None:
-        check_norm_batch_size(value, type(self).__name__)
-        self._norm_batch_size = value
-
-    def statistics_batch_size(self, batch_size: int) -> int:
-        """The samples one set of training statistics covers for a batch of ``batch_size``: ``min(b, N)``."""
-        b = self._norm_batch_size
-        return batch_size if b is None else min(b, batch_size)
 
     # -- state -------------------------------------------------------------------------------
     def reset_running_stats(self) -> None:
@@ -333,8 +355,7 @@ class BatchGroupNorm(nn.Module):
             groups = "auto (fixed at the first training batch)"
         else:
             groups = f"{self.num_groups}" + (" (auto)" if self.auto_groups else "")
-        ghost = "" if self._norm_batch_size is None else (
-            f", norm_batch_size={self._norm_batch_size}, running_stats_from={self.running_stats_from!r}")
+        ghost = self._ghost_repr()
         if self.values_per_statistic is not None:
             ghost += f", values_per_statistic={self.values_per_statistic}"
         return (
