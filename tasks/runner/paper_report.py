@@ -16,7 +16,7 @@ import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tasks.common.contract import Metric
 from tasks.common.errors import UsageError
@@ -87,7 +87,7 @@ def _suite_section(suite: Suite, output: Path) -> list[str]:
     task = load_task(suite.task)
     metrics = list(task.metrics)
     records = [r for _, r in suite.rows]
-    dataset = (records[0].get("dataset") if records else None) or "default data"
+    dataset = _dataset_name(records[0]) if records else "default data"
     symbol = "b" if suite.column == "norm_batch_size" else "B"
     title = f"{suite.task} on {dataset}"
     lines = [f"## {title}", ""]
@@ -115,6 +115,13 @@ def _suite_section(suite: Suite, output: Path) -> list[str]:
         lines += [f"![{title}]({png.name})", ""]
         lines += _heatmap(suite, summaries[0], output, title, symbol)
     return lines
+
+
+def _dataset_name(record: dict[str, Any]) -> str:
+    """The run's dataset; an image folder is named by its folder (``imagefolder (cifar10)``)."""
+    dataset = record.get("dataset") or "default data"
+    data_dir = ((record.get("config") or {}).get("data") or {}).get("data_dir")
+    return f"{dataset} ({Path(data_dir).name})" if dataset == "imagefolder" and data_dir else dataset
 
 
 def _heatmap(suite: Suite, primary: tuple[Metric, dict[Row, CellSummary]], output: Path, title: str,
