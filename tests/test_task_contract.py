@@ -78,10 +78,12 @@ def test_declaration(name: str) -> None:
 
 @pytest.mark.parametrize("name", TASKS)
 def test_two_batch_run_writes_every_declared_metric(name: str, tmp_path: Path, glyph_root: Path) -> None:
-    """Default config, tiny loops: fit + test + results.json with the task's metrics (and extra fields)."""
+    """Default config, tiny loops, ghost batches of 2: fit + test + results.json with the task's metrics
+    (and extra fields)."""
     task = load_task(name)
     out = tmp_path / "run"
-    argv = [name, "--data-dir", str(glyph_root), "--output", str(out), *TINY, *task.smoke_args]
+    argv = [name, "--data-dir", str(glyph_root), "--output", str(out), "--norm-batch-size", "2", *TINY,
+            *task.smoke_args]
     assert main(argv) == 0
     record = json.loads((out / "results.json").read_text())
     missing = [m.name for m in task.metrics if m.name not in record["metrics"]]
@@ -91,7 +93,7 @@ def test_two_batch_run_writes_every_declared_metric(name: str, tmp_path: Path, g
         assert value == value, f"{metric.name} is NaN"
         if metric.unit == "%":
             assert 0.0 <= value <= 1.0, f"{metric.name}={value} is not a fraction"
-    assert record["task"] == name and record["norm"] == "bgn"
+    assert record["task"] == name and record["norm"] == "bgn" and record["norm_batch_size"] == 2
 
 
 @pytest.mark.parametrize("name", TASKS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -121,6 +121,10 @@ class TaskDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         download: fetch missing datasets.
     """
+
+    BATCH_OF_SAMPLES: ClassVar[bool] = True
+    """Whether ``batch_size`` counts samples (so ``--norm-batch-size`` may not exceed it); few-shot
+    batches count episodes."""
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from torch.utils.data import DataLoader
 
@@ -55,6 +55,8 @@ class FewShotDataModule(TaskDataModule):
             omniglot, off elsewhere).
         data_seed: seeds glyph rendering, class splits and the evaluation episodes.
     """
+
+    BATCH_OF_SAMPLES: ClassVar[bool] = False  # batch_size counts episodes of ways x (shots + queries)
 
     DATASETS = tuple(DATASETS)
     """The dataset names (the CLI checks ``--data`` against them)."""

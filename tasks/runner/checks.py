@@ -40,8 +40,9 @@ def check_config(config: Any, datasets: Sequence[str] | None) -> None:
         check_choice("dataset", dataset, datasets)
 
 
-def check_norm_batch_size(config: Any) -> None:
-    """``--norm-batch-size``: a positive int no larger than the batch (``data.batch_size``).
+def check_norm_batch_size(config: Any, batch_of_samples: bool = True) -> None:
+    """``--norm-batch-size``: a positive int no larger than the batch (``data.batch_size``, where
+    it counts samples: ``batch_of_samples``).
 
     Raises:
         UsageError: naming the value and the rule.
@@ -51,7 +52,7 @@ def check_norm_batch_size(config: Any) -> None:
         return
     check_int("--norm-batch-size", b, expected="a positive int (samples per set of norm statistics)")
     batch = config.data.get("batch_size")
-    if isinstance(batch, int) and not isinstance(batch, bool) and b > batch:
+    if batch_of_samples and isinstance(batch, int) and not isinstance(batch, bool) and b > batch:
         raise UsageError(
             f"--norm-batch-size {b} is larger than the batch (--batch-size {batch}): the norm's statistics "
             f"cover at most one batch; use at most {batch}"

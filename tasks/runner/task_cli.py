@@ -142,7 +142,7 @@ class TaskCLI(LightningCLI):
             hint = did_you_mean(message, [*parser._option_string_actions, *shortcuts])
             raise UsageError(f"{message}{hint} ('{PROG} {task.name} --help' lists the options)") from err
         check_config(self.config, getattr(task.datamodule_class, "DATASETS", None))
-        check_norm_batch_size(self.config)
+        check_norm_batch_size(self.config, getattr(task.datamodule_class, "BATCH_OF_SAMPLES", True))
         self._move_legacy_options()
         check_options(task, self.config)
 
