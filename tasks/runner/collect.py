@@ -38,7 +38,8 @@ class Suite:
         task: the task suite.
         rows: ``(row label, results.json record)`` per finished cell; the label is the norm and
             the cell's axis values (``bgn, method=dann``), as in the bench's own report.
-        row_order: labels in registry order of their norms (``bn``, ``bgn``, ``gn``...), then by name.
+        row_order: labels in registry order of their norms (``bn``, ``bgn``, ``gn``...), then by name
+            (numbers by value).
         column: ``norm_batch_size`` when any cell sets one (a sweep of b), else ``batch_size``.
         columns: the column values, ascending.
         settings: the shared argument list (the swept flags left out) that every cell ran with.
@@ -122,8 +123,13 @@ def collect_suites(folders: Sequence[Path]) -> list[Suite]:
     order = {name: i for i, name in enumerate(available_norms())}
     for suite in suites.values():
         _check_columns(suite)
-        suite.row_order.sort(key=lambda label: (order.get(label.split(", ")[0], len(order)), label))
+        suite.row_order.sort(key=lambda label: (order.get(label.split(", ")[0], len(order)), _natural(label)))
     return list(suites.values())
+
+
+def _natural(label: str) -> list[Any]:
+    """Sort key reading the numbers in a label as numbers (``V: 128`` before ``V: 1024``)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label)]
 
 
 def _check_columns(suite: Suite) -> None:

@@ -238,7 +238,7 @@ def plot_heatmap(
     grid = np.full((len(rows), len(columns)), np.nan)
     for (r, c), v in values.items():
         grid[rows.index(r), columns.index(c)] = v
-    fig = Figure(figsize=(1.2 * len(columns) + 2.5, 0.55 * len(rows) + 1.8), layout="constrained")
+    fig = Figure(figsize=(max(6.4, 1.2 * len(columns) + 2.5), 0.55 * len(rows) + 1.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
