@@ -28,9 +28,9 @@ where G > C; eval <= 1.05; saved bytes <= BN's + O(G + C). Run::
     python benchmarks/norm_speed.py --device cuda --json cuda.json --markdown cuda.md
     python benchmarks/norm_speed.py --norm-batch-sizes 1,2,4,8 --threads 1   # ghost batches (issue 21)
 
-``--norm-batch-sizes`` times ghost batches instead: training forward + backward of BN and BGN with
-``norm_batch_size = b`` against the same layer without it, at N = 32, 64 and 128 (ResNet-20's
-stage shapes and a wider one, contiguous and channels-last); target <= 1.2.
+``--norm-batch-sizes`` times ghost batches instead: training forward + backward of BN and BGN
+(G = C/4, C, 2C) with ``norm_batch_size = b`` against the same layer without it, at N = 32, 64 and
+128 (ResNet-20's stage shapes and a wider one, contiguous and channels-last); target <= 1.2.
 """
 
 from __future__ import annotations
@@ -272,11 +272,15 @@ def _native(times: dict[str, list[float]]) -> tuple[float | None, float | None]:
     return _ms(times["native"]), _ratio(times, "native", "bn")
 
 
+GHOST_NORMS = {"bn": None, "bgn G=C/4": 4, "bgn G=C": 1, "bgn G=2C": 0.5}
+"""The layers timed with ghost batches: torch's BN (ghost: GhostBatchNorm2d) and BGN at G = C/4, C, 2C."""
+
+
 def _ghost_layers(norm: str, c: int, b: int | None) -> nn.Module:
-    """BN or BGN (G = C/4) with norm batch size ``b`` (``None``: the plain layer)."""
+    """A :data:`GHOST_NORMS` layer with norm batch size ``b`` (``None``: the plain layer)."""
     if norm == "bn":
         return nn.BatchNorm2d(c) if b is None else GhostBatchNorm2d(c, norm_batch_size=b)
-    return BatchGroupNorm2d(c, c // 4, norm_batch_size=b)
+    return BatchGroupNorm2d(c, int(c / GHOST_NORMS[norm]), norm_batch_size=b)
 
 
 def measure_ghost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -290,7 +294,7 @@ def measure_ghost(args: argparse.Namespace, device: torch.device) -> list[dict[s
         for fmt_name, fmt in formats.items():
             x = base.contiguous(memory_format=fmt).requires_grad_()
             dy = grad.contiguous(memory_format=fmt)
-            for norm in ("bn", "bgn"):
+            for norm in GHOST_NORMS:
                 steps = {f"b={b}": _train_step(_ghost_layers(norm, shape[1], b).to(device).train(), x, dy)
                          for b in [None, *args.norm_batch_sizes]}
                 times = interleaved_times(steps, args.rounds, args.block, args.budget, device, args.clock_fn)

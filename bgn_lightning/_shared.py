@@ -15,8 +15,8 @@ from typing import Generic, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["LoadOnce", "channels_last", "chunk_count", "memory_format", "needs_grad", "running_factor",
-           "switched_off", "update_running", "update_running_chunks"]
+__all__ = ["LoadOnce", "channels_last", "memory_format", "needs_grad", "running_factor", "switched_off",
+           "update_running", "update_running_chunks"]
 
 T = TypeVar("T")
 
@@ -112,16 +112,6 @@ def update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var:
         else:
             running_mean.lerp_(mean.to(running_mean.dtype), factor)
             running_var.lerp_(unbiased.to(running_var.dtype), factor)
-
-
-def chunk_count(batch_size: int, chunk: int | None) -> int:
-    """How many chunks of ``chunk`` consecutive samples a batch of ``batch_size`` splits into.
-
-    ``None`` (or a chunk at least as large as the batch) is one chunk: the whole batch.
-    """
-    if chunk is None or chunk >= batch_size:
-        return 1
-    return -(-batch_size // chunk)
 
 
 def update_running_chunks(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, *,

@@ -159,16 +159,17 @@ def _print_table(metrics: dict[str, float]) -> None:
 def _apply_norm_batch_size(model: LightningModule, norm_batch_size: int, norm: str | None) -> None:
     """``--norm-batch-size``: set it on every norm layer with batch statistics (torch's BatchNorm
     becomes its ghost variant, sharing parameters); one log line where no layer uses batch statistics."""
-    import warnings
+    from torch.nn.modules.batchnorm import _BatchNorm
 
-    from bgn_lightning import set_norm_batch_size
+    from bgn_lightning.layers import NormBatchSize
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        set_norm_batch_size(model, norm_batch_size)
-    if any("has no effect" in str(w.message) for w in caught):
+    if not any(isinstance(m, (NormBatchSize, _BatchNorm)) for m in model.modules()):
         log.info("%s: --norm-batch-size %d has no effect: no norm layer of this model uses batch statistics "
                  "(--norm %s)", PROG, norm_batch_size, norm)
+        return
+    from bgn_lightning import set_norm_batch_size
+
+    set_norm_batch_size(model, norm_batch_size)
 
 
 def _norm_swap(trainer: Trainer) -> Any:
