@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,17 @@ def test_report_draws_the_values_per_statistic_heat_map(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "| bgn, norm_kwargs={values_per_statistic: 1024} | **60.44** | **63.44** |" in md
     assert (out / "classification_values_per_statistic.png").stat().st_size > 0
+
+
+def test_report_fits_the_best_values_per_statistic_per_column(tmp_path: Path) -> None:
+    bench = tmp_path / "gsweep"
+    for v in (16, 128, 1024, 8192, 65536):
+        for b, centre in ((2, 10.0), (32, 8.0)):  # accuracy peaks at log2 V = 10 (b = 2) and 8 (b = 32)
+            axis = f"norm_kwargs={{values_per_statistic: {v}}}"
+            _cell(bench, "bgn", 0, 0.6 - 0.004 * (math.log2(v) - centre) ** 2, b=b, axis=axis)
+    out = tmp_path / "report"
+    assert main(["report", str(bench), "--output", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "- b = 2: peak V ≈ 1,024; best measured V = 1,024" in md
+    assert "- b = 32: peak V ≈ 256; best measured V = 128" in md
+    assert "The peaks span 2.0 octaves of V across b (geometric mean V ≈ 512)." in md

@@ -5,7 +5,8 @@ of ``--norm-batch-sizes``) with the mean ± std over seeds (a single episodic ru
 confidence half-width), the best mean per column in bold and :data:`~tasks.runner.report.NOISE_MARK`
 where a cell is within noise of it; one PNG of curves per suite; and, for a sweep of BGN's values per
 statistic (``--vary model.norm_kwargs.values_per_statistic=...``), the b x values-per-statistic heat
-map. Everything goes into ``report.md``, ``report.csv`` and the PNGs beside them.
+map and the fitted best V per column (:mod:`tasks.runner.g_rule`). Everything goes into
+``report.md``, ``report.csv`` and the PNGs beside them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tasks.common.errors import UsageError
 from . import PROG, log
 from .collect import Suite, collect_suites
 from .discovery import load_task
+from .g_rule import fit_lines, fit_values_per_statistic
 from .report import (
     NOISE_LEGEND,
     CellSummary,
@@ -138,4 +140,4 @@ def _heatmap(suite: Suite, primary: tuple[Metric, dict[Row, CellSummary]], outpu
                        f"{title}: BGN, {metric.heading}", "values per statistic V (G = b·D / V per layer)",
                        f"{symbol} ({'norm batch size' if symbol == 'b' else 'batch size'})", metric.heading)
     return [f"BGN with auto-G at a fixed number of values per statistic V: {metric.heading}.", "",
-            f"![values per statistic]({png.name})", ""]
+            f"![values per statistic]({png.name})", "", *fit_lines(fit_values_per_statistic(values), symbol)]
