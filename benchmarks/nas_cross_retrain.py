@@ -8,7 +8,7 @@ each ``N`` of ``--norms`` and tables test accuracy as search norm (rows) x retra
 (columns), mean ± std over seeds. Runs whose ``results.json`` exists are skipped.
 
     python benchmarks/nas_cross_retrain.py outputs/bench/nas --norms bn,bgn --output outputs/bench/nas_cross
-    python benchmarks/nas_cross_retrain.py outputs/bench/nas --norms bn,bgn -- --model.eval_epochs 20
+    python benchmarks/nas_cross_retrain.py outputs/bench/nas --norms bn,bgn -- --model.retrain.epochs 20
 """
 
 from __future__ import annotations

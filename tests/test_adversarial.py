@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bgn_lightning import is_norm_layer
-from tasks.adversarial.attacks import ATTACK_DEFAULTS, perturb
+from tasks.adversarial.attacks import ATTACK_DEFAULTS, AttackSettings, perturb
 from tasks.adversarial.module import AdversarialModule
 from tasks.runner.cli import main
 
@@ -94,7 +94,7 @@ def test_modes_are_restored_when_the_attack_raises() -> None:
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_training_step_attacks_with_the_norm_layers_in_eval_mode_without_touching_statistics() -> None:
-    model = AdversarialModule(norm="bgn", attack_norm_mode="eval", train_steps=3)
+    model = AdversarialModule(norm="bgn", attack=AttackSettings(attack_norm_mode="eval", train_steps=3))
     model.train()
     x, y = _batch()
     model(x)
@@ -113,10 +113,10 @@ def test_dataset_defaults() -> None:
     assert ATTACK_DEFAULTS["cifar10"].eps == 8 / 255 and ATTACK_DEFAULTS["cifar10"].step_size == 2 / 255
     assert 7 <= ATTACK_DEFAULTS["cifar10"].train_steps <= 10
     mnist = AdversarialModule(dataset="mnist")
-    assert (mnist.eps, mnist.step_size, mnist.train_steps) == (0.3, 0.01, 40)
+    assert (mnist.attacks.eps, mnist.attacks.step_size, mnist.attacks.train_steps) == (0.3, 0.01, 40)
     assert mnist.attack_settings["eval_step_size"] == pytest.approx(2.5 * 0.3 / 20)  # crosses the ball
-    model = AdversarialModule(dataset="cifar10", eps=4 / 255)
-    assert (model.eps, model.step_size) == (4 / 255, 2 / 255)
+    model = AdversarialModule(dataset="cifar10", attack=AttackSettings(eps=4 / 255))
+    assert (model.attacks.eps, model.attacks.step_size) == (4 / 255, 2 / 255)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -130,7 +130,7 @@ def test_dataset_defaults() -> None:
 ])  # fmt: skip
 def test_bad_values_raise_in_init(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        AdversarialModule(**kwargs)
+        AdversarialModule(attack=AttackSettings(**kwargs))
 
 
 def test_eval_only_without_ckpt_is_refused_by_the_run_option_check() -> None:

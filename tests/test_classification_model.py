@@ -10,6 +10,7 @@ from torch import nn
 from bgn_lightning import BatchGroupNorm2d, is_norm_layer
 from tasks.classification import TASK
 from tasks.classification.model import ClassificationModule
+from tasks.common.optim import SGDSettings
 from tasks.common.vision import VisionDataModule
 
 
@@ -51,8 +52,8 @@ def test_every_registry_norm_builds_the_backbone(norm: str) -> None:
 
 
 def test_linear_scaling_with_linear_warmup(tmp_path) -> None:
-    model = ClassificationModule(norm="bgn", num_classes=10, in_channels=1, lr=0.1, base_batch_size=32,
-                                 warmup_epochs=1.0, lr_schedule="constant")  # fmt: skip
+    sgd = SGDSettings(lr=0.1, base_batch_size=32, warmup_epochs=1.0, lr_schedule="constant")
+    model = ClassificationModule(norm="bgn", num_classes=10, in_channels=1, sgd=sgd)
     _, trace = _fit(model, batch_size=8, default_root_dir=tmp_path)
     peak = 0.1 * 8 / 32
     # 4 steps per epoch: the first epoch ramps linearly to the peak, the second stays there
@@ -60,18 +61,18 @@ def test_linear_scaling_with_linear_warmup(tmp_path) -> None:
 
 
 def test_scaling_counts_gradient_accumulation_and_explicit_batch(tmp_path) -> None:
-    model = ClassificationModule(norm="bn", num_classes=10, in_channels=1, warmup_epochs=0,
-                                 lr_schedule="constant")  # fmt: skip
+    model = ClassificationModule(norm="bn", num_classes=10, in_channels=1,
+                                 sgd=SGDSettings(warmup_epochs=0, lr_schedule="constant"))  # fmt: skip
     _, trace = _fit(model, batch_size=4, accumulate_grad_batches=2, default_root_dir=tmp_path)
     assert trace.lrs[0] == pytest.approx(0.1 * 8 / 32)
-    fixed = ClassificationModule(norm="bn", num_classes=10, in_channels=1, warmup_epochs=0,
-                                 lr_schedule="constant", global_batch_size=64)  # fmt: skip
+    fixed = ClassificationModule(norm="bn", num_classes=10, in_channels=1, sgd=SGDSettings(
+        warmup_epochs=0, lr_schedule="constant", global_batch_size=64))  # fmt: skip
     _, trace = _fit(fixed, batch_size=4, default_root_dir=tmp_path)
     assert trace.lrs[0] == pytest.approx(0.2)
 
 
 def test_cosine_decays_to_zero_by_the_last_step(tmp_path) -> None:
-    model = ClassificationModule(norm="gn", num_classes=10, in_channels=1, warmup_epochs=0)
+    model = ClassificationModule(norm="gn", num_classes=10, in_channels=1, sgd=SGDSettings(warmup_epochs=0))
     trainer, trace = _fit(model, batch_size=8, max_epochs=3, default_root_dir=tmp_path)
     assert trace.lrs[0] == pytest.approx(0.025)
     assert all(a > b for a, b in zip(trace.lrs, trace.lrs[1:], strict=False))
@@ -95,17 +96,18 @@ def test_bad_init_values() -> None:
     with pytest.raises(ValueError, match="groups must be a positive int or 'auto'"):
         ClassificationModule(groups="four")
     with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
-        ClassificationModule(warmup_epochs=-1)
+        ClassificationModule(sgd=SGDSettings(warmup_epochs=-1))
 
 
 def test_the_sgd_settings_are_one_group_under_todays_keys() -> None:
     from tasks.adversarial import AdversarialModule
-    from tasks.common.optim import SGDSettings
 
-    model = ClassificationModule(lr=0.05, warmup_epochs=0.5, lr_schedule="multistep", milestones=[0.5])
+    sgd = SGDSettings(lr=0.05, warmup_epochs=0.5, lr_schedule="multistep", milestones=[0.5])
+    model = ClassificationModule(sgd=sgd)
     assert model.sgd == SGDSettings.of(model.hparams) == SGDSettings(
         lr=0.05, warmup_epochs=0.5, lr_schedule="multistep", milestones=[0.5]
     )
-    assert AdversarialModule(gamma=0.2).sgd == SGDSettings(gamma=0.2), "the same group in both suites"
+    adversarial = AdversarialModule(sgd=SGDSettings(gamma=0.2))
+    assert adversarial.sgd == SGDSettings(gamma=0.2), "the same group in both suites"
     with pytest.raises(ValueError, match="warmup_epochs must be >= 0"):
         SGDSettings(warmup_epochs=-1)

@@ -274,7 +274,7 @@ def test_retraining_settings_and_data_view_leave_the_search_settings_as_they_are
     from tasks.nas import NasDataModule
     from tasks.nas.module import RetrainSettings
 
-    model = _tiny_search(eval_norm="gn", eval_batch_size=None, eval_epochs=None)
+    model = _tiny_search(retrain=RetrainSettings(norm="gn", batch_size=None, epochs=None))
     settings = model.retrain
     assert isinstance(settings, RetrainSettings) and settings.norm == "gn" and settings.epochs is None
     resolved = settings.resolved(7, 16)

@@ -12,7 +12,7 @@ the number of PGD steps used for training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torchattacks
@@ -21,14 +21,17 @@ from torchattacks.attack import Attack
 
 import bgn_lightning
 from bgn_lightning import norm_aware_attack
+from tasks.common.settings import SettingsGroup
 from tasks.common.validate import check_choice, check_int
 
 __all__ = [
     "ATTACK_DEFAULTS",
     "ATTACK_NORM_MODES",
+    "DEFAULT_CURVE_FRACTIONS",
     "EVAL_ATTACKS",
     "TRAIN_ATTACKS",
     "AttackDefaults",
+    "AttackSettings",
     "attack_defaults",
     "build_attack",
     "check_eps",
@@ -44,6 +47,8 @@ TRAIN_ATTACKS: tuple[str, ...] = ("pgd", "fgsm", "none")
 """``train_attack`` values: Madry's PGD, FGSM with a random start (fast AT), no attack (undefended)."""
 EVAL_ATTACKS: tuple[str, ...] = ("pgd", "fgsm", "ffgsm", "autoattack")
 """Names :func:`build_attack` takes (``ffgsm``: FGSM from a random start, torchattacks' ``FFGSM``)."""
+DEFAULT_CURVE_FRACTIONS = (0.25, 0.5, 0.75, 1.5, 2.0)
+"""Radii of the default robustness curve, as multiples of ``eps`` (beside 0 and ``eps``)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,85 @@ ATTACK_DEFAULTS: dict[str, AttackDefaults] = {
 """Per-dataset defaults: CIFAR-style ``8/255, 2/255, 7`` for colour images, MNIST's ``0.3, 0.01, 40``."""
 
 
+@dataclass(frozen=True)
+class AttackSettings(SettingsGroup):
+    """The attacks of an :class:`~tasks.adversarial.module.AdversarialModule`: how it trains and is
+    evaluated (config keys ``model.attack.*``; the flat ``model.eps``... of earlier versions are
+    still read).
+
+    ``eps``, ``step_size``, ``train_steps``, ``fast_step_size`` and ``curve_eps`` may be ``None``
+    (the dataset's default, :meth:`resolved`).
+
+    Attributes:
+        train_attack: ``pgd``, ``fgsm`` (with random start) or ``none``.
+        eps: L-infinity radius of training and evaluation, in [0, 1].
+        step_size: PGD step for training, in [0, 1].
+        train_steps: PGD steps for training (>= 1).
+        random_start: PGD (training and evaluation) starts at a random point of the ball.
+        fast_step_size: the ``fgsm`` training step (``None``: ``1.25 * eps``, Wong et al.).
+        clean_weight: weight of the clean loss in [0, 1] (0: adversarial examples only).
+        attack_norm_mode: ``train`` or ``eval``: the mode of every norm layer while the training
+            attack runs.
+        eval_steps: PGD steps of ``test/pgd_acc`` and of the curve (20: PGD-20).
+        val_steps: PGD steps of ``val/pgd_acc``.
+        curve_eps: radii of the robustness curve beside 0 and ``eps`` (``None``: 0.25, 0.5,
+            0.75, 1.5 and 2 times ``eps``, those <= 1; ``[]``: no curve).
+        pgd100: also report ``test/pgd100_acc`` (PGD-100).
+        autoattack: also report ``test/autoattack_acc`` (torchattacks' standard AutoAttack; slow).
+    """
+
+    KEY = "attack"
+
+    train_attack: str = "pgd"
+    eps: float | None = None
+    step_size: float | None = None
+    train_steps: int | None = None
+    random_start: bool = True
+    fast_step_size: float | None = None
+    clean_weight: float = 0.0
+    attack_norm_mode: NormMode = "train"
+    eval_steps: int = 20
+    val_steps: int = 10
+    curve_eps: list[float] | None = None
+    pgd100: bool = False
+    autoattack: bool = False
+
+    def resolved(self, dataset: str) -> AttackSettings:
+        """These settings checked, with ``dataset``'s defaults (:func:`attack_defaults`) for the
+        radius, steps and curve left at ``None``; ``curve_eps`` sorted, without 0 and ``eps``.
+
+        Raises:
+            ValueError: for a radius or step outside [0, 1], a step count < 1, an unknown attack
+                or ``attack_norm_mode``, a ``clean_weight`` outside [0, 1], or a dataset without
+                defaults where one is needed.
+        """
+        check_choice("train_attack", self.train_attack, TRAIN_ATTACKS)
+        if self.attack_norm_mode not in ATTACK_NORM_MODES:
+            modes = ", ".join(ATTACK_NORM_MODES)
+            raise ValueError(f"attack_norm_mode must be one of: {modes}; got {self.attack_norm_mode!r}")
+        given = (self.eps, self.step_size, self.train_steps)
+        defaults = attack_defaults(dataset) if None in given else None
+        eps = check_eps("eps", defaults.eps if self.eps is None else self.eps)
+        step = defaults.step_size if self.step_size is None else self.step_size
+        steps = defaults.train_steps if self.train_steps is None else self.train_steps
+        fast = min(1.0, 1.25 * eps) if self.fast_step_size is None else self.fast_step_size
+        if isinstance(self.clean_weight, bool) or not 0.0 <= self.clean_weight <= 1.0:
+            raise ValueError(f"clean_weight must be in [0, 1], got {self.clean_weight!r}")
+        curve = self.curve_eps
+        if curve is None:
+            curve = [f * eps for f in DEFAULT_CURVE_FRACTIONS if f * eps <= 1.0]
+        return replace(
+            self,
+            eps=eps,
+            step_size=check_eps("step_size", step),
+            train_steps=check_steps("train_steps", steps),
+            fast_step_size=check_eps("fast_step_size", fast),
+            eval_steps=check_steps("eval_steps", self.eval_steps),
+            val_steps=check_steps("val_steps", self.val_steps),
+            curve_eps=sorted({check_eps("curve_eps", e) for e in curve} - {0.0, eps}),
+        )
+
+
 def attack_defaults(dataset: str) -> AttackDefaults:
     """The attack defaults of ``dataset``.
 
@@ -87,7 +171,7 @@ def attack_defaults(dataset: str) -> AttackDefaults:
     if dataset not in ATTACK_DEFAULTS:
         raise ValueError(
             f"no attack defaults for dataset {dataset!r} (known: {', '.join(ATTACK_DEFAULTS)}); "
-            "set --model.eps, --model.step_size and --model.train_steps"
+            "set --model.attack.eps, --model.attack.step_size and --model.attack.train_steps"
         )
     return ATTACK_DEFAULTS[dataset]
 

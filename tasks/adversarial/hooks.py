@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,18 +61,17 @@ def load_for_eval(path: str, template: AdversarialModule) -> AdversarialModule:
             f"--ckpt {path}: not a checkpoint of the adversarial task (saved by {saved_by}); "
             "train one with 'bgn-task adversarial'"
         )
-    hparams = checkpoint["hyper_parameters"]
-    init_args = inspect.signature(AdversarialModule.__init__).parameters
-    current = {
-        k: v for k, v in template.hparams.items() if k in init_args
-    }  # not LightningCLI's _instantiator
+    hparams, current = checkpoint["hyper_parameters"], template.hparams
     for key in ("num_classes", "in_channels"):
         if hparams[key] != current[key]:
             raise TaskConfigError(
                 f"--ckpt {path}: the checkpoint has {key}={hparams[key]} (trained on "
                 f"{hparams.get('dataset')!r}), the data {current['dataset']!r} has {current[key]}"
             )
-    model = AdversarialModule(**{**current, **{k: hparams[k] for k in ARCHITECTURE_KEYS}})
+    architecture = {k: hparams[k] for k in ARCHITECTURE_KEYS}
+    model = AdversarialModule(
+        **architecture, dataset=current["dataset"], attack=template.attacks, sgd=template.sgd
+    )
     model.load_state_dict(checkpoint["state_dict"])
     return model
 
@@ -112,7 +110,8 @@ def extra_results(run: TaskRun) -> dict[str, Any]:
         hp = model.hparams
         series = {(str(hp.norm), int(run.datamodule.batch_size)): curve_points([curve])}
         write_curve_csv(series, run.output / CURVE_CSV)
-        title = f"{hp.dataset}: PGD-{model.eval_steps} accuracy vs eps ({hp.train_attack} training)"
+        attacks = model.attacks
+        title = f"{hp.dataset}: PGD-{attacks.eval_steps} accuracy vs eps ({attacks.train_attack} training)"
         plot_curves(series, run.output / CURVE_PNG, title)
     return {"attack": model.attack_settings, "robustness_curve": curve}
 

@@ -14,26 +14,15 @@ from torchmetrics import MeanMetric
 
 from tasks.common.backbones import build_backbone
 from tasks.common.norms import norm_factory
-from tasks.common.optim import Schedule, SGDSettings
+from tasks.common.optim import SGDSettings
+from tasks.common.settings import SettingsCheckpoints
 from tasks.common.training import grad_enabled
-from tasks.common.validate import check_choice
 
-from .attacks import (
-    ATTACK_NORM_MODES,
-    TRAIN_ATTACKS,
-    NormMode,
-    attack_defaults,
-    build_attack,
-    check_eps,
-    check_steps,
-    eval_step_size,
-    perturb,
-)
+from .attacks import AttackSettings, NormMode, build_attack, eval_step_size, perturb
 
 __all__ = [
     "ARCHITECTURE_KEYS",
     "CHECKPOINT_TASK_KEY",
-    "DEFAULT_CURVE_FRACTIONS",
     "AdversarialModule",
     "Normalize",
 ]
@@ -42,8 +31,6 @@ CHECKPOINT_TASK_KEY = "bgn_task"
 """Key of the task name in this module's checkpoints (``--eval-only`` refuses other tasks')."""
 ARCHITECTURE_KEYS = ("norm", "groups", "norm_kwargs", "backbone", "num_classes", "in_channels", "mean", "std")
 """Init arguments that define the network: ``--eval-only`` takes them from the checkpoint."""
-DEFAULT_CURVE_FRACTIONS = (0.25, 0.5, 0.75, 1.5, 2.0)
-"""Radii of the default robustness curve, as multiples of ``eps`` (beside 0 and ``eps``)."""
 
 
 def _slot(name: str) -> str:
@@ -76,14 +63,14 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class AdversarialModule(pl.LightningModule):
+class AdversarialModule(SettingsCheckpoints, pl.LightningModule):
     """Adversarial training (Madry et al. 2018; fast FGSM, Wong et al. 2020) with any registry norm.
 
     The network is ``Normalize(mean, std)`` followed by a shared backbone whose every norm layer
     is ``norm``; inputs are pixels in [0, 1] (the DataModule runs with ``normalize=False``).
 
     **Training.** Each batch is replaced by adversarial examples from torchattacks
-    (``train_attack``): ``pgd`` (``PGD``: ``train_steps`` steps of ``step_size`` within the
+    (``attack.train_attack``): ``pgd`` (``PGD``: ``train_steps`` steps of ``step_size`` within the
     L-infinity ball of radius ``eps``, from a random start when ``random_start``), ``fgsm``
     (``FFGSM``: one step of ``fast_step_size`` from a uniform random start, "fast" adversarial
     training) or ``none`` (an undefended model, the baseline). The loss is
@@ -113,7 +100,7 @@ class AdversarialModule(pl.LightningModule):
     (``--eval-only --ckpt PATH``: :func:`tasks.adversarial.hooks.run_adversarial`).
 
     Optimisation as in the classification suite: SGD with momentum, the linear-scaling rule
-    ``lr * B / base_batch_size``, linear warm-up, then ``lr_schedule``.
+    ``lr * B / base_batch_size``, linear warm-up, then ``lr_schedule`` (the ``sgd`` group).
 
     Args:
         norm: registry norm name for every norm layer.
@@ -125,26 +112,12 @@ class AdversarialModule(pl.LightningModule):
         mean: per-channel normalisation mean (linked from the DataModule; ``None``: 0.5).
         std: per-channel normalisation std (linked from the DataModule; ``None``: 0.5).
         dataset: dataset name (linked from the DataModule); picks the attack defaults
-            (:data:`tasks.adversarial.attacks.ATTACK_DEFAULTS`) for ``eps``, ``step_size`` and
-            ``train_steps`` left at ``None``.
-        train_attack: ``pgd``, ``fgsm`` (with random start) or ``none``.
-        eps: L-infinity radius of training and evaluation, in [0, 1].
-        step_size: PGD step for training, in [0, 1].
-        train_steps: PGD steps for training (>= 1).
-        random_start: PGD (training and evaluation) starts at a random point of the ball.
-        fast_step_size: the ``fgsm`` training step (``None``: ``1.25 * eps``, Wong et al.).
-        clean_weight: weight of the clean loss in [0, 1] (0: adversarial examples only).
-        attack_norm_mode: ``train`` or ``eval``: the mode of every norm layer while the training
-            attack runs.
-        eval_steps: PGD steps of ``test/pgd_acc`` and of the curve (20: PGD-20).
-        val_steps: PGD steps of ``val/pgd_acc``.
-        curve_eps: radii of the robustness curve beside 0 and ``eps`` (``None``: 0.25, 0.5,
-            0.75, 1.5 and 2 times ``eps``, those <= 1; ``[]``: no curve).
-        pgd100: also report ``test/pgd100_acc`` (PGD-100).
-        autoattack: also report ``test/autoattack_acc`` (torchattacks' standard AutoAttack; slow).
-        lr, base_batch_size, global_batch_size, momentum, nesterov, weight_decay, warmup_epochs,
-            lr_schedule, milestones, gamma: the SGD + linear-rule settings, one checked group
-            (:class:`tasks.common.optim.SGDSettings`, held as :attr:`sgd`).
+            (:data:`tasks.adversarial.attacks.ATTACK_DEFAULTS`) for the radius and steps the
+            ``attack`` group leaves at ``None``.
+        attack: how the model is attacked in training and evaluation
+            (:class:`tasks.adversarial.attacks.AttackSettings`), held resolved as :attr:`attacks`.
+        sgd: the SGD + linear-rule settings (:class:`tasks.common.optim.SGDSettings`), held as
+            :attr:`sgd`.
         norm_kwargs: extra keyword arguments for every norm layer.
 
     Raises:
@@ -162,55 +135,14 @@ class AdversarialModule(pl.LightningModule):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         dataset: str = "digits",
-        train_attack: str = "pgd",
-        eps: float | None = None,
-        step_size: float | None = None,
-        train_steps: int | None = None,
-        random_start: bool = True,
-        fast_step_size: float | None = None,
-        clean_weight: float = 0.0,
-        attack_norm_mode: NormMode = "train",
-        eval_steps: int = 20,
-        val_steps: int = 10,
-        curve_eps: list[float] | None = None,
-        pgd100: bool = False,
-        autoattack: bool = False,
-        lr: float = 0.1,
-        base_batch_size: int = 32,
-        global_batch_size: int | None = None,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        warmup_epochs: float = 1.0,
-        lr_schedule: Schedule = "cosine",
-        milestones: list[float] | None = None,
-        gamma: float = 0.1,
+        attack: AttackSettings = AttackSettings(),
+        sgd: SGDSettings = SGDSettings(),
         norm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         norm_layer = norm_factory(norm, groups, norm_kwargs)
-        check_choice("train_attack", train_attack, TRAIN_ATTACKS)
-        if attack_norm_mode not in ATTACK_NORM_MODES:
-            raise ValueError(
-                f"attack_norm_mode must be one of: {', '.join(ATTACK_NORM_MODES)}; got {attack_norm_mode!r}"
-            )
-        defaults = attack_defaults(dataset) if None in (eps, step_size, train_steps) else None
-        self.eps = check_eps("eps", defaults.eps if eps is None else eps)
-        self.step_size = check_eps("step_size", defaults.step_size if step_size is None else step_size)
-        self.train_steps = check_steps(
-            "train_steps", defaults.train_steps if train_steps is None else train_steps
-        )
-        self.fast_step_size = check_eps(
-            "fast_step_size", min(1.0, 1.25 * self.eps) if fast_step_size is None else fast_step_size
-        )
-        self.eval_steps = check_steps("eval_steps", eval_steps)
-        self.val_steps = check_steps("val_steps", val_steps)
-        if isinstance(clean_weight, bool) or not 0.0 <= clean_weight <= 1.0:
-            raise ValueError(f"clean_weight must be in [0, 1], got {clean_weight!r}")
-        if curve_eps is None:
-            curve_eps = [f * self.eps for f in DEFAULT_CURVE_FRACTIONS if f * self.eps <= 1.0]
-        self.curve_eps = sorted({check_eps("curve_eps", e) for e in curve_eps} - {0.0, self.eps})
-        self.sgd = SGDSettings.of(locals())
+        self.attacks = attack.resolved(dataset)
+        self.sgd = sgd
         self.save_hyperparameters()
         channels = in_channels
         self.normalize = Normalize(mean or (0.5,) * channels, std or (0.5,) * channels)
@@ -224,8 +156,8 @@ class AdversarialModule(pl.LightningModule):
     def test_metric_names(self) -> list[str]:
         """The ``test/`` accuracies this model reports (without the prefix), curve included."""
         names = ["clean_acc", "fgsm_acc", "pgd_acc"]
-        names += ["pgd100_acc"] * self.hparams.pgd100 + ["autoattack_acc"] * self.hparams.autoattack
-        return names + [self.curve_key(e) for e in self.curve_eps]
+        names += ["pgd100_acc"] * self.attacks.pgd100 + ["autoattack_acc"] * self.attacks.autoattack
+        return names + [self.curve_key(e) for e in self.attacks.curve_eps]
 
     @staticmethod
     def curve_key(eps: float) -> str:
@@ -238,28 +170,28 @@ class AdversarialModule(pl.LightningModule):
         Radius 0 is the clean accuracy and ``eps`` the PGD accuracy; points missing from
         ``metrics`` are left out.
         """
-        keys = {0.0: "test/clean_acc", self.eps: "test/pgd_acc"}
-        keys.update({e: f"test/{self.curve_key(e)}" for e in self.curve_eps})
+        keys = {0.0: "test/clean_acc", self.attacks.eps: "test/pgd_acc"}
+        keys.update({e: f"test/{self.curve_key(e)}" for e in self.attacks.curve_eps})
         points = sorted((e, float(metrics[k])) for e, k in keys.items() if k in metrics)
         return {"eps": [e for e, _ in points], "pgd_acc": [a for _, a in points]}
 
     @property
     def attack_settings(self) -> dict[str, Any]:
         """The resolved attack settings (the per-dataset defaults filled in), for ``results.json``."""
-        hp = self.hparams
+        a = self.attacks
         return {
-            "train_attack": hp.train_attack,
-            "eps": self.eps,
-            "step_size": self.step_size,
-            "train_steps": self.train_steps,
-            "fast_step_size": self.fast_step_size,
-            "random_start": hp.random_start,
-            "clean_weight": hp.clean_weight,
-            "attack_norm_mode": hp.attack_norm_mode,
-            "eval_steps": self.eval_steps,
-            "eval_step_size": eval_step_size(self.eps, self.eval_steps, self.eps, self.step_size),
-            "val_steps": self.val_steps,
-            "curve_eps": self.curve_eps,
+            "train_attack": a.train_attack,
+            "eps": a.eps,
+            "step_size": a.step_size,
+            "train_steps": a.train_steps,
+            "fast_step_size": a.fast_step_size,
+            "random_start": a.random_start,
+            "clean_weight": a.clean_weight,
+            "attack_norm_mode": a.attack_norm_mode,
+            "eval_steps": a.eval_steps,
+            "eval_step_size": eval_step_size(a.eps, a.eval_steps, a.eps, a.step_size),
+            "val_steps": a.val_steps,
+            "curve_eps": a.curve_eps,
         }
 
     # -- model -----------------------------------------------------------------------------------
@@ -274,28 +206,29 @@ class AdversarialModule(pl.LightningModule):
         (``norm_mode=None``) use :func:`~tasks.adversarial.attacks.eval_step_size`.
         """
         if norm_mode is not None:
-            step = self.fast_step_size if name == "ffgsm" else self.step_size
+            step = self.attacks.fast_step_size if name == "ffgsm" else self.attacks.step_size
         else:
-            step = eval_step_size(eps, steps, self.eps, self.step_size)
+            step = eval_step_size(eps, steps, self.attacks.eps, self.attacks.step_size)
         return build_attack(
-            self, name, eps, step, steps, self.hparams.random_start, norm_mode, self.hparams.num_classes
+            self, name, eps, step, steps, self.attacks.random_start, norm_mode, self.hparams.num_classes
         )
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """The adversarial (optionally mixed with the clean) cross-entropy of one batch."""
         x, y = batch
-        hp = self.hparams
-        if hp.train_attack == "none":
+        settings = self.attacks
+        if settings.train_attack == "none":
             x_adv = x
         else:
-            name, steps = ("pgd", self.train_steps) if hp.train_attack == "pgd" else ("ffgsm", 1)
-            mode = hp.attack_norm_mode
-            x_adv = perturb(self.attack(name, self.eps, steps, norm_mode=mode), self, x, y, norm_mode=mode)
+            name, steps = ("pgd", settings.train_steps) if settings.train_attack == "pgd" else ("ffgsm", 1)
+            mode = settings.attack_norm_mode
+            attack = self.attack(name, settings.eps, steps, norm_mode=mode)
+            x_adv = perturb(attack, self, x, y, norm_mode=mode)
         logits = self(x_adv)
         loss = F.cross_entropy(logits, y)
-        if hp.clean_weight > 0:
-            loss = (1.0 - hp.clean_weight) * loss + hp.clean_weight * F.cross_entropy(self(x), y)
+        if settings.clean_weight > 0:
+            loss = (1.0 - settings.clean_weight) * loss + settings.clean_weight * F.cross_entropy(self(x), y)
         self.train_adv_acc.update((logits.argmax(1) == y).float())
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True, batch_size=len(y))
@@ -315,17 +248,17 @@ class AdversarialModule(pl.LightningModule):
     def _eval_attacks(self, stage: str) -> dict[str, Any]:
         """The attacks of a validation or test epoch, by metric name."""
         if stage == "val":
-            return {"pgd_acc": self.attack("pgd", self.eps, self.val_steps)}
+            return {"pgd_acc": self.attack("pgd", self.attacks.eps, self.attacks.val_steps)}
         attacks = {
-            "fgsm_acc": self.attack("fgsm", self.eps),
-            "pgd_acc": self.attack("pgd", self.eps, self.eval_steps),
+            "fgsm_acc": self.attack("fgsm", self.attacks.eps),
+            "pgd_acc": self.attack("pgd", self.attacks.eps, self.attacks.eval_steps),
         }
-        if self.hparams.pgd100:
-            attacks["pgd100_acc"] = self.attack("pgd", self.eps, 100)
-        if self.hparams.autoattack:
-            attacks["autoattack_acc"] = self.attack("autoattack", self.eps)
-        for e in self.curve_eps:
-            attacks[self.curve_key(e)] = self.attack("pgd", e, self.eval_steps)
+        if self.attacks.pgd100:
+            attacks["pgd100_acc"] = self.attack("pgd", self.attacks.eps, 100)
+        if self.attacks.autoattack:
+            attacks["autoattack_acc"] = self.attack("autoattack", self.attacks.eps)
+        for e in self.attacks.curve_eps:
+            attacks[self.curve_key(e)] = self.attack("pgd", e, self.attacks.eval_steps)
         return attacks
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
@@ -388,7 +321,8 @@ class AdversarialModule(pl.LightningModule):
             fork.__exit__(None, None, None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Mark the checkpoint as the adversarial task's (``--eval-only`` checks it)."""
+        """Mark the checkpoint as the adversarial task's (``--eval-only`` checks it); settings as mappings."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint[CHECKPOINT_TASK_KEY] = "adversarial"
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -11,19 +11,21 @@ from torch import Tensor
 from tasks.common.backbones import build_backbone
 from tasks.common.metrics import classification_metrics
 from tasks.common.norms import norm_factory
-from tasks.common.optim import Schedule, SGDSettings
+from tasks.common.optim import SGDSettings
+from tasks.common.settings import SettingsCheckpoints
 
 __all__ = ["ClassificationModule"]
 
 
-class ClassificationModule(pl.LightningModule):
+class ClassificationModule(SettingsCheckpoints, pl.LightningModule):
     """Image classifier whose every norm layer is the registry norm ``norm``.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_top5``,
     ``test/loss``, ``test/acc``, ``test/acc_top5`` per epoch (accuracies as fractions, via
     torchmetrics).
 
-    **Learning-rate rule** (Goyal et al. 2017, as in the GN and BGN papers): SGD with momentum;
+    **Learning-rate rule** (Goyal et al. 2017, as in the GN and BGN papers; the ``sgd`` settings
+    group, config keys ``model.sgd.*``): SGD with momentum;
     the rate is ``lr * B / base_batch_size`` where ``B`` is the global batch size (per-device
     batch x devices x gradient accumulation), ramped up linearly over the first
     ``warmup_epochs`` epochs (per optimizer step), then decayed by ``lr_schedule`` (``cosine``
@@ -36,9 +38,8 @@ class ClassificationModule(pl.LightningModule):
         backbone: a :func:`tasks.common.backbones.available_backbones` name.
         num_classes: classifier outputs (the CLI links it from the DataModule).
         in_channels: input channels (the CLI links it from the DataModule).
-        lr, base_batch_size, global_batch_size, momentum, nesterov, weight_decay, warmup_epochs,
-            lr_schedule, milestones, gamma: the SGD + linear-rule settings, one checked group
-            (:class:`tasks.common.optim.SGDSettings`, held as :attr:`sgd`).
+        sgd: the SGD + linear-rule settings (:class:`tasks.common.optim.SGDSettings`: ``lr``,
+            ``base_batch_size``, ``warmup_epochs``, ``lr_schedule``...), held as :attr:`sgd`.
         label_smoothing: cross-entropy label smoothing.
         norm_kwargs: extra keyword arguments for every norm layer (e.g. ``momentum``).
     """
@@ -50,22 +51,13 @@ class ClassificationModule(pl.LightningModule):
         backbone: str = "small_cnn",
         num_classes: int = 10,
         in_channels: int = 3,
-        lr: float = 0.1,
-        base_batch_size: int = 32,
-        global_batch_size: int | None = None,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        warmup_epochs: float = 1.0,
-        lr_schedule: Schedule = "cosine",
-        milestones: list[float] | None = None,
-        gamma: float = 0.1,
+        sgd: SGDSettings = SGDSettings(),
         label_smoothing: float = 0.0,
         norm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         norm_layer = norm_factory(norm, groups, norm_kwargs)
-        self.sgd = SGDSettings.of(locals())
+        self.sgd = sgd
         self.save_hyperparameters()
         self.net = build_backbone(backbone, num_classes, in_channels, norm_layer)
         self.train_metrics = classification_metrics(num_classes, "train/")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from .settings import MovedKey, moved_keys
 from .validate import check_choice
 
 if TYPE_CHECKING:
@@ -109,10 +110,8 @@ class RunOption:
         flag: its shortcut flag, e.g. ``--eval-only`` (default ``--<name>`` with dashes).
         value: set for a value-less flag: the value ``flag`` alone stands for (``"true"``).
         choices: the accepted values (checked when parsed: ``unknown <name> 'x'; choose from: ...``).
-        legacy: where configs written before it was a run option set it (``model.stage``): the
-            command line's ``--model.stage X`` is rewritten to ``--stage X``; a config file's
-            ``model: {stage: X}`` is still read (unless the option is set at the top level too,
-            which wins), with one log line saying where it lives now.
+        legacy: where configs written before it was a run option set it (``model.stage``): one
+            of the task's :attr:`Task.moved_keys`, still read there.
     """
 
     name: str
@@ -241,14 +240,26 @@ class Task:
             object.__setattr__(self, "config", f"{self.name}.yaml")
 
     @property
+    def moved_keys(self) -> tuple[MovedKey, ...]:
+        """The config keys that moved, still read at their old places: the run options' legacy keys
+        (``model.stage`` -> ``stage``) and the flat keys of the model's settings groups
+        (``model.lr`` -> ``model.sgd.lr``, :func:`tasks.common.settings.moved_keys`).
+
+        The command line's ``--model.lr X`` is rewritten to ``--model.sgd.lr X`` (:attr:`all_shortcuts`);
+        a config file's ``model: {lr: X}`` is read as ``model: {sgd: {lr: X}}`` (unless the same
+        file sets the new key too, which wins), with one log line saying where they live now.
+        """
+        options = tuple(MovedKey(o.legacy, o.name, o.type) for o in self.options if o.legacy)
+        return options + moved_keys(self.model_class)
+
+    @property
     def all_shortcuts(self) -> dict[str, str]:
-        """Value shortcuts: :attr:`shortcuts`, the run options' flags and their legacy ``--model.*`` keys."""
+        """Value shortcuts: :attr:`shortcuts`, the run options' flags and the :attr:`moved_keys`."""
         out = dict(self.shortcuts)
         for o in self.options:
             if o.value is None:
                 out[str(o.flag)] = o.argument
-            if o.legacy:
-                out[f"--{o.legacy}"] = o.argument
+        out.update({f"--{m.old}": f"--{m.new}" for m in self.moved_keys})
         return out
 
     @property
@@ -283,7 +294,8 @@ def check_axis(key: str, values: Sequence[Any], owners: Mapping[str, type] | Non
     ``bgn-task bench`` grid's axes).
 
     Args:
-        key: ``model.<arg>``, ``data.<arg>`` or ``trainer.<arg>``.
+        key: ``model.<arg>``, ``data.<arg>`` or ``trainer.<arg>``; ``<arg>`` may be a field of a
+            settings group (``model.sgd.lr``) or its flat key (``model.lr``).
         values: the axis's values: at least one, all distinct.
         owners: the classes behind ``model``, ``data`` and ``trainer``; given, ``<arg>`` must be an
             init argument of its owner.
@@ -297,7 +309,9 @@ def check_axis(key: str, values: Sequence[Any], owners: Mapping[str, type] | Non
     if not values or len(set(values)) != len(values):
         raise ValueError(f"axis {key!r} needs distinct values, got {list(values)}")
     if owners is not None:
-        params = inspect.signature(owners[owner].__init__).parameters
-        if arg not in params or arg == "self":
-            known = ", ".join(p for p in params if p not in ("self", "args", "kwargs"))
-            raise ValueError(f"axis {key!r}: {owners[owner].__name__} takes no {arg!r}; it takes: {known}")
+        cls = owners[owner]
+        init = inspect.signature(cls.__init__).parameters
+        params = [p for p in init if p not in ("self", "args", "kwargs")]
+        moved = [(m.old, m.new) for m in moved_keys(cls, owner)]  # (model.lr, model.sgd.lr)
+        if arg not in {*params, *(k.partition(".")[2] for pair in moved for k in pair)}:
+            raise ValueError(f"axis {key!r}: {cls.__name__} takes no {arg!r}; it takes: {', '.join(params)}")

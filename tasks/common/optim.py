@@ -13,7 +13,7 @@ The rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD"; used by the GN and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from bgn_lightning import is_norm_layer
 
+from .settings import SettingsGroup
 from .validate import check_choice
 
 __all__ = [
@@ -35,13 +36,13 @@ Schedule = Literal["cosine", "multistep", "constant"]
 
 
 @dataclass(frozen=True)
-class SGDSettings:
+class SGDSettings(SettingsGroup):
     """The SGD + linear-rule settings of a task's model, as one checked group.
 
-    The suites that train with :func:`sgd_with_lr_rule` (classification, adversarial) take these
-    as init arguments under the same names (config keys ``model.lr``, ``model.warmup_epochs``...)
-    and hold them as ``self.sgd = SGDSettings.of(locals())``; ``configure_optimizers`` is
-    ``self.sgd.configure(self)``.
+    The suites that train with :func:`sgd_with_lr_rule` (classification, adversarial) take it as
+    the init argument ``sgd`` (config keys ``model.sgd.lr``, ``model.sgd.warmup_epochs``...; the
+    flat ``model.lr``... of earlier versions are still read, :mod:`tasks.common.settings`) and
+    hold it as ``self.sgd``; ``configure_optimizers`` is ``self.sgd.configure(self)``.
 
     Attributes:
         lr: learning rate at ``base_batch_size``.
@@ -60,6 +61,8 @@ class SGDSettings:
         ValueError: ``warmup_epochs must be >= 0``.
     """
 
+    KEY = "sgd"
+
     lr: float = 0.1
     base_batch_size: int = 32
     global_batch_size: int | None = None
@@ -74,11 +77,6 @@ class SGDSettings:
     def __post_init__(self) -> None:
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
-
-    @classmethod
-    def of(cls, args: Mapping[str, Any]) -> SGDSettings:
-        """The settings among ``args`` (a model's init arguments or hparams; others are ignored)."""
-        return cls(**{f.name: args[f.name] for f in fields(cls) if f.name in args})
 
     def configure(self, module: LightningModule) -> dict[str, Any]:
         """``module``'s ``configure_optimizers``: :func:`sgd_with_lr_rule` with these settings."""

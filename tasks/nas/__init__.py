@@ -25,13 +25,13 @@ TASK = Task(
         Metric("test/search_acc", "supernet top-1 accuracy", stages=("search", "search+eval")),
     ),
     links=(("data.num_classes", "model.num_classes"), ("data.in_channels", "model.in_channels")),
-    shortcuts={"--eval-norm": "--model.eval_norm"},
+    shortcuts={"--eval-norm": "--model.retrain.norm"},
     options=OPTIONS,
     check_options=check_options,
     run=run_nas,
     extra_results=nas_extra_results,
     bench_outputs=genotype_agreement,
-    smoke_args=("--model.eval_epochs", "1", "--model.channels", "4", "--model.eval_cells", "3"),
+    smoke_args=("--model.retrain.epochs", "1", "--model.channels", "4", "--model.retrain.cells", "3"),
 )
 
 __all__ = [

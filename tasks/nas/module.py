@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from tasks.common.metrics import classification_metrics
 from tasks.common.norms import check_norm_args, norm_factory
+from tasks.common.settings import SettingsCheckpoints, SettingsGroup
 from tasks.common.validate import check_choice, check_int
 
 from .genotype import Genotype, entropy
@@ -37,50 +38,49 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RetrainSettings:
-    """The settings of the retraining stage (the derived network and how it trains), resolved.
+class RetrainSettings(SettingsGroup):
+    """The retraining stage's settings: the derived network and how it trains.
 
-    Built from :class:`DartsSearchModule`'s ``eval_*`` arguments (config keys ``model.eval_*``,
-    as before) with their defaults filled in; ``results.json`` records it as ``retrain``.
+    :class:`DartsSearchModule`'s ``retrain`` argument (config keys ``model.retrain.*``; the flat
+    ``model.eval_*`` keys and ``model.drop_path_prob`` of earlier versions are still read);
+    ``results.json`` records it as ``retrain``, resolved (:meth:`resolved`).
 
     Attributes:
-        norm, groups, norm_kwargs: the derived network's norm (affine).
+        norm, groups, norm_kwargs: the derived network's norm (affine; ``None``: the search's).
         channels, cells: its initial channels and cells.
-        epochs: training epochs (the search's ``trainer.max_epochs`` when ``eval_epochs`` is null).
-        batch_size: samples per batch (the search's ``data.batch_size`` when ``eval_batch_size``
-            is null).
+        epochs: training epochs (``None``: the search's ``trainer.max_epochs``).
+        batch_size: samples per batch (``None``: the search's ``data.batch_size``).
         lr, lr_min, weight_decay, drop_path_prob: SGD with cosine from ``lr`` to ``lr_min``,
-            weight decay, final drop-path probability.
+            weight decay, final drop-path probability (ramped up linearly).
     """
 
-    norm: str
-    groups: int | str
-    norm_kwargs: dict[str, Any] | None
-    channels: int
-    cells: int
-    epochs: int | None
-    batch_size: int | None
-    lr: float
-    lr_min: float
-    weight_decay: float
-    drop_path_prob: float
+    KEY = "retrain"
+    FLAT_NAMES: ClassVar[Mapping[str, str]] = {
+        "norm": "eval_norm", "groups": "eval_groups", "norm_kwargs": "eval_norm_kwargs",
+        "channels": "eval_channels", "cells": "eval_cells", "epochs": "eval_epochs",
+        "batch_size": "eval_batch_size", "lr": "eval_lr", "lr_min": "eval_lr_min",
+        "weight_decay": "eval_weight_decay",
+    }  # fmt: skip
 
-    @classmethod
-    def of(cls, hp: Mapping[str, Any]) -> RetrainSettings:
-        """The settings of a :class:`DartsSearchModule`'s init arguments (its hparams or ``model`` config)."""
-        return cls(
-            norm=hp.get("eval_norm") or hp["norm"],
-            groups=hp["groups"] if hp.get("eval_groups") is None else hp["eval_groups"],
-            norm_kwargs=hp.get("eval_norm_kwargs") if hp.get("eval_norm_kwargs") is not None
-            else hp.get("norm_kwargs"),
-            channels=hp["eval_channels"],
-            cells=hp["eval_cells"],
-            epochs=hp.get("eval_epochs"),
-            batch_size=hp.get("eval_batch_size"),
-            lr=hp["eval_lr"],
-            lr_min=hp["eval_lr_min"],
-            weight_decay=hp["eval_weight_decay"],
-            drop_path_prob=hp["drop_path_prob"],
+    norm: str | None = None
+    groups: int | str | None = None
+    norm_kwargs: dict[str, Any] | None = None
+    channels: int = 36
+    cells: int = 20
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float = 0.025
+    lr_min: float = 0.0
+    weight_decay: float = 3e-4
+    drop_path_prob: float = 0.2
+
+    def inherit(self, norm: str, groups: int | str, norm_kwargs: dict[str, Any] | None) -> RetrainSettings:
+        """These settings with the search's norm, groups and norm arguments where they are ``None``."""
+        return replace(
+            self,
+            norm=self.norm or norm,
+            groups=groups if self.groups is None else self.groups,
+            norm_kwargs=norm_kwargs if self.norm_kwargs is None else self.norm_kwargs,
         )
 
     def resolved(self, max_epochs: int | None, batch_size: int) -> RetrainSettings:
@@ -91,9 +91,6 @@ class RetrainSettings:
             batch_size=batch_size if self.batch_size is None else self.batch_size,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as plain data (``results.json``)."""
-        return asdict(self)
 
 Batch = tuple[Tensor, Tensor]
 
@@ -124,7 +121,7 @@ def _sgd_cosine(
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs), eta_min=lr_min)
 
 
-class DartsSearchModule(pl.LightningModule):
+class DartsSearchModule(SettingsCheckpoints, pl.LightningModule):
     """DARTS' architecture search on a supernet whose every norm is the registry norm ``norm``.
 
     Each training batch is ``{"weights": (x, y), "arch": (x, y)}`` (:class:`NasDataModule`):
@@ -143,9 +140,9 @@ class DartsSearchModule(pl.LightningModule):
     ``alpha/{normal,reduce}/<op>`` (its mean weight over edges), the genotype (log line) and all
     of it in ``<default_root_dir>/search_alphas.jsonl``.
 
-    The ``eval_*`` arguments (and ``drop_path_prob``) are the retraining stage's settings group,
-    :attr:`retrain` (:class:`RetrainSettings`): the derived network that the task's run hook
-    retrains (:meth:`eval_module`), its epochs and batch size. What the hook does is the task's
+    ``retrain`` is the retraining stage's settings group (:class:`RetrainSettings`, held as
+    :attr:`retrain` with the search's norm filled in): the derived network that the task's run
+    hook retrains (:meth:`eval_module`), its epochs and batch size. What the hook does is the task's
     run options ``--stage`` and ``--genotype`` (:data:`tasks.nas.pipeline.OPTIONS`), not this
     model's.
 
@@ -153,9 +150,6 @@ class DartsSearchModule(pl.LightningModule):
         norm: registry norm of the search (non-affine in cells, affine in the stem).
         groups: ``num_groups`` of the search's norms.
         norm_kwargs: extra arguments of every norm (not ``affine``: the space decides it).
-        eval_norm: registry norm of the derived network (``None``: ``norm``).
-        eval_groups: its ``num_groups`` (``None``: ``groups``).
-        eval_norm_kwargs: its extra arguments (``None``: ``norm_kwargs``).
         num_classes: classifier outputs (linked from the DataModule).
         in_channels: image channels (linked from the DataModule).
         ops: the op set, the columns of alpha (``None``: DARTS' eight).
@@ -172,14 +166,8 @@ class DartsSearchModule(pl.LightningModule):
         arch_weight_decay: weight decay of alpha.
         grad_clip: gradient-norm clip of the weight step.
         unrolled: second-order (unrolled) alpha gradient instead of first order.
-        eval_channels: initial channels of the derived network.
-        eval_cells: cells of the derived network.
-        eval_epochs: epochs of retraining (``None``: the trainer's ``max_epochs``).
-        eval_batch_size: batch size of retraining (``None``: the DataModule's ``batch_size``).
-        eval_lr: initial learning rate of retraining.
-        eval_lr_min: final learning rate of retraining (cosine).
-        eval_weight_decay: weight decay of retraining.
-        drop_path_prob: final drop-path probability of retraining (ramped up linearly).
+        retrain: the derived network and its retraining (:class:`RetrainSettings`; its norm
+            ``None``: the search's).
 
     Raises:
         ValueError: for an unknown op or a bad norm argument.
@@ -190,9 +178,6 @@ class DartsSearchModule(pl.LightningModule):
         norm: str = "bgn",
         groups: int | str = "auto",
         norm_kwargs: dict[str, Any] | None = None,
-        eval_norm: str | None = None,
-        eval_groups: int | str | None = None,
-        eval_norm_kwargs: dict[str, Any] | None = None,
         num_classes: int = 10,
         in_channels: int = 3,
         ops: list[str] | None = None,
@@ -209,29 +194,19 @@ class DartsSearchModule(pl.LightningModule):
         arch_weight_decay: float = 1e-3,
         grad_clip: float = 5.0,
         unrolled: bool = False,
-        eval_channels: int = 36,
-        eval_cells: int = 20,
-        eval_epochs: int | None = None,
-        eval_batch_size: int | None = None,
-        eval_lr: float = 0.025,
-        eval_lr_min: float = 0.0,
-        eval_weight_decay: float = 3e-4,
-        drop_path_prob: float = 0.2,
+        retrain: RetrainSettings = RetrainSettings(),
     ) -> None:
         super().__init__()
         self.space_ops = _check_ops(ops)
         _check_norm_kwargs(norm_kwargs, "norm_kwargs")
-        _check_norm_kwargs(eval_norm_kwargs, "eval_norm_kwargs")
+        _check_norm_kwargs(retrain.norm_kwargs, "retrain.norm_kwargs")
         norm_layer = norm_factory(norm, groups, norm_kwargs)
-        check_norm_args(
-            eval_norm or norm,
-            groups if eval_groups is None else eval_groups,
-            norm_kwargs if eval_norm_kwargs is None else eval_norm_kwargs,
-        )
-        for name, value in (("eval_epochs", eval_epochs), ("eval_batch_size", eval_batch_size)):
+        self.retrain = retrain.inherit(norm, groups, norm_kwargs)
+        check_norm_args(self.retrain.norm, self.retrain.groups, self.retrain.norm_kwargs)
+        for name, value in (("retrain.epochs", retrain.epochs), ("retrain.batch_size", retrain.batch_size)):
             check_int(name, value, optional=True)
-        if not 0.0 <= drop_path_prob < 1.0:
-            raise ValueError(f"drop_path_prob must be in [0, 1), got {drop_path_prob!r}")
+        if not 0.0 <= retrain.drop_path_prob < 1.0:
+            raise ValueError(f"retrain.drop_path_prob must be in [0, 1), got {retrain.drop_path_prob!r}")
         if grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0, got {grad_clip!r}")
         self.save_hyperparameters()
@@ -250,11 +225,6 @@ class DartsSearchModule(pl.LightningModule):
     def genotype(self) -> Genotype:
         """The genotype derived from the current alpha (top-2 non-``none`` inputs per node)."""
         return self.net.genotype()
-
-    @property
-    def retrain(self) -> RetrainSettings:
-        """The retraining stage's settings (the ``eval_*`` arguments, norm defaults filled in)."""
-        return RetrainSettings.of(self.hparams)
 
     def eval_module(self, genotype: Genotype) -> DartsEvalModule:
         """The derived network of ``genotype`` with the :attr:`retrain` settings, to retrain."""

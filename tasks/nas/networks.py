@@ -10,7 +10,7 @@ stem's norm is affine. The derived network's norms are all affine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +113,30 @@ def _stem(in_channels: int, C: int, norm_layer: NormLayer) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), norm_layer(C, affine=True))
 
 
+Built = tuple[nn.Module, int]
+"""A cell and its output channels."""
+
+
+def _cells(
+    channels: int, cells: int, stem_channels: int, cell: Callable[[int, int, int, bool, bool], Built]
+) -> tuple[nn.ModuleList, int]:
+    """A network's ``cells`` cells, each reading the previous two, those at :func:`reduction_cells`
+    reducing (channels doubled), and the last one's output channels.
+
+    ``cell(C_prev_prev, C_prev, C, reduction, reduction_prev)`` builds one (the search's or the
+    derived network's) and says its output channels.
+    """
+    out = nn.ModuleList()
+    C, C_prev_prev, C_prev, reduction_prev = channels, stem_channels, stem_channels, False
+    for i in range(cells):
+        reduction = i in reduction_cells(cells)
+        C = C * 2 if reduction else C
+        built, C_out = cell(C_prev_prev, C_prev, C, reduction, reduction_prev)
+        out.append(built)
+        C_prev_prev, C_prev, reduction_prev = C_prev, C_out, reduction
+    return out, C_prev
+
+
 class SearchNetwork(nn.Module):
     """DARTS' supernet: ``cells`` search cells sharing one alpha per cell type.
 
@@ -142,18 +166,14 @@ class SearchNetwork(nn.Module):
         _check_shape(channels, cells, nodes)
         self.ops = tuple(ops)
         self.nodes = nodes
-        C = channels
-        self.stem = _stem(in_channels, stem_multiplier * C, norm_layer)
-        C_prev_prev, C_prev, reduction_prev = stem_multiplier * C, stem_multiplier * C, False
-        self.cells = nn.ModuleList()
-        for i in range(cells):
-            reduction = i in reduction_cells(cells)
-            C = C * 2 if reduction else C
-            self.cells.append(
-                SearchCell(nodes, C_prev_prev, C_prev, C, reduction, reduction_prev, ops, norm_layer)
-            )
-            C_prev_prev, C_prev, reduction_prev = C_prev, nodes * C, reduction
-        self.classifier = nn.Linear(C_prev, num_classes)
+        self.stem = _stem(in_channels, stem_multiplier * channels, norm_layer)
+
+        def cell(C_prev_prev: int, C_prev: int, C: int, reduction: bool, reduction_prev: bool) -> Built:
+            search = SearchCell(nodes, C_prev_prev, C_prev, C, reduction, reduction_prev, ops, norm_layer)
+            return search, nodes * C
+
+        self.cells, C_out = _cells(channels, cells, stem_multiplier * channels, cell)
+        self.classifier = nn.Linear(C_out, num_classes)
         edges = sum(2 + i for i in range(nodes))
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(edges, len(ops)))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(edges, len(ops)))
@@ -274,20 +294,16 @@ class EvalNetwork(nn.Module):
         super().__init__()
         _check_shape(channels, cells, 1)
         self.drop_prob = 0.0
-        C = channels
-        self.stem = _stem(in_channels, stem_multiplier * C, norm_layer)
-        C_prev_prev, C_prev, reduction_prev = stem_multiplier * C, stem_multiplier * C, False
-        self.cells = nn.ModuleList()
-        for i in range(cells):
-            reduction = i in reduction_cells(cells)
-            C = C * 2 if reduction else C
+        self.stem = _stem(in_channels, stem_multiplier * channels, norm_layer)
+
+        def cell(C_prev_prev: int, C_prev: int, C: int, reduction: bool, reduction_prev: bool) -> Built:
             kind = "reduce" if reduction else "normal"
             edges, concat = getattr(genotype, kind), getattr(genotype, f"{kind}_concat")
-            self.cells.append(
-                EvalCell(edges, concat, C_prev_prev, C_prev, C, reduction, reduction_prev, norm_layer)
-            )
-            C_prev_prev, C_prev, reduction_prev = C_prev, len(concat) * C, reduction
-        self.classifier = nn.Linear(C_prev, num_classes)
+            derived = EvalCell(edges, concat, C_prev_prev, C_prev, C, reduction, reduction_prev, norm_layer)
+            return derived, len(concat) * C
+
+        self.cells, C_out = _cells(channels, cells, stem_multiplier * channels, cell)
+        self.classifier = nn.Linear(C_out, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for images ``(N, in_channels, H, W)``; drop path at ``self.drop_prob`` in training."""

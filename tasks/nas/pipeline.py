@@ -69,8 +69,8 @@ def run_nas(run: TaskRun) -> None:
     """``--stage search``: fit + test the supernet; ``eval``: retrain ``--genotype``; ``search+eval``: both.
 
     The derived network trains with ``run.make_trainer("eval", max_epochs=...)`` (logs and
-    checkpoints under ``<output>/eval``) for ``model.eval_epochs`` epochs (null: the trainer's), on
-    plain batches of ``model.eval_batch_size`` (null: ``data.batch_size``) from the whole training
+    checkpoints under ``<output>/eval``) for ``model.retrain.epochs`` epochs (null: the trainer's), on
+    plain batches of ``model.retrain.batch_size`` (null: ``data.batch_size``) from the whole training
     split (:meth:`NasDataModule.retrain_view`): :func:`retrain_settings`, recorded in
     ``results.json`` as ``retrain``. Neither the run's DataModule nor its config is changed.
     ``run.metrics`` gets the supernet's ``test/search_*`` and the derived network's ``test/*``.
@@ -101,11 +101,11 @@ def run_nas(run: TaskRun) -> None:
 
 
 def retrain_settings(run: TaskRun) -> RetrainSettings:
-    """The retraining stage's settings from the run's config, its epochs and batch size resolved
-    (``model.eval_epochs`` / ``model.eval_batch_size``; null: ``trainer.max_epochs`` /
-    ``data.batch_size``)."""
-    config = run.config
-    settings = RetrainSettings.of(config["model"])
+    """The retraining stage's settings from the run's config, its norm and its epochs and batch size
+    resolved (``model.retrain.norm``, ``.epochs``, ``.batch_size``; null: ``model.norm``,
+    ``trainer.max_epochs``, ``data.batch_size``)."""
+    config, model = run.config, run.config["model"]
+    settings = RetrainSettings.of(model).inherit(model["norm"], model["groups"], model.get("norm_kwargs"))
     return settings.resolved(config["trainer"].get("max_epochs"), config["data"]["batch_size"])
 
 
@@ -122,21 +122,20 @@ def nas_extra_results(run: TaskRun) -> dict[str, Any]:
     for ``--stage search``), ``retrain`` (the retraining stage's resolved settings,
     :func:`retrain_settings`; ``null`` for ``--stage search``).
     """
-    model_cfg = run.config.get("model") or {}
-    stage = run.options["stage"]
+    search_norm, stage = run.config["model"]["norm"], run.options["stage"]
+    retrain = retrain_settings(run)
     genotype = _final_genotype(run)
     if run.trainer.is_global_zero:
         run.output.mkdir(parents=True, exist_ok=True)
         (run.output / GENOTYPE_FILE).write_text(json.dumps(genotype.to_dict(), indent=2) + "\n")
-        eval_norm = model_cfg.get("eval_norm") or model_cfg.get("norm")
-        title = f"search {model_cfg.get('norm')}" if stage != "eval" else f"given, retrained with {eval_norm}"
+        title = f"search {search_norm}" if stage != "eval" else f"given, retrained with {retrain.norm}"
         draw_genotype(genotype, run.output / GENOTYPE_PNG, title=title)
     return {
         "genotype": genotype.to_dict(),
         "stage": stage,
-        "search_norm": model_cfg.get("norm") if stage != "eval" else None,
-        "eval_norm": (model_cfg.get("eval_norm") or model_cfg.get("norm")) if stage != "search" else None,
-        "retrain": retrain_settings(run).to_dict() if stage != "search" else None,
+        "search_norm": search_norm if stage != "eval" else None,
+        "eval_norm": retrain.norm if stage != "search" else None,
+        "retrain": retrain.to_dict() if stage != "search" else None,
     }
 
 

@@ -26,7 +26,7 @@ from tasks.common.validate import check_choice
 
 from . import PROG, discovery, log
 from .failure import RunFailure
-from .shortcuts import translate_shortcuts
+from .shortcuts import log_moved, translate_shortcuts
 
 __all__ = ["BUILTIN_NORMS", "main", "usage"]
 
@@ -124,6 +124,9 @@ def _dispatch(command: str, rest: list[str], debug: bool) -> int:
 
     check_choice("task", command, [*discovery.available_tasks(), "bench", "report"])
     task = discovery.load_task(command)
+    moved = {f"--{m.old}": f"--{m.new}" for m in task.moved_keys}
+    flags = [arg.partition("=")[0] for arg in rest]
+    log_moved([(flag, moved[flag]) for flag in flags if flag in moved], "command line")
     args = translate_shortcuts(rest, task.all_shortcuts, task.all_flags)
     return run_task(task, args, command=[PROG, command, *rest])
 

@@ -7,7 +7,9 @@ from collections.abc import Mapping, Sequence
 
 from tasks.common.errors import UsageError
 
-__all__ = ["FLAG_SHORTCUTS", "SHORTCUTS", "translate_shortcuts"]
+from . import PROG, log
+
+__all__ = ["FLAG_SHORTCUTS", "SHORTCUTS", "log_moved", "translate_shortcuts"]
 
 SHORTCUTS: dict[str, str] = {
     "--norm": "--model.norm",
@@ -85,3 +87,11 @@ def translate_shortcuts(
             out.append(arg)
         i += 1
     return out
+
+
+def log_moved(moved: Sequence[tuple[str, str]], where: str) -> None:
+    """One log line: the keys in ``moved`` (``(old, new)`` pairs, :attr:`Task.moved_keys
+    <tasks.common.contract.Task.moved_keys>`) were read from their old places in ``where``."""
+    if moved:
+        pairs = ", ".join(f"{old} -> {new}" for old, new in moved)
+        log.info("%s: %s: keys read from their old places (write the new ones): %s", PROG, where, pairs)

@@ -8,12 +8,13 @@ Imports Lightning: import it lazily from code that must stay cheap to import.
 from __future__ import annotations
 
 import sys
+from argparse import SUPPRESS
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, RichProgressBar
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
@@ -26,15 +27,45 @@ from tasks.common.images import POLICY
 from tasks.common.progress import LogProgress
 from tasks.common.validate import check_int
 
-from . import PROG, log
+from . import PROG
 from .checks import check_config, check_norm_batch_size, check_options, did_you_mean
 from .folders import claim_output, last_checkpoint, run_entries
-from .shortcuts import FLAG_SHORTCUTS, SHORTCUTS
+from .shortcuts import FLAG_SHORTCUTS, SHORTCUTS, log_moved
 
 if TYPE_CHECKING:
     from tasks.common.contract import Task
+    from tasks.common.settings import MovedKey
 
-__all__ = ["LateRichSummary", "LateSummary", "ProgressBar", "TaskCLI", "loggers"]
+__all__ = ["LateRichSummary", "LateSummary", "ProgressBar", "TaskCLI", "TaskParser", "loggers"]
+
+
+class TaskParser(LightningArgumentParser):
+    """LightningCLI's parser, reading a config file's moved keys at their new places.
+
+    :attr:`moved` (the task's :attr:`~tasks.common.contract.Task.moved_keys`) are parser
+    arguments of their own, hidden from ``--help`` and from every dump (``--print_config``, the
+    saved ``config.yaml``, ``results.json``): a bad value is named by the key the file wrote. As
+    each config file is loaded (the task's default config, each ``--config``), its old keys move
+    to their new places, unless the file sets those too; a later file or flag still overrides an
+    earlier one, whichever place it writes. One log line per file names what moved. Relies on
+    jsonargparse (4.53) loading every config file's content through ``_load_config_parser_mode``
+    (``tests/test_cli.py`` checks the result: a file with flat keys runs and prints as nested).
+    """
+
+    moved: tuple[MovedKey, ...] = ()
+    """The keys to move (set by :meth:`TaskCLI.add_arguments_to_parser`)."""
+
+    def _load_config_parser_mode(self, content: str, path: Any = "", *args: Any, **kwargs: Any) -> Namespace:
+        cfg = super()._load_config_parser_mode(content, path, *args, **kwargs)
+        read = []
+        for moved in self.moved:
+            if moved.old in cfg:
+                value = cfg.pop(moved.old)
+                if moved.new not in cfg:
+                    cfg[moved.new] = value
+                read.append((moved.old, moved.new))
+        log_moved(read, str(path) or "a config file")
+        return cfg
 
 
 class TaskCLI(LightningCLI):
@@ -58,6 +89,7 @@ class TaskCLI(LightningCLI):
         self.task = task
         self.claims = [] if claims is None else claims
         self.resume_from: Path | None = None
+        kwargs.setdefault("parser_class", TaskParser)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -120,10 +152,10 @@ class TaskCLI(LightningCLI):
             shortcut = f" (shortcut {option.flag})" if option.flag != option.argument else ""
             parser.add_argument(option.argument, type=option.type, default=option.default,
                                 help=f"{option.help}{shortcut}")  # fmt: skip
-        for option in self.task.options:  # configs written before it moved set it there
-            if option.legacy:
-                parser.add_argument(f"--{option.legacy}", type=option.type | None, default=None,
-                                    help=f"old place of --{option.name}")  # fmt: skip
+        for moved in self.task.moved_keys:  # read from config files at the old place: TaskParser
+            parser.add_argument(f"--{moved.old}", type=moved.type, default=SUPPRESS, help=SUPPRESS)
+        if isinstance(parser, TaskParser):
+            parser.moved = self.task.moved_keys
         for source, target in self.task.links:
             parser.link_arguments(source, target, apply_on="instantiate")
 
@@ -143,25 +175,7 @@ class TaskCLI(LightningCLI):
             raise UsageError(f"{message}{hint} ('{PROG} {task.name} --help' lists the options)") from err
         check_config(self.config, getattr(task.datamodule_class, "DATASETS", None))
         check_norm_batch_size(self.config, getattr(task.datamodule_class, "BATCH_OF_SAMPLES", True))
-        self._move_legacy_options()
         check_options(task, self.config)
-
-    def _move_legacy_options(self) -> None:
-        """Run options set at their old place (``model.stage`` in a config file) move to their
-        own key (``stage``), unless that was set too (it wins); one log line says where they went."""
-        for option in self.task.options:
-            if not option.legacy:
-                continue
-            owner, _, key = option.legacy.partition(".")
-            value = self.config[owner].pop(key, None)
-            if value is None:
-                continue
-            if self.config.get(option.name) == option.default:
-                self.config[option.name] = value
-            log.info(
-                "%s: %s moved to the run option '%s' (top-level '%s:', or %s); read from its old place",
-                PROG, option.legacy, option.name, option.name, option.flag,
-            )  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         """Apply ``--threads`` and ``--bad_images``, default and claim the output folder."""

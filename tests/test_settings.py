@@ -1,0 +1,111 @@
+"""Settings groups (model.sgd, model.attack, model.retrain) and the flat keys of earlier versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+import yaml
+
+from tasks.classification.model import ClassificationModule
+from tasks.common.contract import check_axis
+from tasks.common.optim import SGDSettings
+from tasks.nas import DartsSearchModule
+from tasks.nas.module import RetrainSettings
+from tasks.runner.cli import main
+from tasks.runner.discovery import available_tasks, load_task
+
+FLAT = {"norm": "gn", "lr": 0.05, "base_batch_size": 64, "warmup_epochs": 0.5, "milestones": [0.5]}
+NESTED = {"norm": "gn", "sgd": {"lr": 0.05, "base_batch_size": 64, "warmup_epochs": 0.5, "milestones": [0.5]}}
+
+
+def _printed(capsys, *argv: str) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--print_config"])
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_a_flat_config_and_a_nested_one_give_the_same_model(tmp_path: Path, capsys) -> None:
+    configs = {}
+    for name, model in (("flat", FLAT), ("nested", NESTED)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"model": model}))
+        configs[name] = _printed(capsys, "classification", "--config", str(path))
+    assert configs["flat"] == configs["nested"]
+    assert configs["flat"]["model"]["sgd"]["base_batch_size"] == 64 and "lr" not in configs["flat"]["model"]
+    flags = ["--model.lr", "0.05", "--model.sgd.base_batch_size", "64", "--model.warmup_epochs=0.5"]
+    flags += ["--model.milestones", "[0.5]", "--norm", "gn"]
+    assert _printed(capsys, "classification", *flags) == configs["nested"]
+
+
+def test_a_later_source_wins_whichever_place_it_writes(tmp_path: Path, capsys) -> None:
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text("model: {eval_epochs: 3, eval_norm: gn, drop_path_prob: 0.1}\n")
+    new.write_text("model: {retrain: {epochs: 4}}\n")
+    retrain = _printed(capsys, "nas", "--config", str(old), "--config", str(new))["model"]["retrain"]
+    assert (retrain["epochs"], retrain["norm"], retrain["drop_path_prob"]) == (4, "gn", 0.1)
+    argv = ["nas", "--config", str(new), "--config", str(old), "--model.eval_epochs", "5"]
+    model = _printed(capsys, *argv)["model"]
+    assert model["retrain"]["epochs"] == 5 and not {"eval_epochs", "eval_norm"} & set(model)
+
+
+@pytest.mark.parametrize("name", available_tasks())
+def test_print_config_shows_no_moved_key(name: str, capsys) -> None:
+    task = load_task(name)
+    config = _printed(capsys, name)
+    for moved in task.moved_keys:
+        owner, _, key = moved.old.partition(".")
+        assert key not in config[owner], f"{moved.old} is shown beside {moved.new}"
+        node = config
+        for part in moved.new.split("."):
+            node = node[part]  # the new place is shown
+
+
+def test_the_groups_are_sweep_axes_under_both_keys() -> None:
+    owners = {"model": ClassificationModule}
+    for key in ("model.lr", "model.sgd.lr"):
+        check_axis(key, ["0.05", "0.1"], owners)
+    with pytest.raises(ValueError, match=r"takes no 'sgd\.nope'"):
+        check_axis("model.sgd.nope", ["1"], owners)
+
+
+def _checkpoint(path: Path, model: torch.nn.Module, hparams: dict) -> Path:
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": lightning.__version__}, path)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("instantiator", [None, "lightning.pytorch.cli.instantiate_module"])
+def test_a_checkpoint_with_flat_hparams_loads_into_the_groups(instantiator, tmp_path: Path) -> None:
+    """Checkpoints from before the groups, written by a script or by bgn-task (LightningCLI)."""
+    trained = ClassificationModule(norm="gn", in_channels=1, sgd=SGDSettings(lr=0.05, warmup_epochs=0.5))
+    flat = {"norm": "gn", "groups": "auto", "backbone": "small_cnn", "num_classes": 10, "in_channels": 1,
+            "lr": 0.05, "warmup_epochs": 0.5, "label_smoothing": 0.0, "norm_kwargs": None}  # fmt: skip
+    if instantiator:
+        flat["_instantiator"] = instantiator
+    path = _checkpoint(tmp_path / "old.ckpt", trained, flat)
+    loaded = ClassificationModule.load_from_checkpoint(path, weights_only=False)
+    assert loaded.sgd == trained.sgd == SGDSettings(lr=0.05, warmup_epochs=0.5)
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(loaded.eval()(x), trained.eval()(x))
+
+    search = DartsSearchModule(num_classes=10, in_channels=1, channels=4, cells=3, nodes=2)
+    hparams = {**dict(search.hparams), "eval_norm": "bn", "eval_epochs": 2, "drop_path_prob": 0.1}
+    del hparams["retrain"]
+    path = _checkpoint(tmp_path / "nas.ckpt", search, hparams)
+    retrain = DartsSearchModule.load_from_checkpoint(path, weights_only=False).retrain
+    assert (retrain.norm, retrain.epochs, retrain.drop_path_prob, retrain.channels) == ("bn", 2, 0.1, 36)
+
+
+def test_checkpoints_hold_the_groups_as_plain_data(tmp_path: Path) -> None:
+    model = ClassificationModule(norm="gn", in_channels=1, sgd=SGDSettings(lr=0.02))
+    checkpoint = {"hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["hyper_parameters"]["sgd"] == SGDSettings(lr=0.02).to_dict()
+    path = _checkpoint(tmp_path / "new.ckpt", model, checkpoint["hyper_parameters"])
+    assert ClassificationModule.load_from_checkpoint(path, weights_only=True).sgd == SGDSettings(lr=0.02)
+    nested = RetrainSettings.of({"retrain": {"lr": 0.1}})
+    assert RetrainSettings.of({"eval_lr": 0.1}) == RetrainSettings(lr=0.1) == nested
