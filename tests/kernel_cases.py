@@ -4,7 +4,9 @@ fresh leaves."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,3 +76,22 @@ def assert_same_format(out: Tensor, x: Tensor) -> None:
         assert out.is_contiguous(memory_format=fmt) and not out.is_contiguous()
     else:
         assert out.is_contiguous()
+
+
+class KernelSpy:
+    """Kernels (the C++ module, or :class:`~bgn_lightning._triton.TritonKernels`), counting the
+    ``train`` and ``eval`` calls that reach them."""
+
+    def __init__(self, kernels: Any) -> None:
+        self.kernels = kernels
+        self.calls: Counter[str] = Counter(train=0, eval=0)
+
+    def train(self, *args: Any) -> Any:
+        """The kernels' ``train``, counted."""
+        self.calls["train"] += 1
+        return self.kernels.train(*args)
+
+    def eval(self, *args: Any) -> Any:
+        """The kernels' ``eval``, counted."""
+        self.calls["eval"] += 1
+        return self.kernels.eval(*args)

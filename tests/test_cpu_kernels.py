@@ -13,7 +13,6 @@ import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from bgn_lightning import BatchGroupNorm2d
 from bgn_lightning._autograd import batch_group_norm_eval, batch_group_norm_train
 from bgn_lightning._ext import ENV_SWITCH, cpu_kernels
 from tests.kernel_cases import LAYOUTS as SHARED_LAYOUTS
-from tests.kernel_cases import assert_same_format, channels_last_format, layout_ids, run_backward
+from tests.kernel_cases import KernelSpy, assert_same_format, channels_last_format, layout_ids, run_backward
 from tests.reference import reference_bgn
 
 KERNELS = cpu_kernels()
@@ -43,22 +42,6 @@ LAYOUTS = [
     ((2, 4, 3, 2, 2), 2, "contiguous"),
 ]
 LAYOUT_IDS = layout_ids(LAYOUTS)
-
-
-class _Spy:
-    """The kernels module, counting the calls that reach it."""
-
-    def __init__(self, module: ModuleType) -> None:
-        self.module = module
-        self.calls: Counter[str] = Counter()
-
-    def train(self, *args):
-        self.calls["train"] += 1
-        return self.module.train(*args)
-
-    def eval(self, *args):
-        self.calls["eval"] += 1
-        return self.module.eval(*args)
 
 
 def _make(shape: tuple[int, ...], memory: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -347,7 +330,7 @@ def test_bfloat16_rounding_matches_torch(channels_last: bool) -> None:
 
 
 def test_layer_under_cpu_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = _Spy(KERNELS)
+    spy = KernelSpy(KERNELS)
     monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     torch.manual_seed(5)
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
@@ -395,7 +378,7 @@ def test_running_buffers_bump_their_version() -> None:
 def test_eval_memo_sees_kernel_updates(monkeypatch: pytest.MonkeyPatch, groups: int,
                                        channels_last: bool) -> None:
     """The native eval path memoizes on the buffers' version: a kernel training step must show."""
-    spy = _Spy(KERNELS)
+    spy = KernelSpy(KERNELS)
     monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     torch.manual_seed(6)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -490,7 +473,7 @@ def test_env_switch_turns_the_kernels_off(tmp_path: Path, monkeypatch: pytest.Mo
     assert done.returncode == 0, done.stderr[-3000:]
     assert "could not build" not in done.stderr
     off = torch.load(tmp_path / "out.pt")
-    spy = _Spy(KERNELS)
+    spy = KernelSpy(KERNELS)
     monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     layer = BatchGroupNorm2d(8, num_groups=4).double()
     with torch.no_grad():
@@ -565,7 +548,7 @@ def test_layer_kernels_on_equals_off(monkeypatch: pytest.MonkeyPatch, channels: 
         base.bias.copy_(torch.randn(channels, generator=gen, dtype=dtype))
     state = copy.deepcopy(base.state_dict())
 
-    spy = _Spy(KERNELS)
+    spy = KernelSpy(KERNELS)
     monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     on_layer = BatchGroupNorm2d(channels, num_groups=groups, momentum=momentum).to(dtype)
     on_layer.load_state_dict(state)

@@ -25,7 +25,7 @@ from bgn_lightning import BatchGroupNorm2d
 from bgn_lightning._autograd import batch_group_norm_train
 from bgn_lightning._shared import LoadOnce
 from tests.kernel_cases import LAYOUTS as SHARED_LAYOUTS
-from tests.kernel_cases import assert_same_format, channels_last_format, layout_ids, run_backward
+from tests.kernel_cases import KernelSpy, assert_same_format, channels_last_format, layout_ids, run_backward
 from tests.reference import reference_bgn
 from tests.triton_modes import (
     DEVICE,
@@ -233,22 +233,6 @@ def test_low_precision_buffers_and_parameters(kernels) -> None:
 # -- the layer on the kernels ---------------------------------------------------------------------
 
 
-class _Spy:
-    """The kernels, counting the calls that reach them."""
-
-    def __init__(self, kernels: triton_kernels.TritonKernels) -> None:
-        self.kernels = kernels
-        self.calls = {"train": 0, "eval": 0}
-
-    def train(self, *args):
-        self.calls["train"] += 1
-        return self.kernels.train(*args)
-
-    def eval(self, *args):
-        self.calls["eval"] += 1
-        return self.kernels.eval(*args)
-
-
 def _layer_steps(layer: BatchGroupNorm2d, xs, dys, x_eval) -> list[torch.Tensor]:
     out = []
     layer.train()
@@ -280,7 +264,7 @@ def test_layer_on_the_kernels_equals_native_path(kernels, monkeypatch, groups, c
     with torch.no_grad():
         base.weight.copy_(torch.randn(shape[1], generator=gen))
         base.bias.copy_(torch.randn(shape[1], generator=gen))
-    spy = _Spy(kernels)
+    spy = KernelSpy(kernels)
     monkeypatch.setattr(backends, "fused_kernels", lambda x, **kw: (spy, "test"))
     on = _layer_steps(copy.deepcopy(base), xs, dys, x_eval)
     assert spy.calls == {"train": 2, "eval": 1}
@@ -515,7 +499,7 @@ def test_kernels_compile_for_a_gpu_target_without_a_gpu() -> None:
 @gpu_test
 def test_layer_on_cuda_runs_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     assert triton_kernels.cuda_kernels_available()
-    spy = _Spy(triton_kernels._loader.get())
+    spy = KernelSpy(triton_kernels._loader.get())
     monkeypatch.setattr(triton_kernels, "_loader", LoadOnce(lambda: (spy, "test")))
     layer = BatchGroupNorm2d(8, num_groups=2).cuda()
     x = torch.randn(4, 8, 6, 6, device="cuda").requires_grad_()
