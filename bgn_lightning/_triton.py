@@ -112,7 +112,8 @@ def _define_kernels() -> SimpleNamespace:
         acc1 = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
         if CL:
-            # Program (channel block, segment, ghost batch, split): rows (n, seg * R + j) of C values.
+            # Program (channel block, segment, ghost batch, split): rows (n, seg * R + j) of C values,
+            # BLOCK_M rows a step.
             seg = pid_s // (SPLIT * NCH)
             qmask = q < C
             cell = q * K + seg
@@ -123,25 +124,10 @@ def _define_kernels() -> SimpleNamespace:
                 f = grp * L
                 shift = tl.load(x_ptr + first + (f % S) * C + f // S, mask=qmask, other=0.0).to(tl.float32)
             m_hi = n_hi * R
-            for m0 in range(n_lo * R + split * BLOCK_M, m_hi, SPLIT * BLOCK_M):
-                m = m0 + tl.arange(0, BLOCK_M)
-                if BIG:
-                    m = m.to(tl.int64)
-                row = (m // R) * D + (seg * R + m % R) * C
-                offs = row[None, :] + q[:, None]
-                mask = (m < m_hi)[None, :] & qmask[:, None]
-                v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift[:, None]
-                if BWD:
-                    d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                    acc1 += d
-                    acc2 += tl.where(mask, d * v, 0.0)
-                else:
-                    v = tl.where(mask, v, 0.0)
-                    acc1 += v
-                    acc2 += v * v
+            start, stop, step = n_lo * R + split * BLOCK_M, m_hi, SPLIT * BLOCK_M
         else:
             # Program (cell block, ghost batch, split): chunks (n, j0) of BLOCK_M values of every
-            # cell's run.
+            # cell's run, one a step.
             qmask = q < U
             cell = q
             grp = q // CPG
@@ -153,22 +139,31 @@ def _define_kernels() -> SimpleNamespace:
             if BIG:
                 q_off = q_off.to(tl.int64)
             nj = tl.cdiv(R, BLOCK_M)
-            for t in range(n_lo * nj + split, n_hi * nj, SPLIT):
+            start, stop, step = n_lo * nj + split, n_hi * nj, SPLIT
+        for t in range(start, stop, step):
+            if CL:
+                m = t + tl.arange(0, BLOCK_M)
+                if BIG:
+                    m = m.to(tl.int64)
+                row = (m // R) * D + (seg * R + m % R) * C
+                offs = row[None, :] + q[:, None]
+                mask = (m < m_hi)[None, :] & qmask[:, None]
+            else:
                 n = t // nj
                 j = (t % nj) * BLOCK_M + tl.arange(0, BLOCK_M)
                 if BIG:
                     n = n.to(tl.int64)
                 offs = n * D + q_off[:, None] + j[None, :]
                 mask = qmask[:, None] & (j < R)[None, :]
-                v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift[:, None]
-                if BWD:
-                    d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                    acc1 += d
-                    acc2 += tl.where(mask, d * v, 0.0)
-                else:
-                    v = tl.where(mask, v, 0.0)
-                    acc1 += v
-                    acc2 += v * v
+            v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift[:, None]
+            if BWD:
+                d = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                acc1 += d
+                acc2 += tl.where(mask, d * v, 0.0)
+            else:
+                v = tl.where(mask, v, 0.0)
+                acc1 += v
+                acc2 += v * v
         s1 = tl.sum(acc1, axis=1)
         s2 = tl.sum(acc2, axis=1)
         out = (chunk * SPLIT + split) * U + cell

@@ -8,7 +8,6 @@ import logging
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import yaml
 
 from tasks.runner.cli import main
 from tasks.runner.sweep import Cell, Grid, args_hash, parse_epochs
+from tests.processes import gone, wait_for
 
 RUN_ARGS = [
     "--accelerator", "cpu", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -28,21 +28,6 @@ def _bench(out: Path, epochs: str = "1") -> list[str]:
             "--max-epochs", epochs, "--threads", "1", "--output", str(out), "--", *RUN_ARGS]  # fmt: skip
 
 
-def _wait_for(condition, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_killed_grid_resumes_and_writes_reports(tmp_path: Path, caplog) -> None:
     out = tmp_path / "sweep"
@@ -51,12 +36,13 @@ def test_killed_grid_resumes_and_writes_reports(tmp_path: Path, caplog) -> None:
     argv = [sys.executable, "-m", "tasks.runner.cli", *_bench(out, epochs="4:1,8:500")]
     bench = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: (done / "results.json").is_file() and "[pid " in _read(victim / "run.log"))
+        wait_for(lambda: (done / "results.json").is_file() and "[pid " in _read(victim / "run.log"),
+                 timeout=180)
     finally:
         bench.kill()
         bench.wait()
     run_pid = int(re.search(r"\[pid (\d+)\]", _read(victim / "run.log")).group(1))
-    _wait_for(lambda: not _alive(run_pid), timeout=10)  # the run ended itself with the bench
+    wait_for(lambda: gone(run_pid), timeout=10)  # the run ended itself with the bench
     assert not (victim / "results.json").exists() and not (out / "results.md").exists()
     finished = (done / "results.json").read_text()
 

@@ -23,6 +23,7 @@ import pytest
 from tasks.runner.bench import bench_main
 from tasks.runner.cli import main
 from tasks.runner.failure import RunFailure
+from tests.processes import gone, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK_FILE = ".bench.lock"  # (this module is light: jobs import it for fake_entry)
@@ -79,6 +80,13 @@ def _bench(out: Path, *extra: str, norms: str = "bn,bgn", batch_sizes: str = "4,
             "--max-epochs", "1", "--output", str(out), *extra, "--", *RUN_ARGS]  # fmt: skip
 
 
+def _one_waited_cell(out: Path, norm: str) -> tuple[Path, list[str]]:
+    """A bench of one cell (``norm``, batch size 4, seed 0) on the local executor with ``--wait``:
+    the cell's folder and the argv."""
+    argv = _bench(out, "--launcher", "submitit", "--cluster", "local", "--wait", norms=norm, batch_sizes="4")
+    return out / "classification" / norm / "bs4" / "seed0", argv
+
+
 def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     lines = [r.getMessage() for r in caplog.records if r.name == "tasks"]
     caplog.clear()
@@ -87,20 +95,6 @@ def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def _job(cell: Path) -> dict:
     return json.loads((cell / "job.json").read_text())
-
-
-def _wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
@@ -127,7 +121,8 @@ def test_local_executor_grid_collects_resubmits_a_killed_job_and_never_submits_t
         first["cluster"] == "local"
         and first["hash"] == json.loads((held / "bench_args.json").read_text())["hash"]
     )
-    _wait_for(lambda: all((c / "results.json").is_file() for c in others) and (held / "hold.pid").is_file())
+    wait_for(lambda: all((c / "results.json").is_file() for c in others) and (held / "hold.pid").is_file(),
+             timeout=60)
 
     # 2. Re-run: the finished cells are collected, the running job is not submitted again; the
     # local pool refuses the folder while a job runs in it.
@@ -144,7 +139,7 @@ def test_local_executor_grid_collects_resubmits_a_killed_job_and_never_submits_t
     # 3. The job dies (killed); re-running submits it again, continuing from the checkpoint it left,
     # --wait collects it, the report has all four.
     os.kill(int((held / "hold.pid").read_text()), signal.SIGKILL)
-    _wait_for(lambda: _gone(int(first["job_id"])))
+    wait_for(lambda: gone(int(first["job_id"])), timeout=60)
     jobs_env.delenv("BENCH_FAKE_HOLD")
     caplog.clear()
     assert (
@@ -176,8 +171,7 @@ def test_a_failed_run_is_reported_with_its_log_tail_and_retried_on_request(
 ) -> None:
     caplog.set_level(logging.INFO, logger="tasks")
     out = tmp_path / "sweep"
-    cell = out / "classification" / "gn" / "bs4" / "seed0"
-    argv = _bench(out, "--launcher", "submitit", "--cluster", "local", "--wait", norms="gn", batch_sizes="4")
+    cell, argv = _one_waited_cell(out, "gn")
     jobs_env.setenv("BENCH_FAKE_FAIL", "gn:4")
     assert bench_main(argv[1:], entry=fake_entry) == 1
     failed = [line for line in _lines(caplog) if "FAILED" in line]
@@ -209,8 +203,7 @@ def test_a_real_cell_runs_through_the_local_executor(
 ) -> None:
     caplog.set_level(logging.INFO, logger="tasks")
     out = tmp_path / "sweep"
-    cell = out / "classification" / "bgn" / "bs4" / "seed0"
-    argv = _bench(out, "--launcher", "submitit", "--cluster", "local", "--wait", norms="bgn", batch_sizes="4")
+    cell, argv = _one_waited_cell(out, "bgn")
     assert main(argv) == 0
     record = json.loads((cell / "results.json").read_text())
     assert (record["norm"], record["batch_size"], record["torch_threads"]) == ("bgn", 4, 1)

@@ -13,7 +13,6 @@ import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -22,6 +21,8 @@ import bgn_lightning._backends as backends
 from bgn_lightning import BatchGroupNorm2d
 from bgn_lightning._autograd import batch_group_norm_eval, batch_group_norm_train
 from bgn_lightning._ext import ENV_SWITCH, cpu_kernels
+from tests.kernel_cases import LAYOUTS as SHARED_LAYOUTS
+from tests.kernel_cases import KernelSpy, assert_same_format, channels_last_format, layout_ids, run_backward
 from tests.reference import reference_bgn
 
 KERNELS = cpu_kernels()
@@ -32,53 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EPS = 1e-5
 MOMENTUM = 0.3
 
-# (shape, G, memory): G | C, G = k * C, groups straddling channels (G and C do not divide each
-# other, G | C*prod(S)), (N, C), 3-D and 5-D inputs, N = 1, G = 1, G = C; contiguous, channels-last
-# (3d) and non-contiguous inputs ("sliced": every other element of the last dim; "transposed":
-# dims 1 and -1 swapped, so C is innermost without being channels-last; (N, C): a transposed (C, N)).
+# (shape, G, memory): the layouts every kernel suite checks (tests/kernel_cases.py), and three more
+# (a transposed (N, C) is a transposed (C, N)).
 LAYOUTS = [
-    ((4, 8, 3, 3), 2, "contiguous"),
-    ((4, 8, 3, 3), 2, "channels_last"),
-    ((4, 8, 3, 3), 2, "sliced"),
-    ((4, 8, 3, 3), 8, "channels_last"),
-    ((3, 4, 4, 4), 8, "contiguous"),
-    ((3, 4, 4, 4), 16, "channels_last"),
+    *SHARED_LAYOUTS,
     ((3, 4, 4, 4), 8, "transposed"),
-    ((3, 6, 4, 4), 4, "contiguous"),
-    ((3, 6, 4, 4), 4, "channels_last"),
-    ((3, 6, 4, 4), 4, "transposed"),
-    ((5, 12), 4, "contiguous"),
     ((5, 12), 3, "transposed"),
-    ((4, 6, 10), 3, "contiguous"),
-    ((4, 6, 10), 12, "sliced"),
     ((2, 4, 3, 2, 2), 2, "contiguous"),
-    ((2, 4, 3, 2, 2), 2, "channels_last"),
-    ((2, 4, 3, 2, 2), 24, "channels_last"),
-    ((2, 6, 2, 2, 2), 4, "channels_last"),
-    ((1, 6, 3, 3), 3, "contiguous"),
-    ((2, 6, 3, 3), 1, "channels_last"),
 ]
-LAYOUT_IDS = [f"{'x'.join(map(str, s))}-G{g}-{m}" for s, g, m in LAYOUTS]
-
-
-class _Spy:
-    """The kernels module, counting the calls that reach it."""
-
-    def __init__(self, module: ModuleType) -> None:
-        self.module = module
-        self.calls: Counter[str] = Counter()
-
-    def train(self, *args):
-        self.calls["train"] += 1
-        return self.module.train(*args)
-
-    def eval(self, *args):
-        self.calls["eval"] += 1
-        return self.module.eval(*args)
-
-
-def _fmt(dim: int) -> torch.memory_format:
-    return torch.channels_last if dim == 4 else torch.channels_last_3d
+LAYOUT_IDS = layout_ids(LAYOUTS)
 
 
 def _make(shape: tuple[int, ...], memory: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -92,7 +55,7 @@ def _make(shape: tuple[int, ...], memory: str, dtype: torch.dtype, gen: torch.Ge
         swapped[1], swapped[-1] = swapped[-1], swapped[1]
         return (torch.randn(swapped, generator=gen, dtype=dtype) * 3 + 2).transpose(1, -1)
     x = torch.randn(shape, generator=gen, dtype=dtype) * 3 + 2
-    return x.contiguous(memory_format=_fmt(len(shape))) if memory == "channels_last" else x
+    return x.contiguous(memory_format=channels_last_format(len(shape))) if memory == "channels_last" else x
 
 
 def _case(shape: tuple[int, ...], groups: int, memory: str, dtype: torch.dtype, affine: bool):
@@ -101,10 +64,10 @@ def _case(shape: tuple[int, ...], groups: int, memory: str, dtype: torch.dtype, 
     if memory == "contiguous":
         assert x.is_contiguous()
     elif memory == "channels_last":
-        assert not x.is_contiguous() and x.is_contiguous(memory_format=_fmt(len(shape)))
+        assert not x.is_contiguous() and x.is_contiguous(memory_format=channels_last_format(len(shape)))
     else:
         assert not x.is_contiguous()
-        assert x.dim() < 4 or not x.is_contiguous(memory_format=_fmt(x.dim()))
+        assert x.dim() < 4 or not x.is_contiguous(memory_format=channels_last_format(x.dim()))
     dy = torch.randn(shape, generator=gen, dtype=dtype)
     c = shape[1]
     w = torch.randn(c, generator=gen, dtype=dtype) if affine else None
@@ -114,32 +77,12 @@ def _case(shape: tuple[int, ...], groups: int, memory: str, dtype: torch.dtype, 
     return x, dy, w, b, rm, rv
 
 
-def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().clone().requires_grad_()
-
-
-def _run(fn, x, dy, w, b):
-    """``fn(x, w, b)`` on fresh leaves, then backward ``dy``: ``(y, dx, dw, db)``."""
-    x, w, b = _leaf(x), _leaf(w), _leaf(b)
-    y = fn(x, w, b)
-    y.backward(dy)
-    return y.detach(), x.grad, None if w is None else w.grad, None if b is None else b.grad
-
-
 def _assert_all_close(got, want, rtol: float, atol: float, names=("y", "dx", "dw", "db")) -> None:
     for name, a, e in zip(names, got, want, strict=True):
         if e is None:
             assert a is None, name
             continue
         torch.testing.assert_close(a.to(e.dtype), e, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def _assert_same_format(out: torch.Tensor, x: torch.Tensor) -> None:
-    """Channels-last in, channels-last out; anything else gives a contiguous output."""
-    if x.dim() in (4, 5) and not x.is_contiguous() and x.is_contiguous(memory_format=_fmt(x.dim())):
-        assert out.is_contiguous(memory_format=_fmt(x.dim())) and not out.is_contiguous()
-    else:
-        assert out.is_contiguous()
 
 
 def _reference_eval(x, groups, mean, var, weight, bias, eps):
@@ -179,17 +122,17 @@ def test_train_matches_reference_and_native_path(
 ) -> None:
     x, dy, w, b, rm0, rv0 = _case(shape, groups, memory, dtype, affine)
     rm, rv = rm0.clone(), rv0.clone()
-    got = _run(lambda x, w, b: KERNELS.train(x, w, b, groups, EPS, rm, rv, MOMENTUM), x, dy, w, b)
-    want = _run(lambda x, w, b: reference_bgn(x, groups, w, b, EPS)[0],
-                x.double(), dy.double(), *(None if t is None else t.double() for t in (w, b)))
-    native = _run(lambda x, w, b: batch_group_norm_train(x, groups, w, b, EPS)[0], x, dy, w, b)
+    got = run_backward(lambda x, w, b: KERNELS.train(x, w, b, groups, EPS, rm, rv, MOMENTUM), x, dy, w, b)
+    want = run_backward(lambda x, w, b: reference_bgn(x, groups, w, b, EPS)[0],
+                        x.double(), dy.double(), *(None if t is None else t.double() for t in (w, b)))
+    native = run_backward(lambda x, w, b: batch_group_norm_train(x, groups, w, b, EPS)[0], x, dy, w, b)
     tol = _tolerance(dtype)
     assert got[0].dtype == dtype and got[1].dtype == dtype
     _assert_all_close(got, want, **tol)
     _assert_all_close(got, native, **tol)
-    _assert_same_format(got[0], x)
+    assert_same_format(got[0], x)
     if memory == "channels_last":  # the input gradient keeps the memory format too
-        _assert_same_format(got[1], x)
+        assert_same_format(got[1], x)
     exp_m, exp_v = _expected_running(x, groups, rm0, rv0, MOMENTUM)
     assert rm.dtype == dtype and rv.dtype == dtype
     torch.testing.assert_close(rm.double(), exp_m, **tol)
@@ -209,7 +152,7 @@ def test_eval_matches_reference_and_native_path(
     assert y.dtype == dtype and not y.requires_grad
     torch.testing.assert_close(y.double(), _reference_eval(x, groups, rm, rv, w, b, EPS), **tol)
     torch.testing.assert_close(y, batch_group_norm_eval(x, groups, rm, rv, w, b, EPS), **tol)
-    _assert_same_format(y, x)
+    assert_same_format(y, x)
     assert (rm._version, rv._version) == versions  # eval leaves the statistics alone
 
 
@@ -228,8 +171,8 @@ def test_parallel_chunks_match_reference(groups: int, channels_last: bool) -> No
         w = torch.randn(16, generator=gen, dtype=torch.float64)
         b = torch.randn(16, generator=gen, dtype=torch.float64)
         rm, rv = torch.zeros(groups, dtype=torch.float64), torch.ones(groups, dtype=torch.float64)
-        got = _run(lambda x, w, b: KERNELS.train(x, w, b, groups, EPS, rm, rv, MOMENTUM), x, dy, w, b)
-        want = _run(lambda x, w, b: reference_bgn(x, groups, w, b, EPS)[0], x, dy, w, b)
+        got = run_backward(lambda x, w, b: KERNELS.train(x, w, b, groups, EPS, rm, rv, MOMENTUM), x, dy, w, b)
+        want = run_backward(lambda x, w, b: reference_bgn(x, groups, w, b, EPS)[0], x, dy, w, b)
         _assert_all_close(got, want, rtol=1e-9, atol=1e-10)
         exp_m, exp_v = _expected_running(x, groups, torch.zeros(groups), torch.ones(groups), MOMENTUM)
         torch.testing.assert_close(rm, exp_m, rtol=1e-10, atol=1e-12)
@@ -345,15 +288,16 @@ def test_bfloat16_input_with_float32_weight_and_stats(groups: int, channels_last
     dyb = torch.randn(x.shape, generator=gen).bfloat16()
     w, b = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
     stats = {name: (torch.zeros(groups), torch.ones(groups)) for name in ("bf16", "f32")}
-    got = _run(lambda x, w, b: KERNELS.train(x, w, b, groups, EPS, *stats["bf16"], 0.1), xb, dyb, w, b)
+    got = run_backward(lambda x, w, b: KERNELS.train(x, w, b, groups, EPS, *stats["bf16"], 0.1),
+                       xb, dyb, w, b)
     # float32 on the same (bf16-representable) values: the statistics are identical
-    want = _run(lambda x, w, b: KERNELS.train(x, w, b, groups, EPS, *stats["f32"], 0.1),
-                xb.float(), dyb.float(), w, b)
+    want = run_backward(lambda x, w, b: KERNELS.train(x, w, b, groups, EPS, *stats["f32"], 0.1),
+                        xb.float(), dyb.float(), w, b)
     y, dx, dw, db = got
     assert y.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16
     assert dw.dtype == torch.float32 and db.dtype == torch.float32
     assert all(torch.isfinite(t).all() for t in got)
-    _assert_same_format(y, xb)
+    assert_same_format(y, xb)
     torch.testing.assert_close(y.float(), want[0], rtol=1 / 128, atol=1e-2)
     torch.testing.assert_close(dx.float(), want[1], rtol=1 / 64, atol=2e-2)
     torch.testing.assert_close(dw, want[2], rtol=1e-4, atol=1e-4)
@@ -386,7 +330,7 @@ def test_bfloat16_rounding_matches_torch(channels_last: bool) -> None:
 
 
 def test_layer_under_cpu_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
-    spy = _Spy(KERNELS)
+    spy = KernelSpy(KERNELS)
     monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     torch.manual_seed(5)
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
@@ -434,7 +378,7 @@ def test_running_buffers_bump_their_version() -> None:
 def test_eval_memo_sees_kernel_updates(monkeypatch: pytest.MonkeyPatch, groups: int,
                                        channels_last: bool) -> None:
     """The native eval path memoizes on the buffers' version: a kernel training step must show."""
-    spy = _Spy(KERNELS)
+    spy = KernelSpy(KERNELS)
     monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     torch.manual_seed(6)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -529,13 +473,13 @@ def test_env_switch_turns_the_kernels_off(tmp_path: Path, monkeypatch: pytest.Mo
     assert done.returncode == 0, done.stderr[-3000:]
     assert "could not build" not in done.stderr
     off = torch.load(tmp_path / "out.pt")
-    spy = _Spy(KERNELS)
+    spy = KernelSpy(KERNELS)
     monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     layer = BatchGroupNorm2d(8, num_groups=4).double()
     with torch.no_grad():
         layer.weight.copy_(w)
         layer.bias.copy_(b)
-    on = _run(lambda x, w, b: layer(x), x, dy, None, None)[:2]
+    on = run_backward(lambda x, w, b: layer(x), x, dy, None, None)[:2]
     assert spy.calls["train"] == 1
     on = [*on, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var]
     names = ("y", "dx", "dw", "db", "running_mean", "running_var")
@@ -558,14 +502,14 @@ def _layer_run(layer: BatchGroupNorm2d, xs: list[torch.Tensor], dys: list[torch.
         y = layer(x)
         y.backward(dy)
         out[f"y{i}"], out[f"dx{i}"] = y.detach(), x.grad
-        _assert_same_format(y, x)
+        assert_same_format(y, x)
     out["dw"], out["db"] = layer.weight.grad.clone(), layer.bias.grad.clone()
     out["running_mean"], out["running_var"] = layer.running_mean.clone(), layer.running_var.clone()
     out["num_batches_tracked"] = layer.num_batches_tracked.clone()
     layer.eval()
     with torch.no_grad():
         out["eval_no_grad"] = layer(x_eval)
-    _assert_same_format(out["eval_no_grad"], x_eval)
+    assert_same_format(out["eval_no_grad"], x_eval)
     out["eval_param_grad"] = layer(x_eval).detach()
     x = x_eval.clone().requires_grad_()
     y = layer(x)
@@ -604,7 +548,7 @@ def test_layer_kernels_on_equals_off(monkeypatch: pytest.MonkeyPatch, channels: 
         base.bias.copy_(torch.randn(channels, generator=gen, dtype=dtype))
     state = copy.deepcopy(base.state_dict())
 
-    spy = _Spy(KERNELS)
+    spy = KernelSpy(KERNELS)
     monkeypatch.setattr(backends, "cpu_kernels", lambda: spy)
     on_layer = BatchGroupNorm2d(channels, num_groups=groups, momentum=momentum).to(dtype)
     on_layer.load_state_dict(state)

@@ -12,10 +12,6 @@ kernel that fails to compile, and the env switch.
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -28,63 +24,38 @@ import bgn_lightning.functional as functional
 from bgn_lightning import BatchGroupNorm2d
 from bgn_lightning._autograd import batch_group_norm_train
 from bgn_lightning._shared import LoadOnce
+from tests.kernel_cases import LAYOUTS as SHARED_LAYOUTS
+from tests.kernel_cases import KernelSpy, assert_same_format, channels_last_format, layout_ids, run_backward
 from tests.reference import reference_bgn
+from tests.triton_modes import (
+    DEVICE,
+    DTYPES,
+    HAS_TRITON,
+    INTERPRET,
+    ON_GPU,
+    TOLERANCE,
+    kernel_test,
+    run_in_interpreter,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ON_GPU = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if ON_GPU else "cpu"
 EPS = 1e-5
 MOMENTUM = 0.3
 
-kernel_test = pytest.mark.skipif(
-    not (HAS_TRITON and (INTERPRET or ON_GPU)),
-    reason="no GPU: runs in Triton's interpreter in a child process (test_interpreter_suite)",
-)
 gpu_test = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 
-# (shape, G, memory), as the CPU kernel tests: G | C, G = k * C, groups straddling channels, (N, C),
-# 3-D and 5-D inputs, N = 1, G = 1, G = C; contiguous, channels-last and other strides.
+# (shape, G, memory): the layouts of the CPU kernel tests, and larger ones.
 LAYOUTS = [
-    ((4, 8, 3, 3), 2, "contiguous"),
-    ((4, 8, 3, 3), 2, "channels_last"),
-    ((4, 8, 3, 3), 2, "sliced"),
-    ((4, 8, 3, 3), 8, "channels_last"),
-    ((3, 4, 4, 4), 8, "contiguous"),
-    ((3, 4, 4, 4), 16, "channels_last"),
-    ((3, 6, 4, 4), 4, "contiguous"),
-    ((3, 6, 4, 4), 4, "channels_last"),
-    ((3, 6, 4, 4), 4, "transposed"),
-    ((5, 12), 4, "contiguous"),
-    ((4, 6, 10), 3, "contiguous"),
-    ((4, 6, 10), 12, "sliced"),
-    ((2, 4, 3, 2, 2), 2, "channels_last"),
-    ((2, 4, 3, 2, 2), 24, "channels_last"),
-    ((2, 6, 2, 2, 2), 4, "channels_last"),
-    ((1, 6, 3, 3), 3, "contiguous"),
-    ((2, 6, 3, 3), 1, "channels_last"),
+    *SHARED_LAYOUTS,
     ((6, 40, 5, 7), 10, "contiguous"),  # several blocks of cells and several partial sums
     ((6, 40, 5, 7), 10, "channels_last"),
     ((2, 4, 8, 12), 2, "contiguous"),  # runs of 96 values: three blocks of 32 per cell and row
 ]
-LAYOUT_IDS = [f"{'x'.join(map(str, s))}-G{g}-{m}" for s, g, m in LAYOUTS]
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-# (y, dx) tolerances against float64 on the same low-precision values: the output's rounding.
-TOLERANCE = {
-    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
-    torch.bfloat16: {"rtol": 1 / 128, "atol": 1e-2},
-    torch.float16: {"rtol": 1 / 1024, "atol": 2e-3},
-}
+LAYOUT_IDS = layout_ids(LAYOUTS)
 
 
 @pytest.fixture(scope="module")
 def kernels() -> triton_kernels.TritonKernels:
     return triton_kernels.TritonKernels()
-
-
-def _fmt(dim: int) -> torch.memory_format:
-    return torch.channels_last if dim == 4 else torch.channels_last_3d
 
 
 def _make(shape: tuple[int, ...], memory: str, gen: torch.Generator) -> torch.Tensor:
@@ -98,7 +69,7 @@ def _make(shape: tuple[int, ...], memory: str, gen: torch.Generator) -> torch.Te
     else:
         x = torch.randn(shape, generator=gen) * 3 + 2
         if memory == "channels_last":
-            x = x.contiguous(memory_format=_fmt(len(shape)))
+            x = x.contiguous(memory_format=channels_last_format(len(shape)))
     return x.to(DEVICE)
 
 
@@ -115,24 +86,13 @@ def _case(shape: tuple[int, ...], groups: int, memory: str, dtype: torch.dtype, 
     return x, dy, w, b, rm, rv
 
 
-def _leaf(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().clone().requires_grad_()
-
-
-def _run(fn, x, dy, w, b):
-    """``fn(x, w, b)`` on fresh leaves, then backward ``dy``: ``(y, dx, dw, db)``."""
-    x, w, b = _leaf(x), _leaf(w), _leaf(b)
-    y = fn(x, w, b)
-    y.backward(dy)
-    return y.detach(), x.grad, None if w is None else w.grad, None if b is None else b.grad
-
-
 def _reference(x, dy, w, b, groups):
     """Float64 reference ``(y, dx, dw, db)`` on the same (possibly low-precision) values."""
     def to64(t):
         return None if t is None else t.detach().double().cpu()
 
-    return _run(lambda x, w, b: reference_bgn(x, groups, w, b, EPS)[0], to64(x), to64(dy), to64(w), to64(b))
+    return run_backward(lambda x, w, b: reference_bgn(x, groups, w, b, EPS)[0],
+                        to64(x), to64(dy), to64(w), to64(b))
 
 
 def _expected_running(x, groups, rm0, rv0, momentum):
@@ -140,14 +100,6 @@ def _expected_running(x, groups, rm0, rv0, momentum):
     count = x.numel() // groups
     return ((1 - momentum) * rm0.double().cpu() + momentum * mean,
             (1 - momentum) * rv0.double().cpu() + momentum * var * count / (count - 1))
-
-
-def _assert_same_format(out: torch.Tensor, x: torch.Tensor) -> None:
-    """Channels-last in, channels-last out; anything else gives a contiguous output."""
-    if x.dim() in (4, 5) and not x.is_contiguous() and x.is_contiguous(memory_format=_fmt(x.dim())):
-        assert out.is_contiguous(memory_format=_fmt(x.dim())) and not out.is_contiguous()
-    else:
-        assert out.is_contiguous()
 
 
 def _reference_eval(x, groups, mean, var, weight, bias):
@@ -173,13 +125,13 @@ def test_train_matches_reference(kernels, shape, groups, memory, dtype, affine) 
     x, dy, w, b, rm0, rv0 = _case(shape, groups, memory, dtype, affine)
     rm, rv = rm0.clone(), rv0.clone()
     versions = rm._version, rv._version
-    got = _run(lambda x, w, b: kernels.train(x, w, b, groups, EPS, rm, rv, MOMENTUM), x, dy, w, b)
+    got = run_backward(lambda x, w, b: kernels.train(x, w, b, groups, EPS, rm, rv, MOMENTUM), x, dy, w, b)
     want = _reference(x, dy, w, b, groups)
     y, dx, dw, db = got
     assert y.dtype == dtype and dx.dtype == dtype and y.device == x.device
-    _assert_same_format(y, x)
+    assert_same_format(y, x)
     if memory == "channels_last":
-        _assert_same_format(dx, x)
+        assert_same_format(dx, x)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(y.double().cpu(), want[0], **tol)
     torch.testing.assert_close(dx.double().cpu(), want[1], rtol=2 * tol["rtol"], atol=2 * tol["atol"])
@@ -202,7 +154,7 @@ def test_eval_matches_reference(kernels, shape, groups, memory, dtype) -> None:
     versions = rm._version, rv._version
     y = kernels.eval(x, w, b, groups, EPS, rm, rv)
     assert y.dtype == dtype and not y.requires_grad
-    _assert_same_format(y, x)
+    assert_same_format(y, x)
     torch.testing.assert_close(y.double().cpu(), _reference_eval(x, groups, rm, rv, w, b), **TOLERANCE[dtype])
     assert (rm._version, rv._version) == versions
 
@@ -217,8 +169,8 @@ def test_large_mean_is_stable(kernels, groups: int, memory: str) -> None:
         x = x.contiguous(memory_format=torch.channels_last)
     dy = torch.randn(x.shape, generator=gen).to(DEVICE)
     rm, rv = torch.zeros(groups, device=DEVICE), torch.ones(groups, device=DEVICE)
-    y, dx, _, _ = _run(lambda x, w, b: kernels.train(x, None, None, groups, EPS, rm, rv, 1.0),
-                       x, dy, None, None)
+    y, dx, _, _ = run_backward(lambda x, w, b: kernels.train(x, None, None, groups, EPS, rm, rv, 1.0),
+                               x, dy, None, None)
     want = _reference(x, dy, None, None, groups)
     assert torch.isfinite(y).all() and torch.isfinite(dx).all()
     # float32 resolves 1e4 + randn to ~1e-3
@@ -267,7 +219,8 @@ def test_low_precision_buffers_and_parameters(kernels) -> None:
     x, dy, w, b, rm, rv = _case((4, 8, 4, 4), 16, "channels_last", torch.bfloat16, True)
     w, b, rm, rv = w.bfloat16(), b.bfloat16(), rm.bfloat16(), rv.bfloat16()
     rm0, rv0 = rm.clone(), rv.clone()
-    y, _, dw, db = _run(lambda x, w, b: kernels.train(x, w, b, 16, EPS, rm, rv, MOMENTUM), x, dy, w, b)
+    y, _, dw, db = run_backward(lambda x, w, b: kernels.train(x, w, b, 16, EPS, rm, rv, MOMENTUM),
+                                x, dy, w, b)
     assert dw.dtype == db.dtype == rm.dtype == torch.bfloat16
     want = _reference(x, dy, w, b, 16)
     torch.testing.assert_close(y.double().cpu(), want[0], rtol=1 / 64, atol=2e-2)
@@ -278,22 +231,6 @@ def test_low_precision_buffers_and_parameters(kernels) -> None:
 
 
 # -- the layer on the kernels ---------------------------------------------------------------------
-
-
-class _Spy:
-    """The kernels, counting the calls that reach them."""
-
-    def __init__(self, kernels: triton_kernels.TritonKernels) -> None:
-        self.kernels = kernels
-        self.calls = {"train": 0, "eval": 0}
-
-    def train(self, *args):
-        self.calls["train"] += 1
-        return self.kernels.train(*args)
-
-    def eval(self, *args):
-        self.calls["eval"] += 1
-        return self.kernels.eval(*args)
 
 
 def _layer_steps(layer: BatchGroupNorm2d, xs, dys, x_eval) -> list[torch.Tensor]:
@@ -327,7 +264,7 @@ def test_layer_on_the_kernels_equals_native_path(kernels, monkeypatch, groups, c
     with torch.no_grad():
         base.weight.copy_(torch.randn(shape[1], generator=gen))
         base.bias.copy_(torch.randn(shape[1], generator=gen))
-    spy = _Spy(kernels)
+    spy = KernelSpy(kernels)
     monkeypatch.setattr(backends, "fused_kernels", lambda x, **kw: (spy, "test"))
     on = _layer_steps(copy.deepcopy(base), xs, dys, x_eval)
     assert spy.calls == {"train": 2, "eval": 1}
@@ -337,7 +274,7 @@ def test_layer_on_the_kernels_equals_native_path(kernels, monkeypatch, groups, c
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     want = reference_bgn(xs[0].cpu(), groups, base.weight.detach().cpu(), base.bias.detach().cpu(), EPS)[0]
     torch.testing.assert_close(on[0].double().cpu(), want, rtol=1e-5, atol=1e-5)
-    _assert_same_format(on[0], xs[0])
+    assert_same_format(on[0], xs[0])
 
 
 class _Broken:
@@ -507,12 +444,7 @@ def test_env_switch_and_missing_gpu_mean_the_native_path(monkeypatch: pytest.Mon
 @pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="the child process itself, or no Triton")
 def test_interpreter_suite() -> None:
     """This module's kernel tests in Triton's interpreter, on CPU tensors (a child process)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    argv = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore::UserWarning",
-            str(Path(__file__).relative_to(ROOT)), "-k", "not test_interpreter_suite"]
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout
+    run_in_interpreter(__file__)
 
 
 def _compile_for_hopper(fn, signature: dict[str, str], constexprs: dict[str, object]) -> None:
@@ -567,7 +499,7 @@ def test_kernels_compile_for_a_gpu_target_without_a_gpu() -> None:
 @gpu_test
 def test_layer_on_cuda_runs_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     assert triton_kernels.cuda_kernels_available()
-    spy = _Spy(triton_kernels._loader.get())
+    spy = KernelSpy(triton_kernels._loader.get())
     monkeypatch.setattr(triton_kernels, "_loader", LoadOnce(lambda: (spy, "test")))
     layer = BatchGroupNorm2d(8, num_groups=2).cuda()
     x = torch.randn(4, 8, 6, 6, device="cuda").requires_grad_()
@@ -601,9 +533,11 @@ def test_cuda_layer_matches_native_path_at_resnet_shapes(monkeypatch: pytest.Mon
         for fmt in (torch.contiguous_format, torch.channels_last):
             xf, dyf = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
             w, b = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
-            fused = _run(lambda x, w, b, g=groups: functional.batch_group_norm(x, g, weight=w, bias=b),
-                         xf, dyf, w, b)
-            native = _run(lambda x, w, b, g=groups: batch_group_norm_train(x, g, w, b, EPS)[0], xf, dyf, w, b)
+            fused = run_backward(
+                lambda x, w, b, g=groups: functional.batch_group_norm(x, g, weight=w, bias=b), xf, dyf, w, b
+            )
+            native = run_backward(lambda x, w, b, g=groups: batch_group_norm_train(x, g, w, b, EPS)[0],
+                                  xf, dyf, w, b)
             for a, e in zip(fused, native, strict=True):
                 torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bgn_lightning._ext import cpu_kernels
+from tests.kernel_cases import channels_last_format, layout_ids
 
 KERNELS = cpu_kernels()
 if KERNELS is None:
@@ -35,11 +36,7 @@ LAYOUTS = [
     ((5, 4, 2, 2, 3), 8, "channels_last"),
     ((7, 6), 3, "contiguous"),
 ]
-LAYOUT_IDS = [f"{'x'.join(map(str, s))}-G{g}-{m}" for s, g, m in LAYOUTS]
-
-
-def _fmt(dim: int) -> torch.memory_format:
-    return torch.channels_last if dim == 4 else torch.channels_last_3d
+LAYOUT_IDS = layout_ids(LAYOUTS)
 
 
 def _case(shape, groups, memory, dtype=torch.float64, seed=0):
@@ -47,7 +44,7 @@ def _case(shape, groups, memory, dtype=torch.float64, seed=0):
     x = torch.randn(shape, generator=gen, dtype=dtype) * 3 + 2
     dy = torch.randn(shape, generator=gen, dtype=dtype)
     if memory == "channels_last":
-        x, dy = (t.contiguous(memory_format=_fmt(len(shape))) for t in (x, dy))
+        x, dy = (t.contiguous(memory_format=channels_last_format(len(shape))) for t in (x, dy))
     w = torch.randn(shape[1], generator=gen, dtype=dtype)
     b = torch.randn(shape[1], generator=gen, dtype=dtype)
     rm = torch.randn(groups, generator=gen, dtype=dtype)
@@ -107,8 +104,8 @@ def test_chunks_match_separate_calls(shape, groups, memory, chunk) -> None:
         rm, rv = rm0.clone(), rv0.clone()
         got = _grads(_train(groups, rm, rv, FACTOR, chunk, average), x, dy, w, b)
         _assert_close(got, want, rtol=1e-10, atol=1e-10)
-        assert got[0].is_contiguous(memory_format=_fmt(len(shape)) if memory == "channels_last" else
-                                    torch.contiguous_format)
+        fmt = channels_last_format(len(shape)) if memory == "channels_last" else torch.contiguous_format
+        assert got[0].is_contiguous(memory_format=fmt)
         if average:
             target_m = torch.stack([m for m, _ in stats]).mean(0)
             target_v = torch.stack([v for _, v in stats]).mean(0)

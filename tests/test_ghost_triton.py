@@ -15,29 +15,15 @@ Triton's interpreter on CPU tensors in a child process (``test_interpreter_suite
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import bgn_lightning._triton as triton_kernels
+from tests.kernel_cases import channels_last_format, layout_ids, leaf, run_backward
+from tests.triton_modes import DEVICE, HAS_TRITON, INTERPRET, TOLERANCE, kernel_test, run_in_interpreter
 
-ROOT = Path(__file__).resolve().parents[1]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ON_GPU = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if ON_GPU else "cpu"
 EPS = 1e-5
 MOMENTUM = 0.3
-
-kernel_test = pytest.mark.skipif(
-    not (HAS_TRITON and (INTERPRET or ON_GPU)),
-    reason="no GPU: runs in Triton's interpreter in a child process (test_interpreter_suite)",
-)
 
 # (shape, G, memory), N = 5: G | C, G = k * C, groups straddling channels, 3-D and 5-D inputs,
 # contiguous, channels-last and other strides.
@@ -53,23 +39,13 @@ LAYOUTS = [
     ((5, 6, 2, 2, 2), 4, "channels_last"),
     ((5, 6, 2, 2), 4, "sliced"),
 ]
-LAYOUT_IDS = [f"{'x'.join(map(str, s))}-G{g}-{m}" for s, g, m in LAYOUTS]
+LAYOUT_IDS = layout_ids(LAYOUTS)
 CHUNKS = [1, 2, 3, 5]  # N = 5: five of one, 2 + 2 + 1, 3 + 2, one batch
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-TOLERANCE = {
-    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
-    torch.bfloat16: {"rtol": 1 / 128, "atol": 1e-2},
-    torch.float16: {"rtol": 1 / 1024, "atol": 2e-3},
-}
 
 
 @pytest.fixture(scope="module")
 def kernels() -> triton_kernels.TritonKernels:
     return triton_kernels.TritonKernels()
-
-
-def _fmt(dim: int) -> torch.memory_format:
-    return torch.channels_last if dim == 4 else torch.channels_last_3d
 
 
 def _case(shape, groups, memory, dtype, seed=0):
@@ -84,7 +60,7 @@ def _case(shape, groups, memory, dtype, seed=0):
     else:
         x = torch.randn(shape, generator=gen) * scale + offset
         if memory == "channels_last":
-            x = x.contiguous(memory_format=_fmt(len(shape)))
+            x = x.contiguous(memory_format=channels_last_format(len(shape)))
     x = x.to(DEVICE, dtype)
     dy = torch.randn(shape, generator=gen).to(DEVICE, dtype)
     c = shape[1]
@@ -131,20 +107,31 @@ def _expected_running(stats, rm0, rv0, average: bool):
             (1 - MOMENTUM) * rv0.double().cpu() + MOMENTUM * var)
 
 
-def _leaf(t):
-    return t.detach().clone().requires_grad_()
+def _assert_running(rm, rv, stats, rm0, rv0, average: bool) -> None:
+    """``rm, rv`` are the running statistics one step on from ``rm0, rv0`` (:func:`_expected_running`)."""
+    exp_m, exp_v = _expected_running(stats, rm0, rv0, average)
+    _close(rm, exp_m, rtol=1e-5, atol=1e-5)
+    _close(rv, exp_v, rtol=1e-5, atol=1e-5)
 
 
 def _train(kernels, x, dy, w, b, groups, rm, rv, **kw):
     """``kernels.train`` on fresh leaves, then backward ``dy``: ``(y, dx, dw, db)``."""
-    x, w, b = _leaf(x), _leaf(w), _leaf(b)
-    y = kernels.train(x, w, b, groups, EPS, rm, rv, MOMENTUM, **kw)
-    y.backward(dy)
-    return y.detach(), x.grad, w.grad, b.grad
+    return run_backward(lambda x, w, b: kernels.train(x, w, b, groups, EPS, rm, rv, MOMENTUM, **kw),
+                        x, dy, w, b)
 
 
 def _close(got, want, **tol):
     torch.testing.assert_close(got.double().cpu(), want, **tol)
+
+
+def _assert_grads_close(got, want, tol=TOLERANCE[torch.float32]) -> None:
+    """``(y, dx, dw, db)`` against the reference's: ``y`` to ``tol``, ``dx`` to twice it, the
+    parameter gradients to 1e-4."""
+    y, dx, dw, db = got
+    _close(y, want[0], **tol)
+    _close(dx, want[1], rtol=2 * tol["rtol"], atol=2 * tol["atol"])
+    _close(dw, want[2], rtol=1e-4, atol=1e-4)
+    _close(db, want[3], rtol=1e-4, atol=1e-4)
 
 
 # -- against the float64 reference ----------------------------------------------------------------
@@ -157,17 +144,13 @@ def test_train_matches_reference(kernels, shape, groups, memory, chunk) -> None:
     """Outputs, gradients and the default (first ghost batch's) running statistics, float32."""
     x, dy, w, b, rm0, rv0 = _case(shape, groups, memory, torch.float32)
     rm, rv = rm0.clone(), rv0.clone()
-    y, dx, dw, db = _train(kernels, x, dy, w, b, groups, rm, rv, chunk=chunk)
+    got = _train(kernels, x, dy, w, b, groups, rm, rv, chunk=chunk)
     want, stats = _reference(x, dy, w, b, groups, chunk)
     if memory == "channels_last":
-        assert y.is_contiguous(memory_format=_fmt(x.dim())) and dx.is_contiguous(memory_format=_fmt(x.dim()))
-    _close(y, want[0], rtol=1e-5, atol=1e-5)
-    _close(dx, want[1], rtol=2e-5, atol=2e-5)
-    _close(dw, want[2], rtol=1e-4, atol=1e-4)
-    _close(db, want[3], rtol=1e-4, atol=1e-4)
-    exp_m, exp_v = _expected_running(stats, rm0, rv0, average=False)
-    _close(rm, exp_m, rtol=1e-5, atol=1e-5)
-    _close(rv, exp_v, rtol=1e-5, atol=1e-5)
+        fmt = channels_last_format(x.dim())
+        assert got[0].is_contiguous(memory_format=fmt) and got[1].is_contiguous(memory_format=fmt)
+    _assert_grads_close(got, want)
+    _assert_running(rm, rv, stats, rm0, rv0, average=False)
 
 
 @kernel_test
@@ -181,9 +164,7 @@ def test_running_average_matches_reference(kernels, shape, groups, memory, chunk
         y = kernels.train(x, w, b, groups, EPS, rm, rv, MOMENTUM, chunk=chunk, running_average=True)
     want, stats = _reference_bgn(x.double().cpu(), groups, w.double().cpu(), b.double().cpu(), chunk)
     _close(y, want, rtol=1e-5, atol=1e-5)
-    exp_m, exp_v = _expected_running(stats, rm0, rv0, average=True)
-    _close(rm, exp_m, rtol=1e-5, atol=1e-5)
-    _close(rv, exp_v, rtol=1e-5, atol=1e-5)
+    _assert_running(rm, rv, stats, rm0, rv0, average=True)
 
 
 @kernel_test
@@ -195,17 +176,12 @@ def test_low_precision_inputs(kernels, shape, groups, memory, dtype, average) ->
     """float16 / bfloat16 inputs, float32 statistics and parameters; 2 + 2 + 1 ghost batches."""
     x, dy, w, b, rm0, rv0 = _case(shape, groups, memory, dtype)
     rm, rv = rm0.clone(), rv0.clone()
-    y, dx, dw, db = _train(kernels, x, dy, w, b, groups, rm, rv, chunk=2, running_average=average)
+    got = _train(kernels, x, dy, w, b, groups, rm, rv, chunk=2, running_average=average)
+    y, dx, dw, db = got
     assert y.dtype == dx.dtype == dtype and dw.dtype == db.dtype == torch.float32
     want, stats = _reference(x, dy, w, b, groups, 2)
-    tol = TOLERANCE[dtype]
-    _close(y, want[0], **tol)
-    _close(dx, want[1], rtol=2 * tol["rtol"], atol=2 * tol["atol"])
-    _close(dw, want[2], rtol=1e-4, atol=1e-4)
-    _close(db, want[3], rtol=1e-4, atol=1e-4)
-    exp_m, exp_v = _expected_running(stats, rm0, rv0, average)
-    _close(rm, exp_m, rtol=1e-5, atol=1e-5)
-    _close(rv, exp_v, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(got, want, TOLERANCE[dtype])
+    _assert_running(rm, rv, stats, rm0, rv0, average)
 
 
 @kernel_test
@@ -220,15 +196,10 @@ def test_many_partial_sums_per_ghost_batch(kernels, monkeypatch, shape, groups, 
     monkeypatch.setattr(kernels, "_target_programs", lambda device: 96)
     x, dy, w, b, rm0, rv0 = _case(shape, groups, memory, torch.float32, seed=5)
     rm, rv = rm0.clone(), rv0.clone()
-    y, dx, dw, db = _train(kernels, x, dy, w, b, groups, rm, rv, chunk=chunk, running_average=True)
+    got = _train(kernels, x, dy, w, b, groups, rm, rv, chunk=chunk, running_average=True)
     want, stats = _reference(x, dy, w, b, groups, chunk)
-    _close(y, want[0], rtol=1e-5, atol=1e-5)
-    _close(dx, want[1], rtol=2e-5, atol=2e-5)
-    _close(dw, want[2], rtol=1e-4, atol=1e-4)
-    _close(db, want[3], rtol=1e-4, atol=1e-4)
-    exp_m, exp_v = _expected_running(stats, rm0, rv0, average=True)
-    _close(rm, exp_m, rtol=1e-5, atol=1e-5)
-    _close(rv, exp_v, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(got, want)
+    _assert_running(rm, rv, stats, rm0, rv0, average=True)
 
 
 # -- against the kernels themselves ---------------------------------------------------------------
@@ -275,7 +246,7 @@ def test_one_batch_is_todays_call(kernels, shape, groups, memory) -> None:
 def test_double_backward_per_ghost_batch(kernels) -> None:
     """create_graph=True differentiates a composite graph per ghost batch (3 + 2 here)."""
     x, dy, w, b, _, _ = _case((5, 6, 2, 2), 4, "channels_last", torch.float32, seed=4)
-    inputs = [_leaf(t) for t in (x, w, b)]
+    inputs = [leaf(t) for t in (x, w, b)]
     y = kernels.train(*inputs, 4, EPS, None, None, 0.0, chunk=3)
     grads = torch.autograd.grad(y, inputs, dy, create_graph=True)
     second = torch.autograd.grad(sum((g * g).sum() for g in grads[:2]), inputs[:2])
@@ -317,9 +288,4 @@ def test_synchronized_backward_refuses_ghost_batches() -> None:
 @pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="the child process itself, or no Triton")
 def test_interpreter_suite() -> None:
     """This module's kernel tests in Triton's interpreter, on CPU tensors (a child process)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    argv = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore::UserWarning",
-            str(Path(__file__).relative_to(ROOT)), "-k", "not test_interpreter_suite"]
-    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout
+    run_in_interpreter(__file__)

@@ -121,13 +121,17 @@ def _batch_stats_calls(model: DANNModule, mode: str, xs: torch.Tensor, xt: torch
     return seen, torch.cat(features), logits
 
 
-@pytest.mark.parametrize("norm", ["bn", "bgn"])
-def test_joint_and_separate_give_different_batch_statistics(norm: str) -> None:
+def _joint_and_separate(norm: str):
+    """:func:`_batch_stats_calls` of a fresh model with ``norm`` in both modes, on the same batches."""
     torch.manual_seed(0)
     model = DANNModule(norm=norm, num_classes=10, in_channels=3).train()
     xs, xt = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16) + 1.0
-    joint_seen, joint, _ = _batch_stats_calls(model, "joint", xs, xt)
-    separate_seen, separate, _ = _batch_stats_calls(model, "separate", xs, xt)
+    return _batch_stats_calls(model, "joint", xs, xt), _batch_stats_calls(model, "separate", xs, xt)
+
+
+@pytest.mark.parametrize("norm", ["bn", "bgn"])
+def test_joint_and_separate_give_different_batch_statistics(norm: str) -> None:
+    (joint_seen, joint, _), (separate_seen, separate, _) = _joint_and_separate(norm)
     assert [len(s) for s in joint_seen] == [16] and [len(s) for s in separate_seen] == [8, 8]
     assert not torch.allclose(joint, separate, atol=1e-3)
 
@@ -171,11 +175,7 @@ def test_the_domain_probe_scores_separability_on_held_out_halves() -> None:
 
 @pytest.mark.parametrize("norm", ["gn", "ln", "pn", "none"])
 def test_joint_and_separate_agree_for_norms_without_batch_statistics(norm: str) -> None:
-    torch.manual_seed(0)
-    model = DANNModule(norm=norm, num_classes=10, in_channels=3).train()
-    xs, xt = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16) + 1.0
-    _, joint, joint_d = _batch_stats_calls(model, "joint", xs, xt)
-    _, separate, separate_d = _batch_stats_calls(model, "separate", xs, xt)
+    (_, joint, joint_d), (_, separate, separate_d) = _joint_and_separate(norm)
     torch.testing.assert_close(joint, separate)
     torch.testing.assert_close(joint_d, separate_d)
 
