@@ -109,3 +109,17 @@ def test_checkpoints_hold_the_groups_as_plain_data(tmp_path: Path) -> None:
     assert ClassificationModule.load_from_checkpoint(path, weights_only=True).sgd == SGDSettings(lr=0.02)
     nested = RetrainSettings.of({"retrain": {"lr": 0.1}})
     assert RetrainSettings.of({"eval_lr": 0.1}) == RetrainSettings(lr=0.1) == nested
+
+
+def test_a_group_file_with_flat_keys_moves_them(tmp_path: Path, capsys) -> None:
+    """``--model FILE`` (a file of the model's own keys) reads the flat keys too, never drops them."""
+    configs = {}
+    for name, model in (("flat", FLAT), ("nested", NESTED)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(model))
+        configs[name] = _printed(capsys, "classification", "--model", str(path))
+    assert configs["flat"] == configs["nested"]
+    assert configs["flat"]["model"]["sgd"]["lr"] == 0.05 and "lr" not in configs["flat"]["model"]
+    flat = str(tmp_path / "flat.yaml")
+    later = _printed(capsys, "classification", "--model", flat, "--model.sgd.lr", "0.2")
+    assert later["model"]["sgd"]["lr"] == 0.2

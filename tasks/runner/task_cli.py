@@ -47,9 +47,11 @@ class TaskParser(LightningArgumentParser):
     saved ``config.yaml``, ``results.json``): a bad value is named by the key the file wrote. As
     each config file is loaded (the task's default config, each ``--config``), its old keys move
     to their new places, unless the file sets those too; a later file or flag still overrides an
-    earlier one, whichever place it writes. One log line per file names what moved. Relies on
-    jsonargparse (4.53) loading every config file's content through ``_load_config_parser_mode``
-    (``tests/test_cli.py`` checks the result: a file with flat keys runs and prints as nested).
+    earlier one, whichever place it writes; a group's own file (``--model FILE``) likewise. One log
+    line per file names what moved. Relies on jsonargparse (4.53) loading every config file's
+    content through ``_load_config_parser_mode`` and a group's file through ``_apply_actions`` with
+    the group as ``parent_key`` (``tests/test_settings.py`` checks both: files with flat keys run
+    and print as nested).
     """
 
     moved: tuple[MovedKey, ...] = ()
@@ -57,14 +59,30 @@ class TaskParser(LightningArgumentParser):
 
     def _load_config_parser_mode(self, content: str, path: Any = "", *args: Any, **kwargs: Any) -> Namespace:
         cfg = super()._load_config_parser_mode(content, path, *args, **kwargs)
+        return self._move(cfg, "", str(path) or "a config file")
+
+    def _apply_actions(self, cfg: Namespace | dict[str, Any], parent_key: str = "", *args: Any,
+                       **kwargs: Any) -> Namespace:
+        # A group's own config file (``--model FILE``) is loaded here, its keys relative to the group.
+        if parent_key and any(m.old.startswith(f"{parent_key}.") for m in self.moved):
+            cfg = self._move(Namespace(cfg) if isinstance(cfg, dict) else cfg, f"{parent_key}.",
+                             f"--{parent_key} FILE")
+        return super()._apply_actions(cfg, parent_key, *args, **kwargs)
+
+    def _move(self, cfg: Namespace, prefix: str, where: str) -> Namespace:
+        """``cfg`` (keys relative to ``prefix``) with its old keys at their new places, unless it
+        sets those too; one log line names what moved."""
         read = []
         for moved in self.moved:
-            if moved.old in cfg:
-                value = cfg.pop(moved.old)
-                if moved.new not in cfg:
-                    cfg[moved.new] = value
+            if not moved.old.startswith(prefix) or not moved.new.startswith(prefix):
+                continue
+            old, new = moved.old[len(prefix):], moved.new[len(prefix):]
+            if old in cfg:
+                value = cfg.pop(old)
+                if new not in cfg:
+                    cfg[new] = value
                 read.append((moved.old, moved.new))
-        log_moved(read, str(path) or "a config file")
+        log_moved(read, where)
         return cfg
 
 
