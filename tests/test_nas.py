@@ -28,6 +28,7 @@ from tasks.nas import (
     derive_cell,
     load_genotype,
 )
+from tasks.nas.module import SearchSettings
 from tasks.nas.networks import MixedOp
 from tasks.nas.pipeline import agreement, genotype_agreement
 from tasks.runner.cli import main
@@ -121,7 +122,7 @@ def test_arch_and_weight_parameters_are_disjoint_and_each_optimizer_moves_only_i
     unrolled: bool, tmp_path: Path
 ) -> None:
     pl.seed_everything(0)
-    module = _tiny_search(unrolled=unrolled)
+    module = _tiny_search(search=SearchSettings(unrolled=unrolled))
     arch = {id(p) for p in module.net.arch_parameters()}
     weights = {id(p) for p in module.net.weight_parameters()}
     assert not arch & weights and arch | weights == {id(p) for p in module.parameters()} and len(arch) == 2

@@ -102,7 +102,7 @@ def test_the_learning_rate_follows_the_annealing_per_step_and_no_target_label_is
     assert all(torch.equal(states[0][k], s[k]) for s in states[1:] for k in states[0])
     # the annealed rate after the last step, lr * (1 + 10 p)^-0.75 with p = steps / total
     lr = trainer.optimizers[0].param_groups[0]["lr"]
-    base = scaled_lr(model.hparams.lr, 8, model.hparams.base_batch_size)
+    base = scaled_lr(model.sgd.lr, 8, model.sgd.base_batch_size)
     assert lr == pytest.approx(base * annealed_lr_factor(4 / trainer.estimated_stepping_batches))
     assert model.progress == pytest.approx(4 / trainer.estimated_stepping_batches)
 

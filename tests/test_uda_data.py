@@ -221,11 +221,11 @@ def test_office31_config_is_the_reference_protocol_on_fake_office_folders(tmp_pa
     dm.setup()
     assert len(dm.train_set) == 15 and len(dm.val_set) == 0 and len(dm.test_set) == 15
     assert len(dm.target_train_set) == len(dm.target_test_set) == 9
-    model, steps = spec["model"], spec["trainer"]["max_steps"]
+    model, sgd, steps = spec["model"], spec["model"]["sgd"], spec["trainer"]["max_steps"]
     for i in (0, 500, 1000, 5000, steps):
         ramp = 2 / (1 + np.exp(-i / 1000)) - 1
         assert grl_coefficient(i / steps, model["grl_gamma"]) == pytest.approx(ramp)
-        assert annealed_lr_factor(i / steps, model["lr_alpha"], model["lr_beta"]) == pytest.approx(
+        assert annealed_lr_factor(i / steps, sgd["lr_alpha"], sgd["lr_beta"]) == pytest.approx(
             (1 + 0.001 * i) ** -0.75
         )  # fmt: skip
     out = tmp_path / "run"  # the config's wiring end to end, small: a CNN, 64 px, 2 steps, CPU

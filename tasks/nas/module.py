@@ -26,7 +26,7 @@ from .genotype import Genotype, entropy
 from .networks import EvalNetwork, SearchNetwork
 from .ops import DARTS_OPS, OPS
 
-__all__ = ["STAGES", "DartsEvalModule", "DartsSearchModule", "RetrainSettings"]
+__all__ = ["STAGES", "DartsEvalModule", "DartsSearchModule", "RetrainSettings", "SearchSettings"]
 
 STAGES = ("search", "eval", "search+eval")
 """``--stage`` values: search only, retrain a given genotype, or both (the default)."""
@@ -35,6 +35,45 @@ ALPHAS_FILE = "search_alphas.jsonl"
 """Per-epoch softmax(alpha), its entropy and the genotype, one JSON object a line (search's root dir)."""
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchSettings(SettingsGroup):
+    """The search's two optimisers: SGD on the supernet's weights, Adam on alpha.
+
+    :class:`DartsSearchModule`'s ``search`` argument (config keys ``model.search.*``, beside
+    ``model.retrain``; the flat ``model.lr``, ``model.arch_lr``... of earlier versions are still
+    read), held as :attr:`DartsSearchModule.search`. The retraining stage (:class:`RetrainSettings`)
+    has its own rate, schedule and weight decay but trains with this ``momentum`` and ``grad_clip``.
+
+    Attributes:
+        lr, lr_min: the weights' SGD rate, cosine-annealed from ``lr`` to ``lr_min`` over the
+            search's epochs.
+        momentum: SGD momentum (of the retraining too).
+        weight_decay: weight decay of the weights (and of the unrolled step's virtual update).
+        arch_lr, arch_betas, arch_weight_decay: Adam's rate, betas and weight decay of alpha.
+        grad_clip: gradient-norm clip of the weight step (of the retraining too).
+        unrolled: second-order (unrolled) alpha gradient instead of first order.
+
+    Raises:
+        ValueError: ``grad_clip must be > 0``.
+    """
+
+    KEY = "search"
+
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    arch_lr: float = 3e-4
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    grad_clip: float = 5.0
+    unrolled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip!r}")
 
 
 @dataclass(frozen=True)
@@ -133,6 +172,8 @@ class DartsSearchModule(SettingsCheckpoints, pl.LightningModule):
     2. weight step: SGD with momentum on the weight half, gradient norm clipped to ``grad_clip``,
        cosine-annealed from ``lr`` to ``lr_min`` over the search's epochs.
 
+    These are the ``search`` settings group (:class:`SearchSettings`, held as :attr:`search`).
+
     Each optimizer only holds (and, through ``toggled_optimizer``, only computes gradients for)
     its own parameters. Logged: ``train/loss``, ``train/acc``, ``train/arch_loss``, the
     supernet's ``val/search_acc`` and ``test/search_acc`` (and ``*_loss``, ``*_acc_top5``) and,
@@ -157,15 +198,9 @@ class DartsSearchModule(SettingsCheckpoints, pl.LightningModule):
         cells: supernet cells (two reduce).
         nodes: intermediate nodes per cell.
         stem_multiplier: the stem outputs ``stem_multiplier * channels``.
-        lr: initial weight learning rate.
-        lr_min: final weight learning rate (cosine).
-        momentum: SGD momentum.
-        weight_decay: weight decay of the weights.
-        arch_lr: Adam learning rate of alpha.
-        arch_betas: Adam betas of alpha.
-        arch_weight_decay: weight decay of alpha.
-        grad_clip: gradient-norm clip of the weight step.
-        unrolled: second-order (unrolled) alpha gradient instead of first order.
+        search: the search's optimisers (:class:`SearchSettings`: ``lr``, ``lr_min``, ``momentum``,
+            ``weight_decay``, ``arch_lr``, ``arch_betas``, ``arch_weight_decay``, ``grad_clip``,
+            ``unrolled``).
         retrain: the derived network and its retraining (:class:`RetrainSettings`; its norm
             ``None``: the search's).
 
@@ -185,15 +220,7 @@ class DartsSearchModule(SettingsCheckpoints, pl.LightningModule):
         cells: int = 8,
         nodes: int = 4,
         stem_multiplier: int = 3,
-        lr: float = 0.025,
-        lr_min: float = 0.001,
-        momentum: float = 0.9,
-        weight_decay: float = 3e-4,
-        arch_lr: float = 3e-4,
-        arch_betas: tuple[float, float] = (0.5, 0.999),
-        arch_weight_decay: float = 1e-3,
-        grad_clip: float = 5.0,
-        unrolled: bool = False,
+        search: SearchSettings = SearchSettings(),
         retrain: RetrainSettings = RetrainSettings(),
     ) -> None:
         super().__init__()
@@ -207,8 +234,7 @@ class DartsSearchModule(SettingsCheckpoints, pl.LightningModule):
             check_int(name, value, optional=True)
         if not 0.0 <= retrain.drop_path_prob < 1.0:
             raise ValueError(f"retrain.drop_path_prob must be in [0, 1), got {retrain.drop_path_prob!r}")
-        if grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0, got {grad_clip!r}")
+        self.search = search
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.net = SearchNetwork(
@@ -228,7 +254,7 @@ class DartsSearchModule(SettingsCheckpoints, pl.LightningModule):
 
     def eval_module(self, genotype: Genotype) -> DartsEvalModule:
         """The derived network of ``genotype`` with the :attr:`retrain` settings, to retrain."""
-        hp, settings = self.hparams, self.retrain
+        hp, settings, search = self.hparams, self.retrain, self.search
         return DartsEvalModule(
             genotype=genotype.to_dict(),
             ops=list(self.space_ops),
@@ -242,26 +268,26 @@ class DartsSearchModule(SettingsCheckpoints, pl.LightningModule):
             stem_multiplier=hp.stem_multiplier,
             lr=settings.lr,
             lr_min=settings.lr_min,
-            momentum=hp.momentum,
+            momentum=search.momentum,
             weight_decay=settings.weight_decay,
-            grad_clip=hp.grad_clip,
+            grad_clip=search.grad_clip,
             drop_path_prob=settings.drop_path_prob,
             search_norm=hp.norm,
         )
 
     # -- the two optimizers ---------------------------------------------------------------------
     def configure_optimizers(self) -> tuple[list[Optimizer], list[Any]]:
-        """``[SGD(weights), Adam(alpha)]`` and the weights' cosine schedule (stepped per epoch)."""
-        hp = self.hparams
+        """``[SGD(weights), Adam(alpha)]`` and the weights' cosine schedule (per epoch): :attr:`search`."""
+        search = self.search
         weights, scheduler = _sgd_cosine(
-            self.net.weight_parameters(), hp.lr, hp.lr_min, hp.momentum, hp.weight_decay,
+            self.net.weight_parameters(), search.lr, search.lr_min, search.momentum, search.weight_decay,
             self.trainer.max_epochs or 1,
         )  # fmt: skip
         arch = torch.optim.Adam(
             self.net.arch_parameters(),
-            lr=hp.arch_lr,
-            betas=tuple(hp.arch_betas),
-            weight_decay=hp.arch_weight_decay,
+            lr=search.arch_lr,
+            betas=tuple(search.arch_betas),
+            weight_decay=search.arch_weight_decay,
         )
         return [weights, arch], [scheduler]
 
@@ -269,7 +295,7 @@ class DartsSearchModule(SettingsCheckpoints, pl.LightningModule):
         """One alpha step on the arch half, then one weight step on the weight half."""
         weight_opt, arch_opt = self.optimizers()  # type: ignore[misc]
         (xw, yw), (xa, ya) = batch["weights"], batch["arch"]
-        if self.hparams.unrolled:
+        if self.search.unrolled:
             arch_opt.zero_grad()
             arch_loss = self._unrolled_arch_grads(xw, yw, xa, ya, weight_opt.param_groups[0]["lr"])
             arch_opt.step()
@@ -285,7 +311,7 @@ class DartsSearchModule(SettingsCheckpoints, pl.LightningModule):
             loss = F.cross_entropy(logits, yw)
             self.manual_backward(loss)
             self.clip_gradients(
-                weight_opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
+                weight_opt, gradient_clip_val=self.search.grad_clip, gradient_clip_algorithm="norm"
             )
             weight_opt.step()
         self.train_metrics.update(logits.detach(), yw)
@@ -302,7 +328,7 @@ class DartsSearchModule(SettingsCheckpoints, pl.LightningModule):
         with ``w+- = w +- r grad_w' L_a(w', alpha)`` and ``r = 0.01 / |grad_w' L_a|`` (DARTS'
         finite-difference Hessian-vector product; its momentum term is left out).
         """
-        net, wd = self.net, self.hparams.weight_decay
+        net, wd = self.net, self.search.weight_decay
         arch = net.arch_parameters()
         arch_ids = {id(a) for a in arch}
         params = {n: p for n, p in net.named_parameters() if id(p) not in arch_ids}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +17,7 @@ from bgn_lightning import norm_mode
 from tasks.common.backbones import build_backbone
 from tasks.common.norms import norm_factory
 from tasks.common.optim import param_groups, scaled_lr
+from tasks.common.settings import SettingsCheckpoints, SettingsGroup
 from tasks.common.training import global_batch_size
 from tasks.common.validate import check_choice, check_int
 
@@ -29,7 +31,7 @@ from .dann import (
     norm_statistics,
 )
 
-__all__ = ["DOMAIN_MODES", "METHODS", "DANNModule"]
+__all__ = ["DOMAIN_MODES", "METHODS", "DANNModule", "DannSGDSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,51 @@ DOMAIN_MODES = ("joint", "separate")
 TARGET, SOURCE = 0, 1  # test dataloader indices, and the discriminator's domain labels (source = 1)
 
 
-class DANNModule(pl.LightningModule):
+@dataclass(frozen=True)
+class DannSGDSettings(SettingsGroup):
+    """DANN's optimiser: SGD on the linearly scaled rate, annealed per step as ``(1 + alpha p)^-beta``.
+
+    :class:`DANNModule`'s ``sgd`` argument (config keys ``model.sgd.lr``, ``model.sgd.lr_alpha``...,
+    the same key as the other suites' SGD; the flat ``model.lr``... of earlier versions are still
+    read, :mod:`tasks.common.settings`), held as :attr:`DANNModule.sgd`. Not
+    :class:`tasks.common.optim.SGDSettings`: no warm-up and no cosine or step schedule, but DANN's
+    annealing and a slower backbone. The loss's ``trade_off`` and the reversal's ``grl_gamma`` are
+    the method's, not the optimiser's: they stay the model's own arguments.
+
+    Attributes:
+        lr: the heads' learning rate at ``base_batch_size`` (scaled linearly with the global batch size).
+        base_batch_size: the batch size (per domain) ``lr`` is tuned for.
+        global_batch_size: per-domain global batch of the scaling rule (``None``: from the trainer).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 penalty on conv and linear weights (not on norm affines and biases).
+        lr_alpha: alpha of the rate's annealing ``(1 + alpha p)^-beta`` (10).
+        lr_beta: beta of the annealing (0.75).
+        backbone_lr_mult: the backbone's rate relative to the heads' (0.1 for a pretrained backbone,
+            as in the reference library's Office-31 protocol).
+
+    Raises:
+        ValueError: ``backbone_lr_mult must be > 0``.
+    """
+
+    KEY = "sgd"
+
+    lr: float = 0.01
+    base_batch_size: int = 32
+    global_batch_size: int | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-3
+    lr_alpha: float = 10.0
+    lr_beta: float = 0.75
+    backbone_lr_mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.backbone_lr_mult <= 0:
+            raise ValueError(f"backbone_lr_mult must be > 0, got {self.backbone_lr_mult!r}")
+
+
+class DANNModule(SettingsCheckpoints, pl.LightningModule):
     """Domain-adversarial training (DANN, Ganin & Lempitsky 2015) with registry norms everywhere.
 
     A features-only backbone (``build_backbone(name, num_classes=0)``), an optional bottleneck
@@ -48,8 +94,9 @@ class DANNModule(pl.LightningModule):
     ``domain_mode`` the feature extractor uses), so its norms cannot standardise the shift away.
     Per step the loss is ``CE(source) + trade_off * domain BCE``; the reversal coefficient warms up
     as ``λ = 2 / (1 + exp(-10 p)) - 1`` and the rate anneals as ``lr · (1 + 10 p)^-0.75`` (``p``:
-    optimizer steps done / total; a per-step ``LambdaLR``). The target's labels never reach a
-    step: its training loader serves images only.
+    optimizer steps done / total; a per-step ``LambdaLR``; the ``sgd`` group,
+    :class:`DannSGDSettings`). The target's labels never reach a step: its training loader serves
+    images only.
 
     * ``method="source_only"``: the same network and budget trained on source batches alone
       (``domain_mode`` does not change its trunk's forward). Its discriminator is a *probe*: it
@@ -83,21 +130,13 @@ class DANNModule(pl.LightningModule):
             ``groups``); instance norm has no (N, C) variant, so ``--norm in`` needs one.
         bottleneck_dim: width of the bottleneck (0: the classifier reads the backbone's features).
         discriminator_hidden: width of the discriminator's hidden layers.
-        lr: learning rate at ``base_batch_size`` (scaled linearly with the global batch size).
-        base_batch_size: the batch size (per domain) ``lr`` is tuned for.
-        global_batch_size: per-domain global batch of the scaling rule (``None``: from the trainer).
-        momentum: SGD momentum.
-        nesterov: Nesterov momentum.
-        weight_decay: L2 penalty on conv and linear weights (not on norm affines and biases).
         trade_off: weight of the domain loss.
         grl_gamma: steepness of the reversal coefficient's warm start (10).
-        lr_alpha: alpha of the rate's annealing ``(1 + alpha p)^-beta`` (10).
-        lr_beta: beta of the annealing (0.75).
         backbone_weights: a state-dict file (e.g. torchvision's ImageNet ResNet-50) loaded into the
             backbone; tensors whose shape differs (a BGN layer's G running statistics, the classifier)
             are skipped and logged. ``None``: trained from scratch.
-        backbone_lr_mult: the backbone's rate relative to the heads' (0.1 for a pretrained backbone,
-            as in the reference library's Office-31 protocol).
+        sgd: the optimiser (:class:`DannSGDSettings`: ``lr``, ``base_batch_size``, ``lr_alpha``,
+            ``backbone_lr_mult``...), held as :attr:`sgd`.
     """
 
     def __init__(
@@ -114,18 +153,10 @@ class DANNModule(pl.LightningModule):
         head_norm: str | None = None,
         bottleneck_dim: int = 0,
         discriminator_hidden: int = 256,
-        lr: float = 0.01,
-        base_batch_size: int = 32,
-        global_batch_size: int | None = None,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 1e-3,
         trade_off: float = 1.0,
         grl_gamma: float = 10.0,
-        lr_alpha: float = 10.0,
-        lr_beta: float = 0.75,
         backbone_weights: str | None = None,
-        backbone_lr_mult: float = 1.0,
+        sgd: DannSGDSettings = DannSGDSettings(),
     ) -> None:
         super().__init__()
         check_choice("method", method, METHODS)
@@ -135,14 +166,13 @@ class DANNModule(pl.LightningModule):
         check_int("discriminator_hidden", discriminator_hidden)
         if trade_off < 0:
             raise ValueError(f"trade_off must be >= 0, got {trade_off!r}")
-        if backbone_lr_mult <= 0:
-            raise ValueError(f"backbone_lr_mult must be > 0, got {backbone_lr_mult!r}")
         head = head_norm or norm
         if head == "in":
             raise ValueError(
                 "head_norm 'in': instance norm normalises each channel over its positions and (N, C) "
                 "features have none; set --model.head_norm (e.g. ln) for the bottleneck and discriminator"
             )
+        self.sgd = sgd
         self.save_hyperparameters()
         self.backbone = build_backbone(backbone, 0, in_channels, norm_factory(norm, groups, norm_kwargs))
         if backbone_weights is not None:
@@ -289,18 +319,18 @@ class DANNModule(pl.LightningModule):
         self._stats, self._stats_in_use = {}, None
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """SGD on the linearly scaled rate, annealed per step as ``(1 + alpha p)^-beta``."""
-        hp = self.hparams
-        lr = scaled_lr(hp.lr, global_batch_size(self.trainer, hp.global_batch_size), hp.base_batch_size)
+        """SGD on the linearly scaled rate, annealed per step as ``(1 + alpha p)^-beta`` (:attr:`sgd`)."""
+        sgd = self.sgd
+        lr = scaled_lr(sgd.lr, global_batch_size(self.trainer, sgd.global_batch_size), sgd.base_batch_size)
         groups = []
-        for part, mult in ((self.backbone, hp.backbone_lr_mult), (self.heads, 1.0)):
-            groups += [{**g, "lr": lr * mult} for g in param_groups(part, hp.weight_decay)]
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        for part, mult in ((self.backbone, sgd.backbone_lr_mult), (self.heads, 1.0)):
+            groups += [{**g, "lr": lr * mult} for g in param_groups(part, sgd.weight_decay)]
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=sgd.momentum, nesterov=sgd.nesterov)
         self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         total = self._total_steps
 
         def factor(step: int) -> float:
-            return annealed_lr_factor(min(1.0, step / total), hp.lr_alpha, hp.lr_beta)
+            return annealed_lr_factor(min(1.0, step / total), sgd.lr_alpha, sgd.lr_beta)
 
         scheduler = LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
