@@ -92,9 +92,22 @@ def _assert_close(got, want, **tol):
         torch.testing.assert_close(g, w, **tol)
 
 
+@pytest.fixture
+def threads(request):
+    """Run the test with ``request.param`` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+# Which path runs depends on the threads (ChunkPlan::fits). One thread: every K > 1 chunk at a time.
+# Three threads: N = 7 runs K = 3 chunk at a time and K = 4, 7 on the K-row tables (the passes split
+# among the threads); N = 5 runs K = 3, 5 chunk at a time and K = 2 on the K-row tables.
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
 @pytest.mark.parametrize("chunk", [1, 2, 3, "N"])
 @pytest.mark.parametrize(("shape", "groups", "memory"), LAYOUTS, ids=LAYOUT_IDS)
-def test_chunks_match_separate_calls(shape, groups, memory, chunk) -> None:
+def test_chunks_match_separate_calls(shape, groups, memory, chunk, threads) -> None:
     x, dy, w, b, rm0, rv0 = _case(shape, groups, memory)
     n = shape[0]
     chunk = n if chunk == "N" else chunk
@@ -130,15 +143,17 @@ def test_one_chunk_is_the_plain_call_bit_for_bit(chunk: int) -> None:
                 assert torch.equal(g, p)
 
 
+@pytest.mark.parametrize("chunk", [5, 3, 2])
 @pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
-def test_parallel_tasks_with_chunks(memory: str) -> None:
-    """An input split into several parallel tasks (2 threads), chunk boundaries inside tasks."""
+def test_parallel_tasks_with_chunks(memory: str, chunk: int) -> None:
+    """An input split into several parallel tasks (2 threads): K = 3 on the K-row tables, chunk
+    boundaries inside tasks; K = 4 and 6 chunk at a time, whole chunks per task."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         x, dy, w, b, rm, rv = _case((12, 4, 32, 32), 2, memory)
-        want = _reference(x, dy, w, b, 2, 5)
-        got = _grads(_train(2, rm, rv, FACTOR, 5, True), x, dy, w, b)
+        want = _reference(x, dy, w, b, 2, chunk)
+        got = _grads(_train(2, rm, rv, FACTOR, chunk, True), x, dy, w, b)
         _assert_close(got, want, rtol=1e-9, atol=1e-10)
     finally:
         torch.set_num_threads(threads)

@@ -10,15 +10,18 @@
 // of B consecutive samples (the last one has N - (K - 1) * B), each normalized with its own
 // per-group statistics. Every per-cell / per-group table then has K rows (index kk * U + u or
 // kk * G + grp); the passes over the activation are the same, each sample adding into (reading
-// from) its chunk's row. B = N (K = 1) is plain batch statistics.
+// from) its chunk's row. B = N (K = 1) is plain batch statistics. When whole chunks keep the threads
+// busy (ChunkPlan::fits: always with one thread) the chunks run one at a time instead (ChunkPlan):
+// the plain algorithm on each chunk's samples, with tables of one chunk reused in cache.
 //
 // Memory: a contiguous x is (N, U, R) with each cell run contiguous; a channels-last x is
 // (N, S, C) rows, and element (n, p, c) belongs to cell c * k + p / R.
 //
 // Passes over the activation (as nn.BatchNorm2d): forward = 1 read for the statistics (shifted
 // sums: short float runs, added in double) + 1 read and 1 write to normalize; backward = 1 read of
-// (dy, x) for the cell sums + 1 read of (dy, x) and 1 write for dx, with or without chunks.
-// Everything else is O(K * U) scalar work, so small inputs pay no per-op overhead.
+// (dy, x) for the cell sums + 1 read of (dy, x) and 1 write for dx, with or without chunks (chunk
+// at a time, a chunk's second pass finds it in cache). Everything else is O(K * U) scalar work, so
+// small inputs pay no per-op overhead.
 
 #include <torch/extension.h>
 
@@ -127,6 +130,88 @@ inline void store<c10::BFloat16>(c10::BFloat16* p, int64_t i, float value) {
   p[i].x = value != value ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
 }
 
+// Sums of one contiguous run of R values: s1 = sum(f1), s2 = sum(f2) for (f1, f2) = op(x, y, shift).
+// Blocks of kBlock values add up in opmath_t (vector-width float work for float input), the blocks
+// in double.
+template <typename scalar_t, typename Op>
+inline void run_sums(const scalar_t* px, const scalar_t* py, int64_t R, at::opmath_type<scalar_t> shift,
+                     const Op& op, double& s1, double& s2) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kBlock = 256;
+  double a1 = 0.0, a2 = 0.0;
+  for (int64_t j0 = 0; j0 < R; j0 += kBlock) {
+    const int64_t j1 = std::min(R, j0 + kBlock);
+    opmath_t f1 = 0, f2 = 0;
+#pragma omp simd reduction(+ : f1, f2)
+    for (int64_t j = j0; j < j1; ++j) {
+      auto v = op(load(px, j), load(py, j), shift);
+      f1 += v.first;
+      f2 += v.second;
+    }
+    a1 += f1;
+    a2 += f2;
+  }
+  s1 = a1;
+  s2 = a2;
+}
+
+// Channels-last rows r0 .. r1 - 1 of C values (x + r * C), all in one segment (the same cells):
+// s1[c] += sum(f1), s2[c] += sum(f2). Rows add into the opmath_t partial sums p1, p2 (C each),
+// flushed to double every kFlush rows and at the end. `y` may be null.
+template <typename scalar_t, typename Op>
+inline void segment_sums(const scalar_t* x, const scalar_t* y, int64_t r0, int64_t r1, int64_t C,
+                         const at::opmath_type<scalar_t>* sh, const Op& op, at::opmath_type<scalar_t>* p1,
+                         at::opmath_type<scalar_t>* p2, double* s1, double* s2) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kFlush = 32;
+  for (int64_t r = r0; r < r1;) {
+    const int64_t block_end = std::min(r1, r + kFlush);
+    std::fill(p1, p1 + C, opmath_t(0));
+    std::fill(p2, p2 + C, opmath_t(0));
+    for (; r < block_end; ++r) {
+      const scalar_t* px = x + r * C;
+      const scalar_t* py = y ? y + r * C : px;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        auto v = op(load(px, c), load(py, c), sh[c]);
+        p1[c] += v.first;
+        p2[c] += v.second;
+      }
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      s1[c] += static_cast<double>(p1[c]);
+      s2[c] += static_cast<double>(p2[c]);
+    }
+  }
+}
+
+// n values of one cell run (a, b, c scalars) or of one channels-last row (a, b, c tables of n):
+// out = a * x + b (y == null) or a * y + c * x + b.
+template <typename scalar_t>
+inline void affine_run(const scalar_t* px, const scalar_t* py, scalar_t* po, int64_t n,
+                       at::opmath_type<scalar_t> a, at::opmath_type<scalar_t> c, at::opmath_type<scalar_t> b) {
+  if (py) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) store(po, j, a * load(py, j) + c * load(px, j) + b);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) store(po, j, a * load(px, j) + b);
+  }
+}
+template <typename scalar_t>
+inline void affine_row(const scalar_t* px, const scalar_t* py, scalar_t* po, int64_t n,
+                       const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* c,
+                       const at::opmath_type<scalar_t>* b) {
+  if (py) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) store(po, j, a[j] * load(py, j) + c[j] * load(px, j) + b[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) store(po, j, a[j] * load(px, j) + b[j]);
+  }
+}
+
 // Per-cell sums over each chunk: a[kk * U + u] = sum(f1), b[kk * U + u] = sum(f2) where
 // (f1, f2) = op(x, y, cell_shift[u]) for the elements of cell u in the samples of chunk kk (one shift
 // per cell for every chunk: the tables of K rows are the outputs only). `op` is generic and runs in opmath_t (float for float, bfloat16 and
@@ -140,31 +225,13 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
   b.assign(g.K * g.U, 0.0);
   using opmath_t = at::opmath_type<scalar_t>;
   if (!g.channels_last) {
-    // Blocks of kBlock values add up in opmath_t (vector-width float work for float input), the
-    // blocks in double.
-    constexpr int64_t kBlock = 256;
     const int64_t items = g.N * g.U;
     std::vector<double> part(2 * items);
     at::parallel_for(0, items, std::max<int64_t>(1, kGrain / g.R), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const opmath_t shift = static_cast<opmath_t>(cell_shift[i % g.U]);
         const scalar_t* px = x + i * g.R;
-        const scalar_t* py = y ? y + i * g.R : px;
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t j0 = 0; j0 < g.R; j0 += kBlock) {
-          const int64_t j1 = std::min(g.R, j0 + kBlock);
-          opmath_t f1 = 0, f2 = 0;
-#pragma omp simd reduction(+ : f1, f2)
-          for (int64_t j = j0; j < j1; ++j) {
-            auto v = op(load(px, j), load(py, j), shift);
-            f1 += v.first;
-            f2 += v.second;
-          }
-          s1 += f1;
-          s2 += f2;
-        }
-        part[2 * i] = s1;
-        part[2 * i + 1] = s2;
+        run_sums(px, y ? y + i * g.R : px, g.R, static_cast<opmath_t>(cell_shift[i % g.U]), op, part[2 * i],
+                 part[2 * i + 1]);
       }
     });
     for (int64_t n = 0; n < g.N; ++n) {
@@ -180,9 +247,7 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
   }
   // Channels-last: rows of C values; accumulators laid out (k, C) per task and chunk the task
   // touches (a task's rows span chunks first[t] .. first[t] + spans[t] - 1), summed at the end.
-  // Rows add into opmath_t partial sums, flushed to double every kFlush rows and at every segment's
-  // end (segments never cross a sample, so never a chunk).
-  constexpr int64_t kFlush = 32;
+  // Segments never cross a sample, so never a chunk.
   const int64_t rows = g.N * g.S;
   const int64_t width = g.k * g.C;
   const int64_t grain = std::max<int64_t>(1, kGrain / g.C);
@@ -213,28 +278,8 @@ void cell_sums(const Geometry& g, const scalar_t* x, const scalar_t* y, const do
         const int64_t p = r % g.S, seg = p / g.R, kk = (r / g.S) / g.B;
         const int64_t stop = std::min(r_end, r + g.R - p % g.R);
         double* a1 = acc.data() + 2 * (offset[t] + kk - first[t]) * width;
-        double* s1 = a1 + seg * C;
-        double* s2 = a1 + width + seg * C;
-        const opmath_t* sh = shift_t.data() + seg * C;
-        while (r < stop) {
-          const int64_t block_end = std::min(stop, r + kFlush);
-          std::fill(part.begin(), part.end(), opmath_t(0));
-          for (; r < block_end; ++r) {
-            const scalar_t* px = x + r * C;
-            const scalar_t* py = y ? y + r * C : px;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              auto v = op(load(px, c), load(py, c), sh[c]);
-              p1[c] += v.first;
-              p2[c] += v.second;
-            }
-          }
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            s1[c] += static_cast<double>(p1[c]);
-            s2[c] += static_cast<double>(p2[c]);
-          }
-        }
+        segment_sums(x, y, r, stop, C, shift_t.data() + seg * C, op, p1, p2, a1 + seg * C, a1 + width + seg * C);
+        r = stop;
       }
     }
   });
@@ -272,20 +317,8 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
           cell = 0;
           row = (++n / g.B) * g.U;
         }
-        const opmath_t a = static_cast<opmath_t>(alpha[u]);
-        const opmath_t b = static_cast<opmath_t>(beta[u]);
-        const scalar_t* px = x + i * g.R;
-        scalar_t* po = out + i * g.R;
-        if (y) {
-          const opmath_t c = static_cast<opmath_t>(gamma[u]);
-          const scalar_t* py = y + i * g.R;
-#pragma omp simd
-          for (int64_t j = 0; j < g.R; ++j)
-            store(po, j, a * load(py, j) + c * load(px, j) + b);
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < g.R; ++j) store(po, j, a * load(px, j) + b);
-        }
+        affine_run(x + i * g.R, y ? y + i * g.R : nullptr, out + i * g.R, g.R, static_cast<opmath_t>(alpha[u]),
+                   y ? static_cast<opmath_t>(gamma[u]) : opmath_t(0), static_cast<opmath_t>(beta[u]));
       }
     });
     return;
@@ -312,20 +345,8 @@ void cell_affine(const Geometry& g, const scalar_t* x, const scalar_t* y, scalar
         pos = 0;
         row = (++n / g.B) * width;
       }
-      const opmath_t* a = at_.data() + off;
-      const opmath_t* b = bt.data() + off;
-      const scalar_t* px = x + r * g.C;
-      scalar_t* po = out + r * g.C;
-      if (y) {
-        const opmath_t* c = ct.data() + off;
-        const scalar_t* py = y + r * g.C;
-#pragma omp simd
-        for (int64_t j = 0; j < g.C; ++j)
-          store(po, j, a[j] * load(py, j) + c[j] * load(px, j) + b[j]);
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < g.C; ++j) store(po, j, a[j] * load(px, j) + b[j]);
-      }
+      affine_row(x + r * g.C, y ? y + r * g.C : nullptr, out + r * g.C, g.C, at_.data() + off,
+                 y ? ct.data() + off : nullptr, bt.data() + off);
     }
   });
 }
@@ -418,12 +439,14 @@ std::vector<double> inverse_std(const std::vector<double>& var, double eps) {
 // A 0-element tensor stands for an absent weight or bias inside the autograd function.
 Tensor optional_param(const Tensor& t) { return t.numel() == 0 ? Tensor() : t; }
 
-// Running statistics (in place): lerp towards the batch mean and unbiased variance. With chunks
-// (g.K > 1): chunk 0's (what DDP keeps with rank 0's buffers broadcast), or with `average` the
-// mean over chunks of each chunk's mean and unbiased variance (each unbiased with its own count).
-void update_running(const Tensor& running_mean, const Tensor& running_var, const Geometry& g,
-                    const std::vector<double>& mean, const std::vector<double>& var, double factor, bool average) {
-  std::vector<double> target_mean(g.G), target_var(g.G);
+// The running statistics' targets from per-(chunk, group) mean and biased variance (index
+// kk * G + grp): the batch mean and unbiased variance. With chunks (g.K > 1): chunk 0's (what DDP
+// keeps with rank 0's buffers broadcast), or with `average` the mean over chunks of each chunk's
+// mean and unbiased variance (each unbiased with its own count).
+void running_targets(const Geometry& g, const double* mean, const double* var, bool average,
+                     std::vector<double>& target_mean, std::vector<double>& target_var) {
+  target_mean.resize(g.G);
+  target_var.resize(g.G);
   const int64_t used = average ? g.K : 1;
   for (int64_t kk = 0; kk < used; ++kk) {
     const double count = g.count(kk), unbias = count / (count - 1.0);
@@ -439,6 +462,11 @@ void update_running(const Tensor& running_mean, const Tensor& running_var, const
       target_var[grp] /= static_cast<double>(used);
     }
   }
+}
+
+// Running statistics (in place): lerp towards the targets.
+void update_running(const Tensor& running_mean, const Tensor& running_var, const std::vector<double>& target_mean,
+                    const std::vector<double>& target_var, double factor) {
   for (const auto& [buffer, values] :
        {std::make_pair(running_mean, &target_mean), std::make_pair(running_var, &target_var)}) {
     if (buffer.dim() != 1 || buffer.stride(0) != 1) {  // unusual buffer: plain tensor ops
@@ -458,6 +486,330 @@ void update_running(const Tensor& running_mean, const Tensor& running_var, const
   }
 }
 
+// Ghost batches one chunk at a time. With many small chunks the K-row tables above cost as much as
+// the passes over the activation; here each chunk runs the plain algorithm on its own samples:
+// statistics pass, O(U) tables, normalize pass (backward: sums pass, O(U) tables, dx pass), with
+// tables of U entries reused from chunk to chunk (in cache) and laid out as the passes read them
+// (position p: cell p of contiguous input, slot (u % k) * C + u / k of channels-last input), and
+// the chunk's activation still in cache for its second pass. With one cell per group (cpg = 1: G a
+// multiple of C) every table step is a vector loop over positions; otherwise over groups, with
+// lookups between the two. A chunk's statistics are those of a plain call on its samples (shifted
+// by its own first values, its own mean), up to rounding. Whole chunks are split among parallel
+// tasks, each with its own buffers.
+//
+// Saved for the backward: per chunk, the mean and 1 / std of every statistic, in position order
+// (cpg = 1) or group order (cpg > 1): `width` of each per chunk, (2, K * width) doubles.
+struct ChunkPlan {
+  const Geometry& g;
+  int64_t D;          // features per sample
+  int64_t tasks;      // chunks kk in [first(t), first(t + 1)) go to task t
+  bool per_position;  // one cell per group: group statistics are per position
+  bool identity;      // position p is cell p (contiguous input, or one cell per channel)
+  int64_t width;      // saved statistics per chunk: U (per_position) or G
+  // Per position: group, channel, offset of its group's first value in a sample, weight, bias;
+  // pos_u: the position of cell u.
+  std::vector<int64_t> pos_u, group_p, channel_p, first_p;
+  std::vector<double> w_p, b_p;
+
+  ChunkPlan(const Geometry& geometry, const std::vector<double>& w, const std::vector<double>& b)
+      : g(geometry), D(g.C * g.S), per_position(g.cpg == 1), identity(!g.channels_last || g.k == 1) {
+    tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.K));
+    width = per_position ? g.U : g.G;
+    pos_u.resize(g.U);
+    group_p.resize(g.U);
+    channel_p.resize(g.U);
+    first_p.resize(g.U);
+    w_p.resize(g.U);
+    b_p.resize(g.U);
+    for (int64_t u = 0; u < g.U; ++u) {
+      const int64_t p = g.channels_last ? g.slot_u[u] : u, f = g.group_u[u] * g.L, c = g.channel_u[u];
+      pos_u[u] = p;
+      group_p[p] = g.group_u[u];
+      channel_p[p] = c;
+      first_p[p] = g.channels_last ? (f % g.S) * g.C + f / g.S : f;
+      w_p[p] = w[c];
+      b_p[p] = b.empty() ? 0.0 : b[c];
+    }
+  }
+  // Whether chunk-at-a-time runs: more than one chunk, and whole chunks keep the tasks busy (at
+  // least 80% of the time; otherwise the K-row tables with every pass split among the threads).
+  static bool fits(const Geometry& g) {
+    const int64_t threads = at::get_num_threads(), rounds = (g.K + threads - 1) / threads;
+    return g.K > 1 && g.K * 5 >= 4 * threads * rounds;
+  }
+  int64_t first(int64_t t) const { return t * g.K / tasks; }
+  int64_t samples(int64_t kk) const { return std::min(g.N, (kk + 1) * g.B) - kk * g.B; }
+
+  // out[grp] = v[the position of group grp] (per_position only).
+  void to_groups(const double* v, double* out) const {
+    if (identity) return void(std::copy(v, v + g.G, out));
+    for (int64_t grp = 0; grp < g.G; ++grp) out[grp] = v[pos_u[grp]];
+  }
+  // out[p] = v[the group of position p].
+  void from_groups(const double* v, double* out) const {
+    for (int64_t p = 0; p < g.U; ++p) out[p] = v[group_p[p]];
+  }
+  // out[grp] = the sum of v over the group's cells (in cell order).
+  void group_sums(const double* v, double* out) const {
+    for (int64_t grp = 0, u = 0; grp < g.G; ++grp) {
+      double a = 0.0;
+      for (const int64_t e = u + g.cpg; u < e; ++u) a += v[pos_u[u]];
+      out[grp] = a;
+    }
+  }
+  // sh[p] = the first value of p's group in the sample at x.
+  template <typename scalar_t>
+  void first_values(const scalar_t* x, at::opmath_type<scalar_t>* sh) const {
+    using opmath_t = at::opmath_type<scalar_t>;
+    if (g.channels_last && per_position) {  // position (s, c) starts at row s * R
+      for (int64_t s = 0; s < g.k; ++s) {
+        const scalar_t* row = x + s * g.R * g.C;
+        opmath_t* out = sh + s * g.C;
+        for (int64_t c = 0; c < g.C; ++c) out[c] = static_cast<opmath_t>(row[c]);
+      }
+      return;
+    }
+    for (int64_t p = 0; p < g.U; ++p) sh[p] = static_cast<opmath_t>(x[first_p[p]]);
+  }
+
+  // s1[p] = sum(f1), s2[p] = sum(f2) of (f1, f2) = op(x, y, sh[p]) over the `n` samples at x (and
+  // y, which may be null): the sums of cell_sums, for one chunk. `part`: 2 * C of scratch.
+  template <typename scalar_t, typename Op>
+  void sums(const scalar_t* x, const scalar_t* y, int64_t n, const at::opmath_type<scalar_t>* sh, const Op& op,
+            at::opmath_type<scalar_t>* part, double* s1, double* s2) const {
+    std::fill(s1, s1 + g.U, 0.0);
+    std::fill(s2, s2 + g.U, 0.0);
+    if (!g.channels_last) {
+      for (int64_t i = 0; i < n * g.U;) {
+        for (int64_t u = 0; u < g.U; ++u, ++i) {
+          const scalar_t* px = x + i * g.R;
+          double f1, f2;
+          run_sums(px, y ? y + i * g.R : px, g.R, sh[u], op, f1, f2);
+          s1[u] += f1;
+          s2[u] += f2;
+        }
+      }
+      return;
+    }
+    for (int64_t r = 0; r < n * g.S;) {
+      for (int64_t seg = 0; seg < g.k; ++seg, r += g.R) {
+        segment_sums(x, y, r, r + g.R, g.C, sh + seg * g.C, op, part, part + g.C, s1 + seg * g.C, s2 + seg * g.C);
+      }
+    }
+  }
+  // out = a[p] * x + b[p] (y null, c unused) or a[p] * y + c[p] * x + b[p] over `n` samples.
+  template <typename scalar_t>
+  void affine(const scalar_t* x, const scalar_t* y, scalar_t* out, int64_t n, const at::opmath_type<scalar_t>* a,
+              const at::opmath_type<scalar_t>* c, const at::opmath_type<scalar_t>* b) const {
+    using opmath_t = at::opmath_type<scalar_t>;
+    if (!g.channels_last) {
+      for (int64_t i = 0; i < n * g.U;) {
+        for (int64_t u = 0; u < g.U; ++u, ++i) {
+          affine_run(x + i * g.R, y ? y + i * g.R : nullptr, out + i * g.R, g.R, a[u], y ? c[u] : opmath_t(0), b[u]);
+        }
+      }
+      return;
+    }
+    for (int64_t r = 0; r < n * g.S;) {
+      for (int64_t seg = 0, off = 0; seg < g.k; ++seg, off += g.C) {
+        for (const int64_t e = r + g.R; r < e; ++r) {
+          affine_row(x + r * g.C, y ? y + r * g.C : nullptr, out + r * g.C, g.C, a + off, y ? c + off : nullptr,
+                     b + off);
+        }
+      }
+    }
+  }
+};
+
+// Training forward, chunk at a time: writes out, the saved statistics (see ChunkPlan) and the
+// running statistics' targets (G each, group order: chunk 0's mean and unbiased variance, or with
+// `average` their mean over chunks, as running_targets).
+template <typename scalar_t>
+void forward_chunks(const ChunkPlan& plan, const scalar_t* x, scalar_t* out, double eps, double* mean, double* rstd,
+                    bool average, std::vector<double>& target_mean, std::vector<double>& target_var) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const Geometry& g = plan.g;
+  const int64_t U = g.U, G = g.G, W = plan.width;
+  std::vector<double> targets(plan.tasks * 2 * W, 0.0);  // per task: sums of means, of unbiased variances
+  at::parallel_for(0, plan.tasks, 1, [&](int64_t tb, int64_t te) {
+    std::vector<double> s1(U), s2(U), gm(G), gv(G);
+    std::vector<opmath_t> sh(U), ta(U), tb_(U), part(2 * g.C);
+    const double* w = plan.w_p.data();
+    const double* b = plan.b_p.data();
+    for (int64_t t = tb; t < te; ++t) {
+      double* tm = targets.data() + t * 2 * W;
+      double* tv = tm + W;
+      for (int64_t kk = plan.first(t); kk < plan.first(t + 1); ++kk) {
+        const int64_t n = plan.samples(kk);
+        const scalar_t* xc = x + kk * g.B * plan.D;
+        opmath_t* ps = sh.data();
+        plan.first_values(xc, ps);  // the shifts
+        plan.sums(xc, static_cast<const scalar_t*>(nullptr), n, ps,
+                  [](auto v, auto, auto s) {
+                    const auto d = v - s;
+                    return std::make_pair(d, d * d);
+                  },
+                  part.data(), s1.data(), s2.data());
+        const double count = g.count(kk), inv = 1.0 / count;
+        double* m = mean + kk * W;
+        double* r = rstd + kk * W;
+        double* v = plan.per_position ? s2.data() : gv.data();  // biased variances
+        opmath_t* pa = ta.data();
+        opmath_t* pb = tb_.data();
+        if (plan.per_position) {
+          const double* p1 = s1.data();
+#pragma omp simd
+          for (int64_t p = 0; p < U; ++p) {
+            const double mm = p1[p] * inv, vp = std::max(v[p] * inv - mm * mm, 0.0);
+            const double mp = static_cast<double>(ps[p]) + mm, rp = 1.0 / std::sqrt(vp + eps), a = rp * w[p];
+            pa[p] = static_cast<opmath_t>(a);
+            pb[p] = static_cast<opmath_t>(b[p] - mp * a);
+            m[p] = mp;
+            r[p] = rp;
+            v[p] = vp;
+          }
+        } else {
+          double* p1 = gm.data();
+          plan.group_sums(s1.data(), p1);
+          plan.group_sums(s2.data(), v);
+          for (int64_t grp = 0; grp < G; ++grp) m[grp] = static_cast<double>(ps[plan.pos_u[grp * g.cpg]]);
+#pragma omp simd
+          for (int64_t grp = 0; grp < G; ++grp) {
+            const double mm = p1[grp] * inv;
+            v[grp] = std::max(v[grp] * inv - mm * mm, 0.0);
+            m[grp] += mm;
+            r[grp] = 1.0 / std::sqrt(v[grp] + eps);
+          }
+          for (int64_t p = 0; p < U; ++p) {
+            const int64_t grp = plan.group_p[p];
+            const double a = r[grp] * w[p];
+            pa[p] = static_cast<opmath_t>(a);
+            pb[p] = static_cast<opmath_t>(b[p] - m[grp] * a);
+          }
+        }
+        if (average || kk == 0) {
+          const double unbias = count / (count - 1.0);
+#pragma omp simd
+          for (int64_t i = 0; i < W; ++i) {
+            tm[i] += m[i];
+            tv[i] += v[i] * unbias;
+          }
+        }
+        plan.affine(xc, static_cast<const scalar_t*>(nullptr), out + kk * g.B * plan.D, n, pa,
+                    static_cast<const opmath_t*>(nullptr), pb);
+      }
+    }
+  });
+  for (int64_t t = 1; t < plan.tasks; ++t) {
+    for (int64_t i = 0; i < 2 * W; ++i) targets[i] += targets[t * 2 * W + i];
+  }
+  if (average) {
+    for (int64_t i = 0; i < 2 * W; ++i) targets[i] /= static_cast<double>(g.K);
+  }
+  target_mean.resize(G);
+  target_var.resize(G);
+  if (plan.per_position) {
+    plan.to_groups(targets.data(), target_mean.data());
+    plan.to_groups(targets.data() + W, target_var.data());
+  } else {
+    std::copy(targets.begin(), targets.begin() + G, target_mean.begin());
+    std::copy(targets.begin() + G, targets.begin() + 2 * G, target_var.begin());
+  }
+}
+
+// Training backward, chunk at a time, from the forward's saved statistics: dx (when not null) and,
+// in gsums, the weight's and the bias's gradients (C each).
+template <typename scalar_t>
+void backward_chunks(const ChunkPlan& plan, const scalar_t* x, const scalar_t* dy, scalar_t* dx, const double* mean,
+                     const double* rstd, std::vector<double>& gsums) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const Geometry& g = plan.g;
+  const int64_t U = g.U, G = g.G, C = g.C, W = plan.width;
+  std::vector<double> acc(plan.tasks * 2 * U, 0.0);  // per task and position: weight's, bias's gradient
+  at::parallel_for(0, plan.tasks, 1, [&](int64_t tb, int64_t te) {
+    std::vector<double> mp(U), rp(U), s1(U), s2(U), cg(G), dg(G);
+    std::vector<opmath_t> sh(U), ta(U), tc(U), td(U), part(2 * C);
+    const double* w = plan.w_p.data();
+    for (int64_t t = tb; t < te; ++t) {
+      double* gw = acc.data() + t * 2 * U;
+      double* gb = gw + U;
+      for (int64_t kk = plan.first(t); kk < plan.first(t + 1); ++kk) {
+        const int64_t n = plan.samples(kk), start = kk * g.B * plan.D;
+        const double* m = mean + kk * W;
+        const double* r = rstd + kk * W;
+        // Per position: the mean, 1 / std, and the mean as opmath_t represents it (the shift).
+        const double* pm = m;
+        const double* pr = r;
+        if (!plan.per_position) {
+          plan.from_groups(m, mp.data());
+          plan.from_groups(r, rp.data());
+          pm = mp.data();
+          pr = rp.data();
+        }
+        opmath_t* ps = sh.data();
+#pragma omp simd
+        for (int64_t p = 0; p < U; ++p) ps[p] = static_cast<opmath_t>(pm[p]);
+        // Per position: sum(dy) and sum(dy * (x - mean)), shifted by the mean as opmath_t and
+        // corrected for that rounding.
+        double* p1 = s1.data();
+        double* p2 = s2.data();
+        plan.sums(x + start, dy + start, n, ps, [](auto v, auto d, auto s) { return std::make_pair(d, d * (v - s)); },
+                  part.data(), p1, p2);
+        // Then p1 = w * sum(dy), p2 = w / std * sum(dy * (x - mean)), per position.
+#pragma omp simd
+        for (int64_t p = 0; p < U; ++p) {
+          const double dyx = p2[p] + (static_cast<double>(ps[p]) - pm[p]) * p1[p];
+          gw[p] = mul_add(pr[p], dyx, gw[p]);
+          gb[p] += p1[p];
+          p1[p] *= w[p];
+          p2[p] = w[p] * pr[p] * dyx;
+        }
+        if (!dx) continue;
+        // dx = a * dy + c * x + d per position: c and d per group, a per position.
+        const double inv = 1.0 / g.count(kk);
+        opmath_t* pa = ta.data();
+        opmath_t* pc = tc.data();
+        opmath_t* pd = td.data();
+        if (plan.per_position) {
+#pragma omp simd
+          for (int64_t p = 0; p < U; ++p) {
+            const double c = -pr[p] * pr[p] * p2[p] * inv;
+            pa[p] = static_cast<opmath_t>(pr[p] * w[p]);
+            pc[p] = static_cast<opmath_t>(c);
+            pd[p] = static_cast<opmath_t>(-pr[p] * p1[p] * inv - c * pm[p]);
+          }
+        } else {
+          double* c1 = cg.data();
+          double* d1 = dg.data();
+          plan.group_sums(p1, c1);
+          plan.group_sums(p2, d1);
+#pragma omp simd
+          for (int64_t grp = 0; grp < G; ++grp) {
+            const double c = -r[grp] * r[grp] * d1[grp] * inv;
+            d1[grp] = -r[grp] * c1[grp] * inv - c * m[grp];
+            c1[grp] = c;
+          }
+          for (int64_t p = 0; p < U; ++p) {
+            const int64_t grp = plan.group_p[p];
+            pa[p] = static_cast<opmath_t>(pr[p] * w[p]);
+            pc[p] = static_cast<opmath_t>(c1[grp]);
+            pd[p] = static_cast<opmath_t>(d1[grp]);
+          }
+        }
+        plan.affine(x + start, dy + start, dx + start, n, pa, static_cast<const opmath_t*>(pc), pd);
+      }
+    }
+  });
+  gsums.assign(2 * C, 0.0);
+  for (int64_t t = 0; t < plan.tasks; ++t) {
+    const double* gw = acc.data() + t * 2 * U;
+    for (int64_t p = 0; p < U; ++p) {
+      gsums[plan.channel_p[p]] += gw[p];
+      gsums[C + plan.channel_p[p]] += gw[U + p];
+    }
+  }
+}
+
 struct Prepared {
   Tensor x;
   bool channels_last;
@@ -469,17 +821,36 @@ Prepared prepare(const Tensor& input) {
   return {input.contiguous(), false};
 }
 
-// Forward of training-mode BGN; fills the per-(chunk, group) mean / variance.
+// Forward of training-mode BGN: the output, the statistics saved for the backward and the running
+// statistics' targets (see running_targets). `per_chunk`: chunk at a time (ChunkPlan), which saves
+// per-chunk means and 1 / std (see ChunkPlan); otherwise stats is (2, K * G) doubles, the
+// per-(chunk, group) mean and biased variance (index kk * G + grp).
 Tensor forward_train(const Tensor& input, const Tensor& weight, const Tensor& bias, int64_t groups, double eps,
-                     int64_t chunk, std::vector<double>& mean, std::vector<double>& var) {
+                     int64_t chunk, bool average, Tensor& stats, bool& per_chunk, std::vector<double>& target_mean,
+                     std::vector<double>& target_var) {
   Prepared p = prepare(input);
   Geometry g(p.x, groups, p.channels_last, chunk);
   Tensor out = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
   const auto w = channel_vector(weight, g.C, 1.0);
   const auto b = channel_vector(bias, g.C, 0.0);
+  per_chunk = ChunkPlan::fits(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_forward", [&] {
     const scalar_t* px = p.x.const_data_ptr<scalar_t>();
+    if (per_chunk) {
+      const ChunkPlan plan(g, w, b);
+      const int64_t size = g.K * plan.width;
+      stats = torch::empty({2, size}, at::TensorOptions().dtype(at::kDouble));
+      double* sp = stats.data_ptr<double>();
+      forward_chunks<scalar_t>(plan, px, out.mutable_data_ptr<scalar_t>(), eps, sp, sp + size, average, target_mean,
+                               target_var);
+      return;
+    }
+    std::vector<double> mean, var;
     group_moments<scalar_t>(g, px, mean, var);
+    running_targets(g, mean.data(), var.data(), average, target_mean, target_var);
+    stats = torch::empty({2, g.K * g.G}, at::TensorOptions().dtype(at::kDouble));
+    std::copy(mean.begin(), mean.end(), stats.data_ptr<double>());
+    std::copy(var.begin(), var.end(), stats.data_ptr<double>() + g.K * g.G);
     const std::vector<double> rstd = inverse_std(var, eps);
     std::vector<double> alpha(g.K * g.U), beta(g.K * g.U), unused;
     for (int64_t kk = 0; kk < g.K; ++kk) {
@@ -534,17 +905,14 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
                         const std::optional<Tensor>& running_var, double factor, int64_t chunk,
                         bool running_average) {
     const Tensor weight = optional_param(weight_in), bias = optional_param(bias_in);
-    std::vector<double> mean, var;
-    Tensor out = forward_train(x, weight, bias, groups, eps, chunk, mean, var);
-    if (running_mean && running_var) {
-      const Geometry g(x, groups, false, chunk);  // for K, B and the counts only
-      update_running(*running_mean, *running_var, g, mean, var, factor, running_average);
-    }
-    const int64_t stats_size = static_cast<int64_t>(mean.size());  // K * G
-    Tensor stats = torch::empty({2, stats_size}, at::TensorOptions().dtype(at::kDouble));
-    std::copy(mean.begin(), mean.end(), stats.data_ptr<double>());
-    std::copy(var.begin(), var.end(), stats.data_ptr<double>() + stats_size);
+    Tensor stats;
+    bool per_chunk = false;
+    std::vector<double> target_mean, target_var;
+    Tensor out = forward_train(x, weight, bias, groups, eps, chunk, running_average, stats, per_chunk, target_mean,
+                               target_var);
+    if (running_mean && running_var) update_running(*running_mean, *running_var, target_mean, target_var, factor);
     ctx->save_for_backward({x, weight_in, bias_in, stats});
+    ctx->saved_data["per_chunk"] = per_chunk;
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["chunk"] = chunk;
@@ -587,9 +955,30 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
     if (dy.scalar_type() != p.x.scalar_type()) dy = dy.to(p.x.scalar_type());
     const int64_t KG = g.K * groups;  // statistics per (chunk, group), index kk * G + grp
     const double* sp = stats.data_ptr<double>();
-    const std::vector<double> mean(sp, sp + KG), rstd = inverse_std(std::vector<double>(sp + KG, sp + 2 * KG), eps);
     const auto w = channel_vector(weight, g.C, 1.0);
     Tensor dx, dw, db;
+    // The weight's and bias's gradients, (2, C) doubles.
+    auto param_grads = [&](const std::vector<double>& gsums) {
+      if (!(need_w || need_b)) return;
+      Tensor sums = at::empty({2, g.C}, at::TensorOptions().dtype(at::kDouble));
+      std::copy(gsums.begin(), gsums.end(), sums.data_ptr<double>());
+      if (need_w) dw = sums[0].to(weight.scalar_type());
+      if (need_b) db = sums[1].to(bias.scalar_type());
+    };
+    if (ctx->saved_data["per_chunk"].toBool()) {  // the forward's layout of stats, see ChunkPlan
+      const int64_t size = stats.size(1);
+      if (need_x) dx = at::empty_like(p.x, p.x.options(), format_of(p.x, p.channels_last));
+      std::vector<double> gsums;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_backward", [&] {
+        backward_chunks<scalar_t>(ChunkPlan(g, w, {}), p.x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
+                                  need_x ? dx.mutable_data_ptr<scalar_t>() : nullptr, sp, sp + size, gsums);
+      });
+      param_grads(gsums);
+      variable_list out = none;
+      out[0] = dx, out[1] = dw, out[2] = db;
+      return out;
+    }
+    const std::vector<double> mean(sp, sp + KG), rstd = inverse_std(std::vector<double>(sp + KG, sp + 2 * KG), eps);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.x.scalar_type(), "bgn_backward", [&] {
       const scalar_t* px = p.x.const_data_ptr<scalar_t>();
       const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
@@ -641,12 +1030,7 @@ class BatchGroupNormFunction : public torch::autograd::Function<BatchGroupNormFu
           p2[grp] = a2;
         }
       }
-      if (need_w || need_b) {
-        Tensor sums = at::empty({2, g.C}, at::TensorOptions().dtype(at::kDouble));
-        std::copy(gsums.begin(), gsums.end(), sums.data_ptr<double>());
-        if (need_w) dw = sums[0].to(weight.scalar_type());
-        if (need_b) db = sums[1].to(bias.scalar_type());
-      }
+      param_grads(gsums);
       if (need_x) {
         // dx = a * dy + c * x + d per cell: c and d are per (chunk, group), a per (chunk, cell).
         std::vector<double> cg(KG), dg(KG), a(KU), c(KU), d(KU);
