@@ -486,6 +486,67 @@ void update_running(const Tensor& running_mean, const Tensor& running_var, const
   }
 }
 
+// Channels-last tiles of the chunk-at-a-time passes: channels c0 .. c0 + width - 1 (width <= kTile)
+// of rows r0 .. r1 - 1 (x + r * C), with the tile's partial sums (tile_sums) or tables (tile_affine)
+// in registers over the rows, where segment_sums / affine_row go through memory for every row.
+// tile_sums adds as segment_sums does (rows into opmath_t, flushed to double every kRows rows); the
+// callers run blocks of kRows rows, each across the tiles.
+constexpr int64_t kTile = 64, kRows = 32;
+template <int64_t W, typename scalar_t, typename Op>
+inline void tile_sums(const scalar_t* x, const scalar_t* y, int64_t r0, int64_t r1, int64_t C, int64_t width,
+                      const at::opmath_type<scalar_t>* sh, const Op& op, double* s1, double* s2) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kFlush = kRows;
+  const int64_t n = W > 0 ? W : width;
+  opmath_t p1[kTile], p2[kTile], shift[kTile];
+  for (int64_t c = 0; c < n; ++c) shift[c] = sh[c];
+  const scalar_t* yy = y ? y : x;
+  for (int64_t r = r0; r < r1;) {
+    const int64_t block_end = std::min(r1, r + kFlush);
+    for (int64_t c = 0; c < n; ++c) p1[c] = p2[c] = opmath_t(0);
+    for (; r < block_end; ++r) {
+      const scalar_t* px = x + r * C;
+      const scalar_t* py = yy + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) {
+        auto v = op(load(px, c), load(py, c), shift[c]);
+        p1[c] += v.first;
+        p2[c] += v.second;
+      }
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      s1[c] += static_cast<double>(p1[c]);
+      s2[c] += static_cast<double>(p2[c]);
+    }
+  }
+}
+template <int64_t W, typename scalar_t>
+inline void tile_affine(const scalar_t* x, const scalar_t* y, scalar_t* out, int64_t r0, int64_t r1, int64_t C,
+                        int64_t width, const at::opmath_type<scalar_t>* a, const at::opmath_type<scalar_t>* c,
+                        const at::opmath_type<scalar_t>* b) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t n = W > 0 ? W : width;
+  opmath_t ta[kTile], tb[kTile], tc[kTile];
+  for (int64_t j = 0; j < n; ++j) {
+    ta[j] = a[j];
+    tb[j] = b[j];
+    tc[j] = y ? c[j] : opmath_t(0);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* px = x + r * C;
+    scalar_t* po = out + r * C;
+    if (y) {
+      const scalar_t* py = y + r * C;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) store(po, j, ta[j] * load(py, j) + tc[j] * load(px, j) + tb[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) store(po, j, ta[j] * load(px, j) + tb[j]);
+    }
+  }
+}
+
 // Ghost batches one chunk at a time. With many small chunks the K-row tables above cost as much as
 // the passes over the activation; here each chunk runs the plain algorithm on its own samples:
 // statistics pass, O(U) tables, normalize pass (backward: sums pass, O(U) tables, dx pass), with
@@ -505,6 +566,7 @@ struct ChunkPlan {
   int64_t tasks;      // chunks kk in [first(t), first(t + 1)) go to task t
   bool per_position;  // one cell per group: group statistics are per position
   bool identity;      // position p is cell p (contiguous input, or one cell per channel)
+  bool blocks;        // identity with cpg > 1: group grp is positions grp * cpg .. (grp + 1) * cpg - 1
   int64_t width;      // saved statistics per chunk: U (per_position) or G
   // Per position: group, channel, offset of its group's first value in a sample, weight, bias;
   // pos_u: the position of cell u.
@@ -513,6 +575,7 @@ struct ChunkPlan {
 
   ChunkPlan(const Geometry& geometry, const std::vector<double>& w, const std::vector<double>& b)
       : g(geometry), D(g.C * g.S), per_position(g.cpg == 1), identity(!g.channels_last || g.k == 1) {
+    blocks = identity && !per_position;
     tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.K));
     width = per_position ? g.U : g.G;
     pos_u.resize(g.U);
@@ -591,9 +654,30 @@ struct ChunkPlan {
       }
       return;
     }
+    if (g.C > kTile) {  // rows wider than a tile: row by row (tiles would read each row in pieces)
+      for (int64_t r = 0; r < n * g.S;) {
+        for (int64_t seg = 0; seg < g.k; ++seg, r += g.R) {
+          segment_sums(x, y, r, r + g.R, g.C, sh + seg * g.C, op, part, part + g.C, s1 + seg * g.C,
+                       s2 + seg * g.C);
+        }
+      }
+      return;
+    }
     for (int64_t r = 0; r < n * g.S;) {
       for (int64_t seg = 0; seg < g.k; ++seg, r += g.R) {
-        segment_sums(x, y, r, r + g.R, g.C, sh + seg * g.C, op, part, part + g.C, s1 + seg * g.C, s2 + seg * g.C);
+        // Blocks of kRows rows (the flushes of segment_sums), each across the tiles: a block's rows
+        // stay in cache from tile to tile.
+        for (int64_t r0 = r; r0 < r + g.R; r0 += kRows) {
+          const int64_t r1 = std::min(r + g.R, r0 + kRows);
+          for (int64_t c0 = 0; c0 < g.C; c0 += kTile) {
+            const int64_t width = std::min(kTile, g.C - c0), off = seg * g.C + c0;
+            if (width == kTile) {
+              tile_sums<kTile>(x + c0, y ? y + c0 : y, r0, r1, g.C, width, sh + off, op, s1 + off, s2 + off);
+            } else {
+              tile_sums<0>(x + c0, y ? y + c0 : y, r0, r1, g.C, width, sh + off, op, s1 + off, s2 + off);
+            }
+          }
+        }
       }
     }
   }
@@ -610,11 +694,30 @@ struct ChunkPlan {
       }
       return;
     }
+    if (g.C > kTile) {
+      for (int64_t r = 0; r < n * g.S;) {
+        for (int64_t seg = 0, off = 0; seg < g.k; ++seg, off += g.C) {
+          for (const int64_t e = r + g.R; r < e; ++r) {
+            affine_row(x + r * g.C, y ? y + r * g.C : nullptr, out + r * g.C, g.C, a + off, y ? c + off : nullptr,
+                       b + off);
+          }
+        }
+      }
+      return;
+    }
     for (int64_t r = 0; r < n * g.S;) {
-      for (int64_t seg = 0, off = 0; seg < g.k; ++seg, off += g.C) {
-        for (const int64_t e = r + g.R; r < e; ++r) {
-          affine_row(x + r * g.C, y ? y + r * g.C : nullptr, out + r * g.C, g.C, a + off, y ? c + off : nullptr,
-                     b + off);
+      for (int64_t seg = 0; seg < g.k; ++seg, r += g.R) {
+        for (int64_t r0 = r; r0 < r + g.R; r0 += kRows) {
+          const int64_t r1 = std::min(r + g.R, r0 + kRows);
+          for (int64_t c0 = 0; c0 < g.C; c0 += kTile) {
+            const int64_t width = std::min(kTile, g.C - c0), off = seg * g.C + c0;
+            const opmath_t* pc = y ? c + off : nullptr;
+            if (width == kTile) {
+              tile_affine<kTile>(x + c0, y ? y + c0 : y, out + c0, r0, r1, g.C, width, a + off, pc, b + off);
+            } else {
+              tile_affine<0>(x + c0, y ? y + c0 : y, out + c0, r0, r1, g.C, width, a + off, pc, b + off);
+            }
+          }
         }
       }
     }
@@ -643,7 +746,14 @@ void forward_chunks(const ChunkPlan& plan, const scalar_t* x, scalar_t* out, dou
         const int64_t n = plan.samples(kk);
         const scalar_t* xc = x + kk * g.B * plan.D;
         opmath_t* ps = sh.data();
-        plan.first_values(xc, ps);  // the shifts
+        if (plan.blocks) {  // the shifts: each group's first value, for its cpg positions
+          for (int64_t p = 0; p < U; p += g.cpg) {
+            const opmath_t first = static_cast<opmath_t>(xc[plan.first_p[p]]);
+            for (int64_t j = 0; j < g.cpg; ++j) ps[p + j] = first;
+          }
+        } else {
+          plan.first_values(xc, ps);  // the shifts
+        }
         plan.sums(xc, static_cast<const scalar_t*>(nullptr), n, ps,
                   [](auto v, auto, auto s) {
                     const auto d = v - s;
@@ -667,6 +777,27 @@ void forward_chunks(const ChunkPlan& plan, const scalar_t* x, scalar_t* out, dou
             m[p] = mp;
             r[p] = rp;
             v[p] = vp;
+          }
+        } else if (plan.blocks) {  // one loop over groups, each over its cpg consecutive positions
+          const double* q1 = s1.data();
+          const double* q2 = s2.data();
+          for (int64_t grp = 0, p = 0; grp < G; ++grp) {
+            const int64_t p0 = p, e = p + g.cpg;
+            double a1 = 0.0, a2 = 0.0;
+            for (; p < e; ++p) {
+              a1 += q1[p];
+              a2 += q2[p];
+            }
+            const double mm = a1 * inv, vg = std::max(a2 * inv - mm * mm, 0.0);
+            const double mg = static_cast<double>(ps[p0]) + mm, rg = 1.0 / std::sqrt(vg + eps);
+            m[grp] = mg;
+            r[grp] = rg;
+            v[grp] = vg;
+            for (p = p0; p < e; ++p) {
+              const double a = rg * w[p];
+              pa[p] = static_cast<opmath_t>(a);
+              pb[p] = static_cast<opmath_t>(b[p] - mg * a);
+            }
           }
         } else {
           double* p1 = gm.data();
@@ -740,13 +871,52 @@ void backward_chunks(const ChunkPlan& plan, const scalar_t* x, const scalar_t* d
         // Per position: the mean, 1 / std, and the mean as opmath_t represents it (the shift).
         const double* pm = m;
         const double* pr = r;
+        opmath_t* ps = sh.data();
+        if (plan.blocks) {
+          for (int64_t grp = 0, p = 0; grp < G; ++grp) {
+            const opmath_t s = static_cast<opmath_t>(m[grp]);
+            for (const int64_t e = p + g.cpg; p < e; ++p) ps[p] = s;
+          }
+          double* p1 = s1.data();
+          double* p2 = s2.data();
+          plan.sums(x + start, dy + start, n, ps,
+                    [](auto v, auto d, auto s) { return std::make_pair(d, d * (v - s)); }, part.data(), p1, p2);
+          // One loop over groups, each over its cpg consecutive positions: the parameters'
+          // gradients, then the group sums of w * sum(dy) and w / std * sum(dy * (x - mean)) and the
+          // dx tables, as below.
+          const double inv = 1.0 / g.count(kk);
+          opmath_t* pa = ta.data();
+          opmath_t* pc = tc.data();
+          opmath_t* pd = td.data();
+          for (int64_t grp = 0, p = 0; grp < G; ++grp) {
+            const int64_t p0 = p, e = p + g.cpg;
+            const double mg = m[grp], rg = r[grp], sg = static_cast<double>(ps[p0]);
+            double a1 = 0.0, a2 = 0.0;
+            for (; p < e; ++p) {
+              const double dyx = p2[p] + (sg - mg) * p1[p];
+              gw[p] = mul_add(rg, dyx, gw[p]);
+              gb[p] += p1[p];
+              a1 += p1[p] * w[p];
+              a2 += w[p] * rg * dyx;
+            }
+            if (!dx) continue;
+            const double c = -rg * rg * a2 * inv;
+            const opmath_t oc = static_cast<opmath_t>(c), od = static_cast<opmath_t>(-rg * a1 * inv - c * mg);
+            for (p = p0; p < e; ++p) {
+              pa[p] = static_cast<opmath_t>(rg * w[p]);
+              pc[p] = oc;
+              pd[p] = od;
+            }
+          }
+          if (dx) plan.affine(x + start, dy + start, dx + start, n, pa, static_cast<const opmath_t*>(pc), pd);
+          continue;
+        }
         if (!plan.per_position) {
           plan.from_groups(m, mp.data());
           plan.from_groups(r, rp.data());
           pm = mp.data();
           pr = rp.data();
         }
-        opmath_t* ps = sh.data();
 #pragma omp simd
         for (int64_t p = 0; p < U; ++p) ps[p] = static_cast<opmath_t>(pm[p]);
         // Per position: sum(dy) and sum(dy * (x - mean)), shifted by the mean as opmath_t and
