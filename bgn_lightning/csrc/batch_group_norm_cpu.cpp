@@ -486,11 +486,10 @@ void update_running(const Tensor& running_mean, const Tensor& running_var, const
   }
 }
 
-// Channels-last tiles of the chunk-at-a-time passes: channels c0 .. c0 + width - 1 (width <= kTile)
-// of rows r0 .. r1 - 1 (x + r * C), with the tile's partial sums (tile_sums) or tables (tile_affine)
-// in registers over the rows, where segment_sums / affine_row go through memory for every row.
-// tile_sums adds as segment_sums does (rows into opmath_t, flushed to double every kRows rows); the
-// callers run blocks of kRows rows, each across the tiles.
+// Channels-last rows of at most kTile channels in the chunk-at-a-time passes: channels 0 .. width - 1
+// of rows r0 .. r1 - 1 (x + r * C), with the partial sums (tile_sums) or tables (tile_affine) in
+// registers over the rows, where segment_sums / affine_row go through memory for every row.
+// tile_sums adds as segment_sums does (rows into opmath_t, flushed to double every kRows rows).
 constexpr int64_t kTile = 64, kRows = 32;
 template <int64_t W, typename scalar_t, typename Op>
 inline void tile_sums(const scalar_t* x, const scalar_t* y, int64_t r0, int64_t r1, int64_t C, int64_t width,
@@ -665,18 +664,11 @@ struct ChunkPlan {
     }
     for (int64_t r = 0; r < n * g.S;) {
       for (int64_t seg = 0; seg < g.k; ++seg, r += g.R) {
-        // Blocks of kRows rows (the flushes of segment_sums), each across the tiles: a block's rows
-        // stay in cache from tile to tile.
-        for (int64_t r0 = r; r0 < r + g.R; r0 += kRows) {
-          const int64_t r1 = std::min(r + g.R, r0 + kRows);
-          for (int64_t c0 = 0; c0 < g.C; c0 += kTile) {
-            const int64_t width = std::min(kTile, g.C - c0), off = seg * g.C + c0;
-            if (width == kTile) {
-              tile_sums<kTile>(x + c0, y ? y + c0 : y, r0, r1, g.C, width, sh + off, op, s1 + off, s2 + off);
-            } else {
-              tile_sums<0>(x + c0, y ? y + c0 : y, r0, r1, g.C, width, sh + off, op, s1 + off, s2 + off);
-            }
-          }
+        const int64_t off = seg * g.C;
+        if (g.C == kTile) {
+          tile_sums<kTile>(x, y, r, r + g.R, g.C, g.C, sh + off, op, s1 + off, s2 + off);
+        } else {
+          tile_sums<0>(x, y, r, r + g.R, g.C, g.C, sh + off, op, s1 + off, s2 + off);
         }
       }
     }
@@ -707,17 +699,12 @@ struct ChunkPlan {
     }
     for (int64_t r = 0; r < n * g.S;) {
       for (int64_t seg = 0; seg < g.k; ++seg, r += g.R) {
-        for (int64_t r0 = r; r0 < r + g.R; r0 += kRows) {
-          const int64_t r1 = std::min(r + g.R, r0 + kRows);
-          for (int64_t c0 = 0; c0 < g.C; c0 += kTile) {
-            const int64_t width = std::min(kTile, g.C - c0), off = seg * g.C + c0;
-            const opmath_t* pc = y ? c + off : nullptr;
-            if (width == kTile) {
-              tile_affine<kTile>(x + c0, y ? y + c0 : y, out + c0, r0, r1, g.C, width, a + off, pc, b + off);
-            } else {
-              tile_affine<0>(x + c0, y ? y + c0 : y, out + c0, r0, r1, g.C, width, a + off, pc, b + off);
-            }
-          }
+        const int64_t off = seg * g.C;
+        const opmath_t* pc = y ? c + off : nullptr;
+        if (g.C == kTile) {
+          tile_affine<kTile>(x, y, out, r, r + g.R, g.C, g.C, a + off, pc, b + off);
+        } else {
+          tile_affine<0>(x, y, out, r, r + g.R, g.C, g.C, a + off, pc, b + off);
         }
       }
     }
