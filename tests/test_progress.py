@@ -42,6 +42,7 @@ def test_log_progress_writes_a_line_every_n_steps(caplog) -> None:
                          enable_model_summary=False, accelerator="cpu")  # fmt: skip
     with caplog.at_level(logging.INFO, logger="tasks"):
         trainer.fit(_Tiny(), loader, loader)
+        trainer.validate(_Tiny(), loader, verbose=False)  # after fit: not "train epoch 3/2"
         trainer.test(_Tiny(), loader, verbose=False)
     lines = [r.getMessage() for r in caplog.records if r.name == "tasks"]
     train = [line for line in lines if line.startswith("train epoch")]
@@ -51,6 +52,7 @@ def test_log_progress_writes_a_line_every_n_steps(caplog) -> None:
         "2/2 step 2/5", "2/2 step 4/5", "2/2 step 5/5", "2/2 done",
     ]  # fmt: skip
     assert "ETA" not in train[2] and train[3].startswith("train epoch 1/2 done: val/acc=")
+    assert [line.split("=")[0] for line in lines if line.startswith("validate done")] == ["validate done: val/acc"]
     test = [line.split(":")[0] for line in lines if line.startswith("test")]
     assert test == ["test step 2/5", "test step 4/5"]
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from .validate import check_int
@@ -140,13 +141,15 @@ class LogProgress(ProgressBar):
             self._step("validate", batch_idx, self.total_val_batches_current_dataloader, None)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The epoch's validation metrics, in one line."""
+        """The validation metrics, in one line: named after the training epoch during ``fit``, plain
+        ``validate`` in ``trainer.validate`` (which runs after fit, past the last epoch)."""
         if trainer.sanity_checking or not self._enabled:
             return
         shown = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if shown:
             values = ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items()))
-            log.info("%s done: %s", self._where("train"), values)
+            where = self._where("train") if trainer.state.fn == TrainerFn.FITTING else "validate"
+            log.info("%s done: %s", where, values)
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start the test clock."""
