@@ -52,7 +52,8 @@ def test_log_progress_writes_a_line_every_n_steps(caplog) -> None:
         "2/2 step 2/5", "2/2 step 4/5", "2/2 step 5/5", "2/2 done",
     ]  # fmt: skip
     assert "ETA" not in train[2] and train[3].startswith("train epoch 1/2 done: val/acc=")
-    assert [line.split("=")[0] for line in lines if line.startswith("validate done")] == ["validate done: val/acc"]
+    validated = [line.split("=")[0] for line in lines if line.startswith("validate done")]
+    assert validated == ["validate done: val/acc"]
     test = [line.split(":")[0] for line in lines if line.startswith("test")]
     assert test == ["test step 2/5", "test step 4/5"]
 
